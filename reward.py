@@ -1,0 +1,186 @@
+"""Binary math reward with math-verify, the checker the paper used, bounded in time.
+
+Rules that decide correctness (`score`), the paper's setting through verl's math-verify reward:
+1. The gold answer is wrapped as `\\boxed{gold}` and parsed as LaTeX (so `\\frac12`, `0.5`, `50\\%`,
+   intervals, tuples and sets are all understood).
+2. The response is parsed with math-verify's expression and LaTeX extractors; a `\\boxed{}` answer takes
+   priority, otherwise the last math expression that parses is used (math-verify's `first_match`).
+3. `verify` compares the two symbolically and numerically (6 decimals); `x = 3` matches `3`, units and
+   `\\text{}` wrappers are normalised away; equal sets/tuples/intervals match element-wise.
+4. Anything else (no parsable answer, a parser error, a timeout) scores 0.0. Nothing ever raises.
+
+`score_batch` runs `score` in worker processes, each item under a hard deadline: a worker stuck in sympy
+is killed, replaced, and the item scores 0; the number of such timeouts comes back for logging. Workers
+are fresh interpreters that import only this module (not the trainer, torch or CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from multiprocessing.connection import wait
+
+_GOLD_CFG = None
+_PRED_CFG = None
+
+
+def _configs():
+    global _GOLD_CFG, _PRED_CFG
+    if _GOLD_CFG is None:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+        _GOLD_CFG = [LatexExtractionConfig()]
+        _PRED_CFG = [ExprExtractionConfig(), LatexExtractionConfig()]
+    return _GOLD_CFG, _PRED_CFG
+
+
+def score(response: str, gold: str, timeout: int = 5) -> float:
+    """1.0 if the response's final answer equals `gold` (see the rules above), else 0.0."""
+    from math_verify import parse, verify
+
+    try:
+        gold_cfg, pred_cfg = _configs()
+        gold_parsed = parse("\\boxed{" + str(gold) + "}", gold_cfg, parsing_timeout=timeout)
+        if not gold_parsed:
+            return 0.0
+        pred_parsed = parse(str(response), pred_cfg, parsing_timeout=timeout)
+        return 1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout) else 0.0
+    except BaseException:  # noqa: BLE001  model output must never crash training (math-verify's own timeouts included)
+        return 0.0
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel scoring with a hard per-item deadline
+
+
+def _serve():
+    """Worker process main: (index, response, gold) in on stdin, (index, score) out on the saved stdout."""
+    from multiprocessing.connection import Connection
+
+    out = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # anything the checker prints goes to stderr, not into the protocol
+    inp = Connection(os.dup(0), writable=False)
+    _configs()
+    out.send("ready")
+    while True:
+        try:
+            item = inp.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        i, response, gold = item
+        out.send((i, score(response, gold)))
+
+
+class Scores(list):
+    """A list of scores with `.timeouts`, the number of items that hit the deadline."""
+    timeouts: int = 0
+
+
+class _Worker:
+    """One scoring process (a fresh interpreter importing only this module and math-verify)."""
+
+    def __init__(self):
+        from multiprocessing.connection import Connection
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = f"import sys; sys.path.insert(0, {here!r}); import reward; reward._serve()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
+        self.recv_conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.ready = False
+        self.item = None  # (index, deadline) of the item in flight
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.send_conn.close()
+        self.recv_conn.close()
+
+
+class ScorePool:
+    """`workers` scoring processes; a stuck or dead one is killed and replaced."""
+
+    def __init__(self, workers: int):
+        self.workers = [_Worker() for _ in range(max(1, workers))]
+
+    def map(self, responses, golds, timeout: float) -> Scores:
+        out = Scores([0.0] * len(responses))
+        todo = list(range(len(responses)))[::-1]
+        while todo or any(w.item for w in self.workers):
+            for w in self.workers:
+                if w.ready and w.item is None and todo:
+                    i = todo.pop()
+                    try:
+                        w.send_conn.send((i, str(responses[i]), str(golds[i])))
+                        w.item = (i, time.monotonic() + timeout)
+                    except OSError:  # died between items: replace it, the item stays 0
+                        self._replace(w)
+            deadlines = [w.item[1] for w in self.workers if w.item]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            ready = wait([w.recv_conn for w in self.workers], timeout=wait_s)
+            for w in list(self.workers):
+                if w.recv_conn in ready:
+                    try:
+                        msg = w.recv_conn.recv()
+                    except (EOFError, OSError):  # the worker died: its item scores 0
+                        self._replace(w)
+                        continue
+                    if msg == "ready":
+                        w.ready = True
+                    else:
+                        out[msg[0]] = float(msg[1])
+                        w.item = None
+                elif w.item and time.monotonic() >= w.item[1]:  # stuck past its deadline
+                    out.timeouts += 1
+                    self._replace(w)
+        return out
+
+    def _replace(self, w):
+        w.kill()
+        self.workers[self.workers.index(w)] = _Worker()
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+        self.workers = []
+
+
+_POOL: ScorePool | None = None
+
+
+def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Scores:
+    """Score many responses in parallel; never raises on model output.
+
+    workers = 0 uses one per CPU core (at most 32); the pool is kept between calls. Each item is bounded
+    by `timeout` seconds of wall time; one that runs over scores 0 and counts in `.timeouts`."""
+    global _POOL
+    if len(responses) != len(golds):
+        raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+    workers = workers or min(32, os.cpu_count() or 1)
+    if _POOL is None or len(_POOL.workers) != workers:
+        if _POOL is not None:
+            _POOL.close()
+        _POOL = ScorePool(workers)
+    return _POOL.map(responses, golds, timeout)

@@ -1,0 +1,93 @@
+"""Rollouts with Hugging Face `generate` and its KV cache: token ids in, responses out.
+
+Used for cold starts, training rollouts and evaluation alike. It knows nothing about sharding: the
+trainer hands it an ordinary (unsharded) model.
+
+    prompts (list of token-id lists) x n_i rollouts each
+      -> sort by prompt length, cut into batches whose KV cache fits `max_batch_tokens`
+      -> left-pad, `generate` (stops as soon as every sequence of the batch has finished)
+      -> Rollouts: response ids (B, T), response mask (B, T), finished-with-EOS flag (B,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollouts:
+    prompt_index: torch.Tensor  # (B,) which prompt each response answers, prompt-major order
+    response_ids: torch.Tensor  # (B, T) right-padded with pad_id
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the EOS token
+    finished: torch.Tensor  # (B,) True where the response ended with EOS (not truncated)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)  # (B,)
+
+    def responses(self) -> list[list[int]]:
+        return [ids[:n].tolist() for ids, n in zip(self.response_ids, self.lengths.tolist())]
+
+
+def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, max_batch_size: int = 1024):
+    """Group sequence indices into batches of similar prompt length whose padded KV cache,
+    batch * (longest prompt + max_new_tokens) tokens, stays within max_batch_tokens (at least one
+    sequence per batch). Returns a list of index lists, longest prompts first."""
+    order = sorted(range(len(prompt_lens)), key=lambda i: -prompt_lens[i])
+    batches, cur = [], []
+    for i in order:
+        longest = prompt_lens[cur[0]] if cur else prompt_lens[i]
+        if cur and ((len(cur) + 1) * (longest + max_new_tokens) > max_batch_tokens or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
+             pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024) -> Rollouts:
+    """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
+    (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
+    temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
+    and independent of the global RNG."""
+    n = [n] * len(prompts) if isinstance(n, int) else list(n)
+    if len(n) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
+    seq_prompt = [i for i, k in enumerate(n) for _ in range(k)]  # (B,) prompt-major
+    B = len(seq_prompt)
+    device = next(model.parameters()).device
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+        eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True)
+    response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
+    eos = torch.tensor(list(eos_ids))
+    for b, batch in enumerate(batches):
+        L = max(len(prompts[seq_prompt[i]]) for i in batch)
+        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)  # (b, L) left-padded
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            p = prompts[seq_prompt[i]]
+            ids[row, L - len(p):] = torch.tensor(p)
+            attn[row, L - len(p):] = 1
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 1_000_003 + b)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
+        gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
+        response_ids[batch, :gen.shape[1]] = gen
+    is_eos = torch.isin(response_ids, eos)  # (B, T)
+    first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((B,), max_new_tokens))  # (B,)
+    finished = is_eos.any(-1)  # (B,)
+    lengths = torch.clamp(first_eos + 1, max=max_new_tokens)  # (B,) EOS included
+    mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).long()  # (B, T)
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    T = max(int(lengths.max()) if B else 0, 1)
+    return Rollouts(torch.tensor(seq_prompt, dtype=torch.long), response_ids[:, :T], mask[:, :T], finished)
