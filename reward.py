@@ -5,6 +5,8 @@ Rules that decide correctness (`score`), the paper's setting through verl's math
    intervals, tuples and sets are all understood).
 2. The response is parsed with math-verify's expression and LaTeX extractors; a `\\boxed{}` answer takes
    priority, otherwise the last math expression that parses is used (math-verify's `first_match`).
+   Several `\\boxed{}` answers are read together as one set (math-verify's `boxed="all"`), so a response
+   that boxes two different answers matches neither.
 3. `verify` compares the two symbolically and numerically (6 decimals); `x = 3` matches `3`, units and
    `\\text{}` wrappers are normalised away; equal sets/tuples/intervals match element-wise.
 4. Anything else (no parsable answer, a parser error, a timeout) scores 0.0. Nothing ever raises.
