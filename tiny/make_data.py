@@ -1,0 +1,46 @@
+"""The synthetic task of the tiny default: integer addition with graded difficulty.
+
+Level k (1..4) adds two k-digit numbers. Problems read "What is 12+345?" and the gold answer is the sum;
+responses are scored by reward.py (math-verify on \\boxed{}) like the real task.
+
+    python tiny/make_data.py            # writes data/tiny/{train,test}.jsonl (committed)
+"""
+
+import argparse
+import json
+import os
+import random
+
+
+def make(n_per_level: int, levels, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for level in levels:
+        lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
+        for _ in range(n_per_level):
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            rows.append({"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level})
+    rng.shuffle(rows)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "data", "tiny"))
+    ap.add_argument("--train-per-level", type=int, default=1000)
+    ap.add_argument("--test-per-level", type=int, default=50)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    train = make(args.train_per_level, [1, 2, 3, 4], seed=0)
+    test = make(args.test_per_level, [1, 2, 3, 4], seed=1)
+    seen = {r["problem"] for r in train}
+    test = [r for r in test if r["problem"] not in seen]  # held out
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"{name}: {len(rows)} problems")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,877 @@
+"""CurES training: Algorithm 1 of arXiv 2510.01037 with GRPO, in one file you can read top to bottom.
+
+    torchrun --nproc_per_node=8 train.py --config configs/1.5b.yaml     # the paper's setting, one 8-GPU node
+    python train.py --config configs/1.5b.yaml --rollout.prompts_per_step=64   # one GPU
+    python train.py --config configs/tiny.yaml                          # CPU, bundled tiny model, minutes
+    python train.py --config configs/tiny.yaml --cures.sampling=uniform --cures.allocation=uniform   # GRPO
+
+What the method does, and where:
+ 1. Split the training set into T subsets; train M steps on each (Algorithm 1, lines 1-2)   load_subsets
+ 2. Cold start: N' rollouts of every prompt of the subset initialise Beta(alpha, beta)       cold_start
+    (Eq. 22-23; with sigma=gradient also the gradient statistics of Eq. 21)               cures.gradient_stats
+ 3. Draw m prompts with replacement from rho* = softmax(sqrt(p(1-p)) / tau)  (Eq. 14)       Curriculum.sample
+ 4. Give prompt i n_i = N sigma_i / sum sigma rollouts (Eq. 20-21)                          Curriculum.allocate
+ 5. Generate, score with math-verify, update the Beta counts (Eq. 23)                       rollout / reward
+ 6. GRPO advantages per group, PPO-clip loss with dual clip and k3 KL (verl's settings)      grpo.py
+ 7. AdamW over mini-batches of 256 prompts, one epoch, token-mean loss                      update_policy
+
+Config: `Config` below is the single source of truth; a YAML file holds what differs; override anything
+with --section.key=value. Distributed: FSDP2 under torchrun (NCCL on GPU, gloo on CPU); plain
+`python train.py` runs in one process (one GPU through a one-rank FSDP group, or the CPU without FSDP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+import cures
+import grpo
+import reward
+import rollout
+from eval import SYSTEM_PROMPT, USER_TEMPLATE, build_prompt, read_rows
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    path: str = "Qwen/Qwen2.5-Math-1.5B"  # local path or hub id
+    tokenizer: str = ""  # defaults to path
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "AI-MO/NuminaMath-CoT"  # file, directory of files (one per subset), or hub dataset id
+    split: str = "train"  # for a hub dataset
+    problem_key: str = "problem"
+    answer_key: str = "answer"  # gold answer; a \boxed{} inside it is extracted
+    num_subsets: int = 15  # T
+    max_prompts: int = 0  # use only the first N prompts (0: all)
+    max_prompt_len: int = 1024  # longer prompts are dropped and counted
+    system_prompt: str = SYSTEM_PROMPT
+    user_template: str = USER_TEMPLATE
+
+
+@dataclass
+class CuresConfig:
+    sampling: str = "cures"  # cures | uniform
+    allocation: str = "cures"  # cures | uniform  (uniform/uniform = GRPO baseline)
+    sigma: str = "accuracy"  # accuracy | gradient (Eq. 21 with measured gradient statistics)
+    grad_param: str = "lm_head"  # parameter subset for sigma=gradient (lm_head: closed form; else name substring)
+    tau: float = 0.1  # Eq. 14 temperature; not reported in the paper
+    prior_alpha: float = 0.0
+    prior_beta: float = 0.0
+    cold_start_rollouts: int = 4  # N'
+    n_min: int = 2
+    n_max: int = 0  # 0: no upper bound
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 1024  # m
+    rollouts_per_step: int = 8192  # N
+    max_new_tokens: int = 3072
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
+    max_batch_size: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    steps_per_subset: int = 10  # M
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    mini_batch_prompts: int = 256
+    epochs: int = 1
+    advantage: str = "grpo"  # grpo | rpp (REINFORCE++)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float = 3.0
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean
+    kl_coef: float = 0.001
+    kl_kind: str = "low_var_kl"  # low_var_kl | kl | mse
+    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
+    logprob_chunk: int = 2048  # tokens per chunk of the log-softmax
+    max_bad_steps: int = 3  # consecutive non-finite losses before aborting
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""  # held-out jsonl with problem/answer (or a benchmark name of eval.py); empty: off
+    every: int = 0  # steps between evaluations (0: only at start and end when data is set)
+    max_problems: int = 0
+    samples: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "out/run"
+    seed: int = 0
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" (fresh) | auto | path of a checkpoint directory
+    max_steps: int = 0  # stop after this many steps in total (0: T * M)
+    reward_workers: int = 0  # 0: one per CPU core (at most 32)
+    reward_timeout: float = 10.0
+    wandb_project: str = ""
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cures: CuresConfig = field(default_factory=CuresConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _cast(value, current, name):
+    """Type-check a YAML or command-line value against the default's type."""
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, (int, float)):
+        if not isinstance(value, bool):
+            try:
+                v = float(value)  # also "1e-4", which YAML 1.1 reads as a string
+                if isinstance(current, float):
+                    return v
+                if v.is_integer():
+                    return int(v)
+            except (TypeError, ValueError):
+                pass
+    elif isinstance(current, tuple):
+        v = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(v, (list, tuple)) and len(v) == len(current):
+            return tuple(float(x) for x in v)
+    elif isinstance(current, str):
+        return str(value)
+    raise TypeError(f"config {name}: expected {type(current).__name__}, got {value!r}")
+
+
+def _set(cfg, dotted: str, value):
+    section, _, key = dotted.partition(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections or not key:
+        keys = [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))]
+        close = difflib.get_close_matches(dotted, keys, n=1)
+        raise KeyError(f"unknown config key {dotted!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    sub = getattr(cfg, section)
+    names = [f.name for f in dataclasses.fields(sub)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        raise KeyError(f"unknown config key {dotted!r}" + (f"; did you mean '{section}.{close[0]}'?" if close else ""))
+    setattr(sub, key, _cast(value, getattr(sub, key), dotted))
+
+
+def load_config(argv: list[str]) -> Config:
+    """Defaults <- --config YAML (nested sections) <- --section.key=value overrides."""
+    cfg = Config()
+    args = list(argv)
+    if "--config" in args:
+        i = args.index("--config")
+        with open(args[i + 1]) as f:
+            data = yaml.safe_load(f) or {}
+        del args[i:i + 2]
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise KeyError(f"config file: {section!r} must be a section (mapping)")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"expected --section.key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        _set(cfg, key, value)
+    return cfg
+
+
+def config_dict(cfg: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+
+
+def setup_distributed():
+    """(rank, world_size, device). torchrun -> a process group (NCCL on GPU, gloo on CPU); plain python
+    on a GPU -> a one-rank group so the same FSDP2 code runs; plain python on CPU -> no group."""
+    if "RANK" not in os.environ and torch.cuda.is_available():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    if "RANK" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cpu")
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_gather_list(items: list) -> list:
+    """Concatenate a Python list over ranks in rank order (identical result on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+class Policy(torch.nn.Module):
+    """The HF causal LM plus a chunked log-prob head, so that FSDP2's root (this module) owns the
+    embeddings and lm_head and the (B, T, V) logits are never materialised."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, attention_mask, target_mask, temperature: float = 1.0, chunk: int = 2048):
+        """input_ids, attention_mask, target_mask (b, L); returns logp and entropy (N,) of the tokens
+        where target_mask is 1 (the response tokens), in row-major order."""
+        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, d)
+        sel = target_mask[:, 1:].bool()  # (b, L-1) position t predicts token t+1
+        return grpo.token_logprobs(hidden[:, :-1][sel], self.hf.lm_head.weight, input_ids[:, 1:][sel],
+                                   temperature, chunk)  # (N,), (N,)
+
+
+def build_models(cfg: Config, device, world: int):
+    """Policy (FSDP2-sharded when distributed), frozen reference (only if kl_coef > 0) and the plain
+    model used for generation (the policy itself when not sharded)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(dtype):
+        return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+                                                    attn_implementation=cfg.model.attn_implementation)
+
+    sharded = dist.is_initialized()
+    policy = Policy(load(torch.float32))
+    if cfg.model.gradient_checkpointing:
+        policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = Policy(load(torch.float32)).requires_grad_(False).eval() if cfg.train.kl_coef > 0 else None
+    if sharded:
+        for m in (policy, ref):
+            if m is not None:
+                shard_model(m, device)
+        gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gen = load(gen_dtype).to(device).eval()
+    else:
+        policy.to(device)
+        if ref is not None:
+            ref.to(device)
+        gen = policy.hf
+    return policy, ref, gen
+
+
+def shard_model(model: Policy, device):
+    """FSDP2: shard each decoder layer, then the root; bf16 compute with fp32 master weights and fp32
+    gradient reduction on GPU (fp32 throughout on CPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              reduce_dtype=torch.float32)
+    model.to(device)
+    for layer in model.hf.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+@torch.no_grad()
+def sync_generation_weights(policy: Policy, gen):
+    """Gather the sharded policy once per generation phase into the plain generation model (one
+    all-gather per parameter, never per decoded token). No-op when the policy is not sharded."""
+    if gen is policy.hf:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    gen.load_state_dict({k.removeprefix("hf."): v for k, v in full.items()}, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_subsets(cfg: Config, tokenizer):
+    """The training prompts as T subsets (Algorithm 1, line 1): a directory gives one file per subset
+    (sorted by name, as the authors did), a file or hub dataset is cut into T contiguous parts in order.
+    Each item: {"prompt_ids", "answer"}. Returns (subsets, number of prompts dropped as too long)."""
+    path = cfg.data.train
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith((".jsonl", ".json", ".parquet")))
+        groups = [[(f, i, r) for i, r in enumerate(read_rows(f), 1)] for f in files]
+    elif os.path.exists(path):
+        groups = [[(path, i, r) for i, r in enumerate(read_rows(path), 1)]]
+    else:
+        import datasets  # hub dataset id; optional dependency
+
+        groups = [[(path, i, r) for i, r in enumerate(datasets.load_dataset(path, split=cfg.data.split), 1)]]
+    items, dropped = [], 0
+    for group in groups:
+        part = []
+        for fname, line, row in group:
+            problem, answer = row.get(cfg.data.problem_key), row.get(cfg.data.answer_key)
+            if problem is None or answer is None or not str(problem).strip() or not str(answer).strip():
+                missing = cfg.data.problem_key if problem is None or not str(problem).strip() else cfg.data.answer_key
+                raise ValueError(f"{fname}:{line}: row has no {missing!r}")
+            answer = str(answer)
+            answer = reward.extract_boxed(answer) or answer
+            ids = build_prompt(tokenizer, str(problem), cfg.data.system_prompt, cfg.data.user_template)
+            if len(ids) > cfg.data.max_prompt_len:
+                dropped += 1
+                continue
+            part.append({"prompt_ids": ids, "answer": answer})
+        items.append(part)
+    if len(items) == 1:
+        flat = items[0][:cfg.data.max_prompts or None]
+        T = cfg.data.num_subsets
+        if len(flat) < T:
+            raise ValueError(f"{len(flat)} prompts cannot make {T} subsets")
+        bounds = np.linspace(0, len(flat), T + 1).astype(int)
+        items = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return items, dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts spread over ranks
+
+
+def assign_groups(n: np.ndarray, world: int, mini_batch_prompts: int):
+    """Cut the m sampled prompts into mini-batches of `mini_batch_prompts` (in draw order), and spread
+    each mini-batch's whole groups over ranks balanced by rollout count (largest first, to the least
+    loaded rank). Deterministic, so every rank computes the same plan. Returns (mini_batch id (m,),
+    rank (m,))."""
+    m = len(n)
+    mb = np.arange(m) // max(1, mini_batch_prompts)
+    owner = np.zeros(m, dtype=np.int64)
+    for b in np.unique(mb):
+        load = np.zeros(world)
+        idx = np.flatnonzero(mb == b)
+        for i in idx[np.argsort(-n[idx], kind="stable")]:
+            r = int(np.argmin(load))
+            owner[i] = r
+            load[r] += n[i]
+    return mb, owner
+
+
+def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int):
+    """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
+    number of checker timeouts, texts)."""
+    out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
+                           eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
+                           max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size)
+    texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
+    golds = [answers[i] for i in out.prompt_index.tolist()]
+    scores = reward.score_batch(texts, golds, workers=cfg.run.reward_workers, timeout=cfg.run.reward_timeout)
+    return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts, texts
+
+
+def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank: int, world: int, seed: int):
+    """Algorithm 1, line 3: N' rollouts of every prompt of the subset -> Beta counts (Eq. 23) and,
+    for sigma=gradient, the gradient statistics of Eq. 21. Prompts are spread over ranks (i = rank mod W)."""
+    t0 = time.time()
+    cur.reset(len(subset))
+    mine = list(range(rank, len(subset), world))
+    k = cfg.cures.cold_start_rollouts
+    out, rewards, _, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
+                                            [subset[i]["answer"] for i in mine], k, cfg, seed)
+    correct = rewards.view(len(mine), k) if mine else rewards.view(0, k)
+    counts = [(mine[j], float(correct[j].sum()), k) for j in range(len(mine))]
+    stats, t_grad = [], time.time()
+    if cfg.cures.sigma == "gradient":
+        responses = out.responses()
+        for j, i in enumerate(mine):
+            rs = responses[j * k:(j + 1) * k]
+            stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs, (correct[j] > 0).tolist(),
+                                                   cfg.cures.grad_param, cfg.rollout.temperature)))
+    t_grad = time.time() - t_grad
+    counts = all_gather_list(counts)
+    idx, c, n = (np.array(x) for x in zip(*counts))
+    cur.observe(idx.astype(np.int64), c, n)
+    if stats:
+        stats = all_gather_list(stats)
+        s = np.array(stats)
+        cur.set_grad_stats(s[:, 0].astype(np.int64), s[:, 1], s[:, 2], s[:, 3])
+    elif cfg.cures.sigma == "gradient":
+        stats = all_gather_list([])
+    return {"cold/rollouts": len(subset) * k, "cold/acc": float(c.sum() / n.sum()),
+            "time/cold_start": time.time() - t0, "time/grad_stats": t_grad}
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+
+
+def make_micro_batches(seqs: list[dict], num: int, pad_id: int):
+    """Split sequences (sorted by length to limit padding) into exactly `num` micro-batches balanced by
+    tokens; an empty one gets a dummy row with no target token (every FSDP rank must run the same number
+    of forward/backward passes). Each: ids, attn, tgt (b, L) and rows (indices into seqs)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
+    total = sum(len(s["ids"]) for s in seqs)
+    cuts, acc, cur = [], 0, []
+    for i in order:
+        cur.append(i)
+        acc += len(seqs[i]["ids"])
+        if acc >= total * (len(cuts) + 1) / num and len(cuts) < num - 1:
+            cuts.append(cur)
+            cur = []
+    cuts.append(cur)
+    cuts += [[] for _ in range(num - len(cuts))]
+    batches = []
+    for rows in cuts:
+        if not rows:
+            batches.append({"ids": torch.full((1, 2), pad_id), "attn": torch.ones(1, 2, dtype=torch.long),
+                            "tgt": torch.tensor([[0, 1]]), "rows": []})  # one token, weighted 0
+            continue
+        L = max(len(seqs[i]["ids"]) for i in rows)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        attn, tgt = torch.zeros_like(ids), torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            s = seqs[i]
+            ids[r, :len(s["ids"])] = torch.tensor(s["ids"])
+            attn[r, :len(s["ids"])] = 1
+            tgt[r, s["prompt_len"]:len(s["ids"])] = 1
+        batches.append({"ids": ids, "attn": attn, "tgt": tgt, "rows": rows})
+    return batches
+
+
+def num_micro_batches(seqs, micro_batch_tokens: int) -> int:
+    """Micro-batches needed on this rank, maxed over ranks."""
+    tokens = sum(len(s["ids"]) for s in seqs)
+    n = torch.tensor([max(1, math.ceil(tokens / micro_batch_tokens))])
+    return int(all_reduce(n, dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+
+
+@torch.no_grad()
+def score_logprobs(model: Policy, batches, device, cfg: Config):
+    """Per-sequence response log-probs (no grad) for old_logp / ref_logp, as a list aligned with seqs."""
+    out = {}
+    for b in batches:
+        logp, _ = model(b["ids"].to(device), b["attn"].to(device), b["tgt"].to(device),
+                        cfg.rollout.temperature, cfg.train.logprob_chunk)
+        for i, part in zip(b["rows"], torch.split(logp, b["tgt"].sum(-1).tolist()[:len(b["rows"])])):
+            out[i] = part
+    return out
+
+
+def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int):
+    """One optimiser step on one mini-batch (this rank's share `seqs`). The token_mean normaliser is the
+    token count of the whole mini-batch over all ranks, divided by W because FSDP averages gradients over
+    ranks: the result does not depend on how the mini-batch is cut into ranks and micro-batches
+    (tests/test_train.py). Returns (metrics sums, grad norm, ok)."""
+    tokens = torch.tensor([float(sum(s["resp_len"] for s in seqs)), float(len(seqs))])
+    tokens = all_reduce(tokens)
+    num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
+    batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0)
+    sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
+                             "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
+    finite = True
+    for j, b in enumerate(batches):
+        if dist.is_initialized() and hasattr(policy, "set_requires_gradient_sync"):
+            policy.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once per step
+        logp, entropy = policy(b["ids"].to(device), b["attn"].to(device), b["tgt"].to(device),
+                               cfg.rollout.temperature, cfg.train.logprob_chunk)  # (N,)
+        rows = b["rows"]
+        if rows:
+            adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in rows]).to(device)  # (N,)
+            old = (torch.cat([seqs[i]["old_logp"] for i in rows]).to(device) if "old_logp" in seqs[rows[0]]
+                   else logp.detach())  # (N,) on-policy (one mini-batch, one epoch): ratio = 1
+        else:  # dummy micro-batch: zero-weight loss keeps FSDP's collectives in step
+            adv, old = torch.zeros_like(logp), logp.detach()
+        seq_id = torch.cat([torch.full((seqs[i]["resp_len"],), k) for k, i in enumerate(rows)]) if rows else \
+            torch.zeros(logp.shape[0], dtype=torch.long)
+        mask = torch.ones(1, logp.shape[0], device=device) if rows else torch.zeros(1, logp.shape[0], device=device)
+        if cfg.train.loss_agg == "seq_mean_token_mean":  # as (B, T): one row per sequence
+            B = max(1, len(rows))
+            T = max([seqs[i]["resp_len"] for i in rows] or [logp.shape[0]])
+            pos = torch.cat([torch.arange(seqs[i]["resp_len"]) for i in rows]) if rows else torch.arange(logp.shape[0])
+            shape = lambda x, fill=0.0: torch.full((B, T), fill, device=device, dtype=x.dtype).index_put_(  # noqa: E731
+                (seq_id.to(device), pos.to(device)), x)
+            logp2, old2, adv2, mask2 = shape(logp), shape(old), shape(adv), shape(mask[0])
+        else:
+            logp2, old2, adv2, mask2 = logp[None], old[None], adv[None], mask
+        loss, m = grpo.policy_loss(logp2, old2, adv2, mask2, cfg.train.clip_low, cfg.train.clip_high,
+                                   cfg.train.clip_c, cfg.train.loss_agg, num_tokens, num_seqs)
+        sums["actor/pg_loss"] += loss.item() * world
+        if cfg.train.kl_coef > 0:
+            ref = torch.cat([seqs[i]["ref_logp"] for i in rows]).to(device) if rows else logp.detach()
+            ref2 = shape(ref) if cfg.train.loss_agg == "seq_mean_token_mean" else ref[None]
+            kl = grpo.aggregate(grpo.kl_penalty(logp2, ref2, cfg.train.kl_kind), mask2, cfg.train.loss_agg,
+                                num_tokens, num_seqs)
+            loss = loss + cfg.train.kl_coef * kl
+            sums["actor/kl"] += kl.item() * world
+        finite = finite and bool(torch.isfinite(loss).item())
+        loss.backward()
+        sums["actor/entropy"] += float((entropy * mask[0]).sum())
+        for k, v in m.items():
+            sums[k] += float(v)
+    flag = all_reduce(torch.tensor([0.0 if finite else 1.0]))
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    ok = flag.item() == 0 and math.isfinite(grad_norm)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm, ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(out_dir: str):
+    """Complete checkpoints (directories with meta.pt), oldest first; half-written ones are ignored."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+            and os.path.exists(os.path.join(root, d, "meta.pt"))]
+    return [os.path.join(root, d) for d in sorted(done)]
+
+
+def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int):
+    """Model and optimizer (sharded, torch.distributed.checkpoint), curriculum state, step, subset,
+    counters and config. Written to step_X.tmp and renamed when complete, so a crash mid-write leaves
+    the previous checkpoint usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(cfg.run.out_dir, "checkpoints")
+    final = os.path.join(root, f"step_{meta['step']:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    barrier()
+    msd, osd = get_state_dict(policy, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    barrier()
+    if rank == 0:
+        torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)}, os.path.join(tmp, "meta.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in checkpoint_dirs(cfg.run.out_dir)[:-cfg.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(path: str, policy, optimizer, cur):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(policy, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    cur.load_state_dict(meta["curriculum"])
+    return meta
+
+
+def save_hf(policy: Policy, tokenizer, path: str, rank: int):
+    """The final model in Hugging Face format (loadable with AutoModelForCausalLM.from_pretrained)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        policy.hf.save_pretrained(path, state_dict={k.removeprefix("hf."): v for k, v in full.items()})
+        tokenizer.save_pretrained(path)
+    barrier()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
+
+    def __init__(self, cfg: Config, rank: int):
+        self.rank, self.sinks = rank, []
+        if rank != 0:
+            return
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        self.file = open(os.path.join(cfg.run.out_dir, "metrics.jsonl"), "a")
+        if cfg.run.wandb_project:
+            try:
+                import wandb
+
+                wandb.init(project=cfg.run.wandb_project, config=config_dict(cfg))
+                self.sinks.append(lambda m, s: wandb.log(m, step=s))
+            except ImportError:
+                print0("wandb is not installed: logging to metrics.jsonl only")
+        if cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(os.path.join(cfg.run.out_dir, "tb"))
+                self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()])
+            except ImportError:
+                print0("tensorboard is not installed: logging to metrics.jsonl only")
+
+    def log(self, metrics: dict, step: int):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for sink in self.sinks:
+            sink(metrics, step)
+
+
+def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int):
+    import eval as evaluation
+
+    records = evaluation.evaluate_problems(
+        gen, tokenizer, problems, n_samples=cfg.eval.samples,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
+        top_p=cfg.rollout.top_p, seed=seed, rank=rank, world_size=world, workers=cfg.run.reward_workers,
+        timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
+        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template)
+    scores = all_gather_list([s for r in records for s in r["scores"]])
+    return float(np.mean(scores)) if scores else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: Algorithm 1
+
+
+def main(argv=None):
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed()
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(cfg.run.seed)
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    if rank == 0:
+        with open(os.path.join(cfg.run.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    subsets, dropped = load_subsets(cfg, tokenizer)
+    print0(f"data: {sum(map(len, subsets))} prompts in {len(subsets)} subsets, {dropped} dropped (too long)")
+    eval_problems = []
+    if cfg.eval.data:
+        import eval as evaluation
+
+        eval_problems = evaluation.load_benchmark(cfg.eval.data)[0][:cfg.eval.max_problems or None]
+    policy, ref, gen = build_models(cfg, device, world)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=cfg.train.betas)
+    cur = cures.Curriculum(1, cfg.cures.prior_alpha, cfg.cures.prior_beta, cfg.cures.tau, cfg.cures.sampling,
+                           cfg.cures.allocation, cfg.cures.sigma, cfg.cures.n_min, cfg.cures.n_max or None)
+    M, T = cfg.train.steps_per_subset, len(subsets)
+    total_steps = min(T * M, cfg.run.max_steps or T * M)
+    state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0}
+    resume = cfg.run.resume
+    if resume == "auto":
+        found = checkpoint_dirs(cfg.run.out_dir)
+        resume = found[-1] if found else ""
+    if resume:
+        meta = load_checkpoint(resume, policy, optimizer, cur)
+        state.update({k: meta[k] for k in state})
+        print0(f"resumed from {resume} at step {state['step']}")
+    logger = Logger(cfg, rank)
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    bad_steps = 0
+    if eval_problems and state["step"] == 0:
+        sync_generation_weights(policy, gen)
+        logger.log({"eval/acc": run_eval(gen, tokenizer, eval_problems, cfg, rank, world, 0)}, 0)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="steps")
+    while state["step"] < total_steps:
+        step = state["step"]
+        subset_id = step // M
+        subset = subsets[subset_id]
+        metrics, t_step = {}, time.time()
+        seed = cfg.run.seed * 1_000_003 + step
+
+        # --- sync weights for generation (once per phase) ----------------------------------------
+        t0 = time.time()
+        sync_generation_weights(policy, gen)
+        metrics["time/sync"] = time.time() - t0
+
+        # --- cold start of a new subset (Algorithm 1, line 3) -------------------------------------
+        if state["subset"] != subset_id:
+            metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world, seed + 17))
+            state["subset"] = subset_id
+            state["rollouts_cold"] += metrics["cold/rollouts"]
+
+        # --- sample prompts (Eq. 14) and allocate rollouts (Eq. 20) -------------------------------
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.run.seed, subset_id, step])  # same draw on every rank, resumable
+        idx = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
+        n = cur.allocate(idx, cfg.rollout.rollouts_per_step)  # (m,) sums to N
+        mb, owner = assign_groups(n, world, cfg.train.mini_batch_prompts)
+        mine = np.flatnonzero(owner == rank)
+        metrics["time/curriculum"] = time.time() - t0
+
+        # --- rollout and reward ------------------------------------------------------------------
+        t0 = time.time()
+        out, rewards, timeouts, _ = generate_and_score(
+            gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
+            n[mine].tolist(), cfg, seed * world + rank)
+        metrics["time/rollout_and_reward"] = time.time() - t0
+        group = out.prompt_index  # (B,) position in `mine`
+        lengths = out.lengths  # (B,)
+
+        # --- curriculum update (Eq. 23), identical on every rank ---------------------------------
+        correct = torch.zeros(len(mine)).index_add_(0, group, rewards)
+        counts = all_gather_list([(int(idx[mine[j]]), float(correct[j]), int(n[mine[j]])) for j in range(len(mine))])
+        i_all, c_all, n_all = (np.array(x) for x in zip(*counts))
+        cur.observe(i_all.astype(np.int64), c_all, n_all)
+
+        # --- advantages ----------------------------------------------------------------------------
+        if cfg.train.advantage == "grpo":
+            adv = grpo.group_advantages(rewards, group)  # (B,) groups are whole on one rank
+        elif cfg.train.advantage == "rpp":  # batch whitening needs every rank's rewards and lengths
+            everything = all_gather_list([(rank, r, l) for r, l in zip(rewards.tolist(), lengths.tolist())])
+            r_all = torch.tensor([r for _, r, _ in everything])
+            l_all = torch.tensor([l for _, _, l in everything])
+            mask_all = (torch.arange(int(l_all.max()))[None] < l_all[:, None]).float()  # (B_all, T)
+            adv = grpo.rpp_advantages(r_all, mask_all)[torch.tensor([k == rank for k, _, _ in everything])]
+        else:
+            raise ValueError(f"unknown advantage {cfg.train.advantage!r}")
+
+        # --- sequences for the update, grouped by mini-batch ---------------------------------------
+        responses = out.responses()
+        seqs = []
+        for b in range(len(group)):
+            j = int(group[b])
+            p = subset[idx[mine[j]]]["prompt_ids"]
+            seqs.append({"ids": p + responses[b], "prompt_len": len(p), "resp_len": len(responses[b]),
+                         "adv": adv[b:b + 1], "mb": int(mb[mine[j]])})
+
+        # --- old and reference log-probs ---------------------------------------------------------
+        t0 = time.time()
+        num_mb = int(mb.max()) + 1
+        single_pass = num_mb == 1 and cfg.train.epochs == 1  # on-policy: old_logp = logp.detach()
+        for b_id in range(num_mb):
+            part = [s for s in seqs if s["mb"] == b_id]
+            batches = make_micro_batches(part, num_micro_batches(part, cfg.train.micro_batch_tokens), 0)
+            models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
+            for key, model in models:
+                for i, lp in score_logprobs(model, batches, device, cfg).items():
+                    part[i][key] = lp.cpu()
+        metrics["time/logprobs"] = time.time() - t0
+
+        # --- policy update: mini-batches, epochs (PPO) ----------------------------------------------
+        t0 = time.time()
+        sums, norms, n_tok = {}, [], 0
+        for epoch in range(cfg.train.epochs):
+            for b_id in range(num_mb):
+                part = [s for s in seqs if s["mb"] == b_id]
+                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world)
+                norms.append(norm)
+                n_tok += sum(s["resp_len"] for s in part)
+                for k, v in s_mb.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if not ok:
+                    bad_steps += 1
+                    print0(f"warning: non-finite loss or gradient at step {step}: update skipped")
+                    if bad_steps >= cfg.train.max_bad_steps:
+                        raise RuntimeError(f"{bad_steps} non-finite updates in a row: aborting")
+                else:
+                    bad_steps = 0
+        metrics["time/update"] = time.time() - t0
+
+        # --- metrics (one dict, reduced over ranks) ----------------------------------------------
+        local = torch.tensor([float(rewards.sum()), float(len(rewards)), float(lengths.sum()),
+                              float((~out.finished).sum()), float(timeouts), float(n_tok / max(1, cfg.train.epochs))]
+                             + [sums.get(k, 0.0) for k in sorted(sums)])
+        tot = all_reduce(local)
+        B, ntok = tot[1].item(), tot[5].item() * max(1, cfg.train.epochs)
+        metrics.update({"train/reward": tot[0].item() / B, "train/response_len": tot[2].item() / B,
+                        "train/truncated": tot[3].item() / B, "reward/timeouts": tot[4].item(),
+                        "actor/grad_norm": float(np.mean(norms))})
+        for k, v in zip(sorted(sums), tot[6:].tolist()):
+            metrics[k] = v / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else v / max(ntok, 1)
+        state["rollouts_train"] += int(n.sum())
+        state["tokens_train"] += int(tot[2].item())
+        metrics.update(cur.stats())
+        metrics.update({"cures/n_min": int(n.min()), "cures/n_max": int(n.max()), "cures/unique_prompts": len(set(idx)),
+                        "rollouts/train": state["rollouts_train"], "rollouts/cold_start": state["rollouts_cold"],
+                        "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
+                        "tokens/train": state["tokens_train"], "subset": subset_id,
+                        "time/step": time.time() - t_step,
+                        "perf/rollout_tokens_per_s": tot[2].item() / max(metrics["time/rollout_and_reward"], 1e-9)})
+        state["step"] = step + 1
+
+        # --- eval and checkpoint --------------------------------------------------------------------
+        last = state["step"] == total_steps
+        if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
+            sync_generation_weights(policy, gen)
+            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world, state["step"])
+        logger.log(metrics, state["step"])
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
+        print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                        if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
+        stop_now = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())
+        if last or stop_now or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
+            save_checkpoint(policy, optimizer, cur, dict(state), cfg, rank)
+        if stop_now:
+            print0(f"SIGTERM: checkpoint saved at step {state['step']}, exiting")
+            break
+    bar.close()
+    if state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps):
+        save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    main()
