@@ -870,7 +870,7 @@ def main(argv=None):
         save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return state
+    return state, cur
 
 
 if __name__ == "__main__":

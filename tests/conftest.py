@@ -1,0 +1,19 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised tiny Qwen2 model and character tokenizer, saved locally (no hub)."""
+    from tiny.build import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tokenizer()
+    build_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

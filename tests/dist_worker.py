@@ -1,0 +1,64 @@
+"""Run under torchrun by tests/test_train.py (and with plain python for world size 1).
+
+    dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum
+    dist_worker.py grad MODEL_DIR OUT_FILE       -> one update on a fixed global batch, saves the full gradient
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+
+
+def run_train(out_dir, overrides):
+    state, cur = train.main([f"--run.out_dir={out_dir}", *overrides])
+    rank = int(os.environ.get("RANK", 0))
+    np.savez(os.path.join(out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,
+             step=state["step"])
+
+
+class GradRecorder:
+    """Stands in for the optimizer: keeps the (full) gradient instead of stepping."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grads = None
+
+    def step(self):
+        self.grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                      for n, p in self.model.named_parameters()}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def run_grad(model_dir, out_file):
+    cfg = train.load_config([f"--model.path={model_dir}", "--train.kl_coef=0", "--train.micro_batch_tokens=40",
+                             "--train.grad_clip=1e9"])
+    rank, world, device = train.setup_distributed()
+    policy, _, _ = train.build_models(cfg, device, world)
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for k in range(8):  # the same global mini-batch whatever the world size
+        plen, rlen = 3 + k % 3, 2 + (5 * k) % 7
+        ids = torch.randint(3, 90, (plen + rlen,), generator=gen).tolist()
+        seqs.append({"ids": ids, "prompt_len": plen, "resp_len": rlen, "adv": torch.randn(1, generator=gen),
+                     "old_logp": -torch.rand(rlen, generator=gen) - 3.0})
+    mine = seqs[rank::world]
+    rec = GradRecorder(policy)
+    train.update_policy(policy, rec, mine, device, cfg, world)
+    if rank == 0:
+        torch.save(rec.grads, out_file)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "train":
+        run_train(sys.argv[2], sys.argv[3:])
+    else:
+        run_grad(sys.argv[2], sys.argv[3])

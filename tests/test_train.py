@@ -1,0 +1,150 @@
+"""train.py end to end on a tiny local model: a short run, resume, half-written checkpoints, 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_DATA = os.path.join(ROOT, "data", "tiny", "train.jsonl")
+
+
+def small_run(model_dir, out_dir, *extra):
+    return [f"--model.path={model_dir}", f"--data.train={TRAIN_DATA}", "--data.max_prompts=60",
+            "--data.num_subsets=2", "--train.steps_per_subset=2", "--rollout.prompts_per_step=6",
+            "--rollout.rollouts_per_step=20", "--rollout.max_new_tokens=8", "--train.mini_batch_prompts=3",
+            "--train.lr=1e-3", "--cures.cold_start_rollouts=2", "--run.reward_workers=2", "--run.save_every=1",
+            "--train.micro_batch_tokens=400", f"--run.out_dir={out_dir}", *extra]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-5\ncures:\n  tau: 0.3\n")
+    cfg = train.load_config(["--config", str(f), "--cures.tau=0.5", "--rollout.prompts_per_step=7",
+                             "--model.gradient_checkpointing=true"])
+    assert cfg.train.lr == 1e-5 and cfg.cures.tau == 0.5 and cfg.rollout.prompts_per_step == 7
+    assert cfg.model.gradient_checkpointing is True
+    with pytest.raises(KeyError, match="cures.tau"):
+        train.load_config(["--cures.tua=0.1"])
+    with pytest.raises(KeyError, match="train"):
+        train.load_config(["--trian.lr=0.1"])
+    with pytest.raises(TypeError):
+        train.load_config(["--rollout.prompts_per_step=1.5"])
+    with pytest.raises(TypeError):
+        train.load_config(["--train.lr=fast"])
+
+
+def test_shipped_configs_load():
+    for name in os.listdir(os.path.join(ROOT, "configs")):
+        train.load_config(["--config", os.path.join(ROOT, "configs", name)])
+
+
+def test_malformed_data_row_names_file_and_line(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    cfg = train.load_config([f"--data.train={f}", "--data.num_subsets=1"])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*answer"):
+        train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_assign_groups_balanced_and_whole():
+    n = np.array([8, 2, 6, 4, 2, 2, 10, 6])
+    mb, owner = train.assign_groups(n, 2, 4)
+    np.testing.assert_array_equal(mb, [0, 0, 0, 0, 1, 1, 1, 1])
+    for b in (0, 1):
+        loads = [n[(mb == b) & (owner == r)].sum() for r in (0, 1)]
+        assert abs(loads[0] - loads[1]) <= 2
+
+
+# --- single process --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3"))
+    assert state["step"] == 3 and state["rollouts_train"] == 60 and state["rollouts_cold"] == 2 * 30 * 2
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    for key in ("train/reward", "actor/grad_norm", "cures/eff_prompts", "time/rollout_and_reward", "rollouts/total"):
+        assert key in lines[-1]
+    assert lines[-1]["subset"] == 1 and "cold/acc" in lines[-1]  # step 3 starts subset 1 with a cold start
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    assert (out / "config.yaml").exists()
+
+
+def _weights(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    full_state, full_cur = train.main(small_run(tiny_model_dir, tmp_path / "a", "--run.max_steps=4"))
+    train.main(small_run(tiny_model_dir, tmp_path / "b", "--run.max_steps=2"))
+    # a crashed later save leaves a half-written directory behind: it must be ignored
+    os.makedirs(tmp_path / "b" / "checkpoints" / "step_000003.tmp")
+    os.makedirs(tmp_path / "b" / "checkpoints" / "step_000009")  # no meta.pt: incomplete
+    assert train.checkpoint_dirs(str(tmp_path / "b"))[-1].endswith("step_000002")
+    state, cur = train.main(small_run(tiny_model_dir, tmp_path / "b", "--run.max_steps=4", "--run.resume=auto"))
+    assert state == full_state
+    np.testing.assert_array_equal(cur.alpha, full_cur.alpha)
+    np.testing.assert_array_equal(cur.beta, full_cur.beta)
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
+    # ...and training really moved the weights (the comparison is not vacuous)
+    w0 = _weights(tiny_model_dir)
+    assert any(not torch.allclose(w0[k], wa[k]) for k in wa)
+
+
+# --- two processes (gloo) ------------------------------------------------------------------------------
+
+def _torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
+           os.path.join(ROOT, "tests", "dist_worker.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_identical_curriculum(tiny_model_dir, tmp_path):
+    out = tmp_path / "dist"
+    _torchrun(["train", str(out), *small_run(tiny_model_dir, out, "--run.max_steps=3")])
+    r0, r1 = np.load(out / "curriculum_rank0.npz"), np.load(out / "curriculum_rank1.npz")
+    assert r0["step"] == r1["step"] == 3
+    np.testing.assert_array_equal(r0["alpha"], r1["alpha"])
+    np.testing.assert_array_equal(r0["beta"], r1["beta"])
+    assert r0["alpha"].sum() + r0["beta"].sum() == 30 * 2 + 20  # cold start of subset 1, then one step
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+@pytest.mark.slow
+def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), "grad", tiny_model_dir,
+                          str(one)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(["grad", tiny_model_dir, str(two)])
+    g1, g2 = torch.load(one), torch.load(two)
+    assert g1.keys() == {"hf." + k.removeprefix("hf.") for k in g2} or g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert max(float(g.abs().max()) for g in g1.values()) > 0
