@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -62,10 +63,8 @@ def read_rows(path: str) -> list[dict]:
 
 
 def _strip_dollars(s: str) -> str:
-    s = str(s).strip()
-    while len(s) >= 2 and s.startswith("$") and s.endswith("$"):
-        s = s[1:-1].strip()
-    return s
+    """Drop the math delimiters: "$69$, $84$" -> "69, 84" (an escaped \\$ stays)."""
+    return re.sub(r"(?<!\\)\$", "", str(s)).strip()
 
 
 def _boxed(s: str) -> str:

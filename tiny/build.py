@@ -1,4 +1,4 @@
-"""A character-level tokenizer with a Qwen-style chat template, and tiny Qwen2 models built from a config.
+"""A byte-level tokenizer (one token per character) with a Qwen-style chat template, and tiny Qwen2 models built from a config.
 
 Used by the bundled tiny default (`tiny/pretrain.py` -> `models/tiny`) and by the tests, so that no file
 has to come from the hub.
@@ -6,9 +6,7 @@ has to come from the hub.
 
 from __future__ import annotations
 
-import string
-
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -21,15 +19,16 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (plus newline), and the three Qwen special tokens."""
-    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    """Byte-level BPE with no merges: one token per byte (256), plus the three Qwen special tokens. The
+    same pipeline as Qwen2's tokenizer, so `AutoTokenizer` (which picks Qwen2Tokenizer for a qwen2 model)
+    loads it unchanged."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

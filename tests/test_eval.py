@@ -1,0 +1,84 @@
+"""eval.py: benchmark loaders, metrics against hand-computed values, and an end-to-end run."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import eval as evaluation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
+COUNTS = {"math500": 500, "gsm8k": 1319, "gaokao2023en": 385, "minerva_math": 272, "olympiadbench": 675,
+          "aime24": 30, "aime25": 30, "amc23": 40}
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_benchmark_loads_with_exact_count(name):
+    problems, skipped = evaluation.load_benchmark(name)
+    assert len(problems) + skipped == COUNTS[name]
+    assert skipped == (2 if name == "gaokao2023en" else 0)  # the two empty Gaokao answers are reported
+    assert all(p["answer"] and p["problem"] for p in problems)
+    assert "$" not in "".join(p["answer"] for p in problems if name == "olympiadbench")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/benchmarks not present")
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_committed_copy_is_the_shared_file(name):
+    assert filecmp.cmp(os.path.join(evaluation.BENCH_DIR, name, "test.jsonl"),
+                       os.path.join(SHARED, name, "test.jsonl"), shallow=False)
+
+
+def test_gold_extraction_examples():
+    gsm = evaluation.load_benchmark("gsm8k")[0]
+    assert gsm[0]["answer"] == "18"
+    assert all("," not in p["answer"] for p in gsm)
+    amc = evaluation.load_benchmark("amc23")[0]
+    assert amc[0]["answer"] == "27"  # 27.0 in the file
+    minerva = evaluation.load_benchmark("minerva_math")[0]
+    assert all("\\boxed" not in p["answer"] for p in minerva)
+
+
+def test_pass_at_k_and_majority_hand_computed():
+    assert evaluation.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert evaluation.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    assert evaluation.pass_at_k(4, 0, 2) == 0.0 and evaluation.pass_at_k(4, 3, 2) == 1.0
+    assert evaluation.majority_at_k(["1", "2", "2", None], [1, 0, 0, 0], 4) == 0
+    assert evaluation.majority_at_k(["1", "2", "1", None], [1, 0, 1, 0], 4) == 1
+    assert evaluation.majority_at_k([None, None], [0, 0], 2) == 0
+    s = evaluation.summarize([[1, 0, 0, 1], [0, 0, 0, 0]], [["a", "b", "c", "a"], ["x"] * 4])
+    assert s["pass@1"] == pytest.approx(0.25) and s["pass@4"] == pytest.approx(0.5) and s["maj@4"] == 0.5
+
+
+def test_markdown_table_avg_is_plain_mean():
+    table = evaluation.markdown_table({"m": {"a": 0.5, "b": 0.25}}, ["a", "b"])
+    assert "| m | 50.00 | 25.00 | 37.50 |" in table
+
+
+def test_malformed_benchmark_row(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"problem": "p", "answer": "1"}\nnot json\n')
+    with pytest.raises(ValueError, match="x.jsonl:2"):
+        evaluation.load_benchmark(str(f))
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "ev"
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_model_dir, "--benchmarks", "all",
+           "--max-problems", "2", "--max-new-tokens", "6", "--out", str(out), "--samples", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))[tiny_model_dir]
+    assert set(summary) == set(COUNTS)
+    assert all(s["problems"] == 2 and s["n"] == 2 for s in summary.values())
+    rows = [json.loads(l) for l in open(out / "aime24.jsonl")]
+    assert len(rows) == 2 and len(rows[0]["responses"]) == 2 and len(rows[0]["scores"]) == 2
+    table = (out / "table.md").read_text()
+    assert "math500" in table and "Avg." in table
+    before = os.path.getmtime(out / "math500.jsonl")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0 and os.path.getmtime(out / "math500.jsonl") == before  # not recomputed
