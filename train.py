@@ -98,6 +98,7 @@ class RolloutConfig:
 class TrainConfig:
     steps_per_subset: int = 10  # M
     lr: float = 1e-6
+    warmup_steps: int = 0  # linear lr warm-up over this many optimiser steps (the paper: constant lr, 0)
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -494,7 +495,7 @@ def score_logprobs(model: Policy, batches, device, cfg: Config):
     return out
 
 
-def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int):
+def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int, scheduler=None):
     """One optimiser step on one mini-batch (this rank's share `seqs`). The token_mean normaliser is the
     token count of the whole mini-batch over all ranks, divided by W because FSDP averages gradients over
     ranks: the result does not depend on how the mini-batch is cut into ranks and micro-batches
@@ -551,6 +552,8 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     ok = flag.item() == 0 and math.isfinite(grad_norm)
     if ok:
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, ok
 
@@ -707,6 +710,8 @@ def main(argv=None):
     policy, ref, gen = build_models(cfg, device, world)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   betas=cfg.train.betas)
+    warmup = max(1, cfg.train.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
     cur = cures.Curriculum(1, cfg.cures.prior_alpha, cfg.cures.prior_beta, cfg.cures.tau, cfg.cures.sampling,
                            cfg.cures.allocation, cfg.cures.sigma, cfg.cures.n_min, cfg.cures.n_max or None)
     M, T = cfg.train.steps_per_subset, len(subsets)
@@ -719,6 +724,7 @@ def main(argv=None):
     if resume:
         meta = load_checkpoint(resume, policy, optimizer, cur)
         state.update({k: meta[k] for k in state})
+        scheduler.load_state_dict(meta["scheduler"])
         print0(f"resumed from {resume} at step {state['step']}")
     logger = Logger(cfg, rank)
     stop = {"requested": False}
@@ -813,7 +819,7 @@ def main(argv=None):
         for epoch in range(cfg.train.epochs):
             for b_id in range(num_mb):
                 part = [s for s in seqs if s["mb"] == b_id]
-                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world)
+                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler)
                 norms.append(norm)
                 n_tok += sum(s["resp_len"] for s in part)
                 for k, v in s_mb.items():
@@ -830,12 +836,12 @@ def main(argv=None):
         # --- metrics (one dict, reduced over ranks) ----------------------------------------------
         local = torch.tensor([float(rewards.sum()), float(len(rewards)), float(lengths.sum()),
                               float((~out.finished).sum()), float(timeouts), float(n_tok / max(1, cfg.train.epochs))]
-                             + [sums.get(k, 0.0) for k in sorted(sums)])
+                             + [sums.get(k, 0.0) for k in sorted(sums)] + [float(sum(len(s["ids"]) for s in seqs))])
         tot = all_reduce(local)
         B, ntok = tot[1].item(), tot[5].item() * max(1, cfg.train.epochs)
         metrics.update({"train/reward": tot[0].item() / B, "train/response_len": tot[2].item() / B,
                         "train/truncated": tot[3].item() / B, "reward/timeouts": tot[4].item(),
-                        "actor/grad_norm": float(np.mean(norms))})
+                        "actor/grad_norm": float(np.mean(norms)), "actor/lr": scheduler.get_last_lr()[0]})
         for k, v in zip(sorted(sums), tot[6:].tolist()):
             metrics[k] = v / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else v / max(ntok, 1)
         state["rollouts_train"] += int(n.sum())
@@ -846,7 +852,10 @@ def main(argv=None):
                         "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
                         "tokens/train": state["tokens_train"], "subset": subset_id,
                         "time/step": time.time() - t_step,
-                        "perf/rollout_tokens_per_s": tot[2].item() / max(metrics["time/rollout_and_reward"], 1e-9)})
+                        "perf/rollout_tokens_per_s": tot[2].item() / max(metrics["time/rollout_and_reward"], 1e-9),
+                        "perf/update_tokens_per_s": tot[6 + len(sums)].item() / max(metrics["time/update"], 1e-9)})
+        if device.type == "cuda":
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         state["step"] = step + 1
 
         # --- eval and checkpoint --------------------------------------------------------------------
@@ -861,7 +870,7 @@ def main(argv=None):
                         if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
         stop_now = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())
         if last or stop_now or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
-            save_checkpoint(policy, optimizer, cur, dict(state), cfg, rank)
+            save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank)
         if stop_now:
             print0(f"SIGTERM: checkpoint saved at step {state['step']}, exiting")
             break

@@ -1,0 +1,132 @@
+"""CurES vs GRPO at the same rollout budget on the tiny default, with the ablation the paper lacks.
+
+Variants (same config, same budget N per step, same cold starts):
+    cures          sampling=cures   allocation=cures     (CurES-GRPO)
+    grpo           sampling=uniform allocation=uniform   (GRPO)
+    sampling_only  sampling=cures   allocation=uniform
+    alloc_only     sampling=uniform allocation=cures
+For each, several seeds: held-out accuracy against training steps and against rollouts consumed (cold starts
+included), a PNG plot (when matplotlib is installed), a markdown table with mean and spread, and the
+speed-up in the paper's sense: steps (and rollouts) CurES needs to reach the best mean accuracy GRPO reaches.
+
+    python bench/convergence.py --seeds 0 1 2 --out bench/results/convergence
+    python bench/convergence.py --variants cures --taus 0.05 0.1 0.2 0.5 --out bench/results/tau   # tau sweep
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {
+    "cures": ["--cures.sampling=cures", "--cures.allocation=cures"],
+    "grpo": ["--cures.sampling=uniform", "--cures.allocation=uniform"],
+    "sampling_only": ["--cures.sampling=cures", "--cures.allocation=uniform"],
+    "alloc_only": ["--cures.sampling=uniform", "--cures.allocation=cures"],
+}
+
+
+def run(name, seed, extra, out, config):
+    run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(os.path.join(run_dir, "final", "config.json")):  # resume the benchmark itself
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, f"--run.out_dir={run_dir}",
+               f"--run.seed={seed}", "--run.save_every=0", *extra]
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if res.returncode != 0:
+            raise RuntimeError(f"{name} seed {seed} failed:\n{res.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(metrics)]
+    curve, rollouts = [], 0
+    for r in rows:
+        rollouts = r.get("rollouts/total", rollouts)
+        if "eval/acc" in r:
+            curve.append((r["step"], rollouts, r["eval/acc"]))
+    return curve
+
+
+def first_reaching(steps, values, target):
+    hit = np.flatnonzero(np.asarray(values) >= target - 1e-12)
+    return steps[hit[0]] if hit.size else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--taus", type=float, nargs="+", default=[])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence"))
+    ap.add_argument("extra", nargs="*", help="train.py overrides, after --")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    jobs = [(v, VARIANTS[v] + args.extra) for v in args.variants]
+    if args.taus:
+        jobs = [(f"{v}_tau{t}", VARIANTS[v] + [f"--cures.tau={t}"] + args.extra) for v in args.variants for t in args.taus]
+    t0 = time.time()
+    curves = {name: [run(name, s, extra, args.out, args.config) for s in args.seeds] for name, extra in jobs}
+    steps = np.array([p[0] for p in next(iter(curves.values()))[0]])
+    table = {}
+    for name, runs in curves.items():
+        acc = np.array([[p[2] for p in c] for c in runs])  # (seeds, evals)
+        roll = np.array([[p[1] for p in c] for c in runs]).mean(0)
+        table[name] = {"mean": acc.mean(0), "std": acc.std(0), "rollouts": roll, "final": acc[:, -1], "best": acc.max(1)}
+    lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; {time.time() - t0:.0f} s; seeds {args.seeds}; "
+             f"config {os.path.relpath(args.config, ROOT)} {' '.join(args.extra)}", "",
+             "Held-out accuracy (mean ± std over seeds) at each evaluation:", "",
+             "| variant | " + " | ".join(f"step {s}" for s in steps) + " | final | best |",
+             "|---|" + "---|" * (len(steps) + 2)]
+    for name, t in table.items():
+        cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(t["mean"], t["std"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * t['final'].mean():.1f} ± {100 * t['final'].std():.1f}"
+                     f" | {100 * t['best'].mean():.1f} |")
+    lines += ["", "Rollouts consumed (cold starts included) at each evaluation: " +
+              ", ".join(f"{name}: {t['rollouts'].astype(int).tolist()}" for name, t in table.items())]
+    if "grpo" in table and "cures" in table:
+        g, c = table["grpo"], table["cures"]
+        target = g["mean"].max()
+        g_step, c_step = first_reaching(steps, g["mean"], target), first_reaching(steps, c["mean"], target)
+        g_roll = first_reaching(g["rollouts"], g["mean"], target)
+        c_roll = first_reaching(c["rollouts"], c["mean"], target)
+        if c_step:
+            lines += ["", f"Speed-up (paper's sense): GRPO's best mean accuracy {100 * target:.1f} is reached by GRPO at "
+                      f"step {g_step} ({g_roll} rollouts) and by CurES at step {c_step} ({c_roll} rollouts): "
+                      f"{g_step / max(c_step, 1):.2f}x in steps, {g_roll / max(c_roll, 1):.2f}x in rollouts."]
+        else:
+            lines += ["", f"CurES does not reach GRPO's best mean accuracy ({100 * target:.1f}) in this run."]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"$ python bench/convergence.py {' '.join(sys.argv[1:])}\n\n" + report)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, t in table.items():
+            for ax, x in zip(axes, (steps, t["rollouts"])):
+                ax.plot(x, 100 * t["mean"], marker="o", label=name)
+                ax.fill_between(x, 100 * (t["mean"] - t["std"]), 100 * (t["mean"] + t["std"]), alpha=0.15)
+        axes[0].set_xlabel("training step")
+        axes[1].set_xlabel("rollouts consumed (cold starts included)")
+        for ax in axes:
+            ax.set_ylabel("held-out accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "convergence.png"), dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()

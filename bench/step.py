@@ -1,0 +1,96 @@
+"""Time per phase of full CurES steps (train.py as users run it), from the run's metrics.jsonl.
+
+    python bench/step.py                                  # CPU: the tiny default, 4 steps
+    python bench/step.py --model-config bench/qwen2.5-1.5b/config.json -- --rollout.max_new_tokens=1024 ...
+
+Extra arguments after `--` are train.py overrides. With --model-config a random-weight model of that
+architecture is built first (no network), with the bundled byte-level tokenizer.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def random_model(config_path, out):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny.build import build_tokenizer
+
+    cfg = AutoConfig.from_pretrained(config_path)
+    tok = build_tokenizer()
+    cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    ap.add_argument("--model-config", default="", help="build a random-weight model of this architecture")
+    ap.add_argument("--model-dir", default="", help="an existing model directory (parameters counted for MFU)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--nproc", type=int, default=1)
+    args, extra = ap.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    out = tempfile.mkdtemp(prefix="bench_step_")
+    overrides = [f"--run.out_dir={out}/run", f"--run.max_steps={args.steps}", "--run.save_every=0", "--eval.data="]
+    params = None
+    if args.model_config:
+        params = random_model(args.model_config, f"{out}/model")
+        overrides.append(f"--model.path={out}/model")
+    elif args.model_dir:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(args.model_dir)).parameters())
+        overrides.append(f"--model.path={args.model_dir}")
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                          f"--nproc_per_node={args.nproc}"]
+    cmd = launcher + [os.path.join(ROOT, "train.py"), "--config", args.config, *overrides, *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        print(res.stdout[-3000:], res.stderr[-5000:])
+        sys.exit(res.returncode)
+    rows = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl") if '"time/step"' in line]
+    steady = rows[1:] or rows  # the first step carries the cold start
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    print(f"machine: {name}; {len(rows)} steps ({len(steady)} timed); config {args.config} {' '.join(extra)}")
+    keys = ["time/sync", "time/curriculum", "time/rollout_and_reward", "time/logprobs", "time/update", "time/step"]
+    print("| phase | seconds per step | share |\n|---|---|---|")
+    total = sum(r["time/step"] for r in steady) / len(steady)
+    for k in keys:
+        v = sum(r.get(k, 0.0) for r in steady) / len(steady)
+        print(f"| {k} | {v:.3f} | {100 * v / total:.0f}% |")
+    cold = rows[0].get("time/cold_start")
+    if cold:
+        print(f"cold start (first step only): {cold:.2f} s")
+    for k in ("perf/rollout_tokens_per_s", "perf/update_tokens_per_s", "perf/peak_mem_gb", "train/response_len"):
+        if k in steady[-1]:
+            print(f"{k}: {sum(r[k] for r in steady) / len(steady):.1f}")
+    if params:
+        upd = sum(r["perf/update_tokens_per_s"] for r in steady) / len(steady)
+        # update phase: forward + backward of the policy = 6 N FLOPs per token (no recompute counted)
+        if torch.cuda.is_available():
+            print(f"update MFU (6N flops/token vs 989 TFLOP/s bf16 dense H100): {100 * 6 * params * upd / 989e12:.1f}%")
+        print(f"parameters: {params / 1e9:.2f}B")
+
+
+if __name__ == "__main__":
+    main()
