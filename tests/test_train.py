@@ -148,3 +148,62 @@ def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path):
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-7, msg=k)
     assert max(float(g.abs().max()) for g in g1.values()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["--cures.sigma=gradient"], ["--cures.sigma=gradient", "--cures.grad_param=embed_tokens"],
+                                     ["--train.advantage=rpp"], ["--train.loss_agg=seq_mean_token_mean"],
+                                     ["--cures.sampling=uniform", "--cures.allocation=uniform", "--train.kl_coef=0"]])
+def test_variants_run(tiny_model_dir, tmp_path, variant):
+    state, cur = train.main(small_run(tiny_model_dir, tmp_path / "v", "--run.max_steps=1", *variant))
+    assert state["step"] == 1
+    line = json.loads(open(tmp_path / "v" / "metrics.jsonl").readline())
+    assert np.isfinite(line["actor/pg_loss"]) and np.isfinite(line["actor/grad_norm"])
+    if "--cures.sigma=gradient" in variant:
+        assert cur.grad_stats is not None and np.all(cur.grad_stats >= 0) and cur.grad_stats.sum() > 0
+
+
+@pytest.mark.slow
+def test_non_finite_loss_skips_then_aborts(tiny_model_dir, tmp_path, monkeypatch):
+    import grpo
+
+    real = grpo.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    calls = {"n": 0}
+
+    def first_nan(*args, **kwargs):  # only the very first micro-batch of the run is poisoned
+        calls["n"] += 1
+        return (nan_loss if calls["n"] == 1 else real)(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss", nan_loss)
+    with pytest.raises(RuntimeError, match="2 non-finite updates in a row"):
+        train.main(small_run(tiny_model_dir, tmp_path / "nan", "--run.max_steps=3", "--train.max_bad_steps=2"))
+    assert not (tmp_path / "nan" / "final").exists()
+    # a single bad mini-batch is skipped with a warning and the run goes on
+    monkeypatch.setattr(grpo, "policy_loss", first_nan)
+    state, _ = train.main(small_run(tiny_model_dir, tmp_path / "nan1", "--run.max_steps=2", "--train.max_bad_steps=2"))
+    assert state["step"] == 2 and calls["n"] > 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           *small_run(tiny_model_dir, out, "--run.save_every=0", "--train.steps_per_subset=50")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    done = train.checkpoint_dirs(str(out))
+    steps = [json.loads(l)["step"] for l in open(metrics)]
+    assert done and done[-1].endswith(f"step_{steps[-1]:06d}") and steps[-1] < 100

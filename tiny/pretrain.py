@@ -4,9 +4,10 @@ The answer format is the one the RL prompt asks for, `\\boxed{<sum>}`, and the p
 chat template like the paper's, but without the paper's long system prompt and user suffix (configs/tiny.yaml
 sets the same): a character-level model would spend most of its compute reading them. RL starts from a
 model that knows the format but not the harder sums. Levels are sampled so that the model ends near-perfect on 1-digit sums and
-weak on 4-digit ones: the spread of difficulty a curriculum needs. A fraction of the supervised answers
-(`--noise`, per level) has one digit changed, so the model ends with probability mass on wrong answers
-that a verifier-driven RL can remove: the "sharpening" RLVR does on real models, within CPU minutes.
+weak on 4-digit ones: the spread of difficulty a curriculum needs. Label smoothing (0.15) leaves probability
+mass on wrong digits, so sampling at temperature 1 (the RL setting) is noisier than greedy decoding: the gap
+that verifier-driven RL closes first on real models ("sharpening"), made visible within CPU minutes.
+Optionally (`--noise`, per level) a fraction of the supervised answers has one digit changed.
 
     python tiny/pretrain.py            # writes models/tiny (about 3 minutes on 2 CPU cores)
 """
@@ -67,7 +68,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1")
-    ap.add_argument("--noise", default="0,0.3,0.5,0.5", help="per level: fraction of corrupted answers")
+    ap.add_argument("--noise", default="0,0,0,0", help="per level: fraction of corrupted answers")
+    ap.add_argument("--label-smoothing", type=float, default=0.15)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
@@ -94,7 +96,9 @@ def main():
         for i, (p, r) in enumerate(pairs):
             ids[i, :len(p) + len(r)] = torch.tensor(p + r)
             labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-        loss = model(input_ids=ids, labels=labels).loss
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, label_smoothing=args.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
