@@ -237,14 +237,18 @@ def main():
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     row_name = args.name or args.model
     results = summary.setdefault(row_name, {})
-    bar = tqdm(names, disable=rank != 0, desc="benchmarks")
-    for name in bar:
-        key = os.path.splitext(os.path.basename(name))[0]
-        if key in results and results[key].get("max_problems") == args.max_problems:
-            continue  # finished earlier: resume
+    loaded = {}
+    for name in names:
         problems, skipped = load_benchmark(name)
-        if args.max_problems:
-            problems = problems[:args.max_problems]
+        loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, skipped)
+    bar = tqdm(total=sum(len(p) for p, _ in loaded.values()), disable=rank != 0, desc="problems", unit="problem")
+    done, correct = 0, 0.0
+    for name in names:
+        key = os.path.splitext(os.path.basename(name))[0]
+        problems, skipped = loaded[name]
+        if key in results and results[key].get("max_problems") == args.max_problems:
+            bar.update(len(problems))
+            continue  # finished earlier: resume
         n = args.samples or (BENCHMARKS[name][3] if name in BENCHMARKS else 1)
         temperature = 0.0 if (n == 1 and args.greedy_single) else args.temperature
         records = evaluate_problems(model, tokenizer, problems, n_samples=n, max_new_tokens=args.max_new_tokens,
@@ -258,7 +262,10 @@ def main():
         stats = summarize([r["scores"] for r in records], [r["extracted"] for r in records])
         stats.update(skipped=skipped, max_problems=args.max_problems, temperature=temperature)
         results[key] = stats
-        bar.set_postfix(benchmark=key, acc=f"{100 * stats['pass@1']:.1f}")
+        done += len(records)
+        correct += sum(float(np.mean(r["scores"])) for r in records)
+        bar.update(len(records))
+        bar.set_postfix(last=f"{key} {100 * stats['pass@1']:.1f}", running_acc=f"{100 * correct / max(done, 1):.1f}")
         if rank == 0:
             with open(os.path.join(args.out, f"{key}.jsonl"), "w") as f:
                 for r in records:

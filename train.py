@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -587,7 +588,9 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int):
         os.makedirs(tmp, exist_ok=True)
     barrier()
     msd, osd = get_state_dict(policy, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # single process without a process group is fine
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
     barrier()
     if rank == 0:
         torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)}, os.path.join(tmp, "meta.pt"))
@@ -606,7 +609,9 @@ def load_checkpoint(path: str, policy, optimizer, cur):
 
     msd, osd = get_state_dict(policy, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     cur.load_state_dict(meta["curriculum"])
