@@ -318,14 +318,15 @@ def shard_model(model: Policy, device):
 
 @torch.no_grad()
 def sync_generation_weights(policy: Policy, gen):
-    """Gather the sharded policy once per generation phase into the plain generation model (one
-    all-gather per parameter, never per decoded token). No-op when the policy is not sharded."""
+    """Gather the sharded policy once per generation phase into the plain generation model: one
+    all-gather per parameter (peak memory: one full parameter), never per decoded token. Every rank walks
+    the parameters in the same order. No-op when the policy is not sharded."""
     if gen is policy.hf:
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    gen.load_state_dict({k.removeprefix("hf."): v for k, v in full.items()}, strict=False)
+    target = dict(gen.named_parameters())
+    for name, p in policy.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor shard -> full tensor
+        target[name.removeprefix("hf.")].copy_(full)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def run_grad(model_dir, out_file):
     cfg = train.load_config([f"--model.path={model_dir}", "--train.kl_coef=0", "--train.micro_batch_tokens=40",
                              "--train.grad_clip=1e9"])
     rank, world, device = train.setup_distributed()
-    policy, _, _ = train.build_models(cfg, device, world)
+    policy, _, gen_model = train.build_models(cfg, device, world)
     gen = torch.Generator().manual_seed(0)
     seqs = []
     for k in range(8):  # the same global mini-batch whatever the world size
@@ -51,8 +51,15 @@ def run_grad(model_dir, out_file):
     mine = seqs[rank::world]
     rec = GradRecorder(policy)
     train.update_policy(policy, rec, mine, device, cfg, world)
+    # the generation copy must equal the (sharded) policy after a sync
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    train.sync_generation_weights(policy, gen_model)
+    full = {n.removeprefix("hf."): (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in policy.named_parameters()}
+    gen_diff = max(float((dict(gen_model.named_parameters())[n] - v).abs().max()) for n, v in full.items())
     if rank == 0:
-        torch.save(rec.grads, out_file)
+        torch.save({"grads": rec.grads, "gen_diff": gen_diff}, out_file)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

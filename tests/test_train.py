@@ -143,7 +143,9 @@ def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path):
                           str(one)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     _torchrun(["grad", tiny_model_dir, str(two)])
-    g1, g2 = torch.load(one), torch.load(two)
+    r1, r2 = torch.load(one), torch.load(two)
+    assert r1["gen_diff"] == 0.0 and r2["gen_diff"] == 0.0  # generation weights follow the policy
+    g1, g2 = r1["grads"], r2["grads"]
     assert g1.keys() == {"hf." + k.removeprefix("hf.") for k in g2} or g1.keys() == g2.keys()
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-7, msg=k)
