@@ -186,7 +186,7 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     if not shard:
         return []
     prompts = [build_prompt(tokenizer, p["problem"], system_prompt, user_template) for p in shard]
-    eos = [tokenizer.eos_token_id]
+    eos = rollout.stop_token_ids(tokenizer, model)
     out = rollout.generate(model, prompts, n_samples, max_new_tokens=max_new_tokens, eos_ids=eos,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                            seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens)

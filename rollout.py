@@ -32,6 +32,20 @@ class Rollouts:
         return [ids[:n].tolist() for ids, n in zip(self.response_ids, self.lengths.tolist())]
 
 
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS, the model's generation_config EOS ids, and the
+    chat template's end-of-turn token `<|im_end|>` when the vocabulary has it (a base Qwen2.5-Math model
+    prompted through the chat template ends its turn with it; stopping only at `<|endoftext|>` would let
+    it run on to the length limit)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
 def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, max_batch_size: int = 1024):
     """Group sequence indices into batches of similar prompt length whose padded KV cache,
     batch * (longest prompt + max_new_tokens) tokens, stays within max_batch_tokens (at least one

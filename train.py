@@ -400,7 +400,7 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
     number of checker timeouts, texts)."""
     out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
-                           eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+                           eos_ids=rollout.stop_token_ids(tokenizer, gen), pad_id=tokenizer.pad_token_id,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
                            max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
@@ -757,7 +757,7 @@ def main(argv=None):
 
         # --- cold start of a new subset (Algorithm 1, line 3) -------------------------------------
         if state["subset"] != subset_id:
-            metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world, seed + 17))
+            metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world, (seed + 17) * world + rank))
             state["subset"] = subset_id
             state["rollouts_cold"] += metrics["cold/rollouts"]
 
