@@ -135,7 +135,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: str = ""  # "" (fresh) | auto | path of a checkpoint directory
     max_steps: int = 0  # stop after this many steps in total (0: T * M)
-    reward_workers: int = 0  # 0: one per CPU core (at most 32)
+    reward_workers: int = 0  # answer-checking processes per rank; 0: the node's cores / ranks per node (<= 32)
     reward_timeout: float = 10.0
     wandb_project: str = ""
     tensorboard: bool = False
@@ -405,7 +405,8 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                            max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [answers[i] for i in out.prompt_index.tolist()]
-    scores = reward.score_batch(texts, golds, workers=cfg.run.reward_workers, timeout=cfg.run.reward_timeout)
+    workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
     return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts, texts
 
 
