@@ -345,7 +345,11 @@ def load_subsets(cfg: Config, tokenizer):
     elif os.path.exists(path):
         groups = [[(path, i, r) for i, r in enumerate(read_rows(path), 1)]]
     else:
-        import datasets  # hub dataset id; optional dependency
+        try:
+            import datasets  # hub dataset id; optional dependency
+        except ImportError:
+            raise ImportError(f"{path!r} is not a local file or directory; to load it as a hub dataset, "
+                              "pip install datasets") from None
 
         groups = [[(path, i, r) for i, r in enumerate(datasets.load_dataset(path, split=cfg.data.split), 1)]]
     items, dropped = [], 0
