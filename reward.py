@@ -49,7 +49,9 @@ def score(response: str, gold: str, timeout: int = 5) -> float:
             return 0.0
         pred_parsed = parse(str(response), pred_cfg, parsing_timeout=timeout)
         return 1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout) else 0.0
-    except BaseException:  # noqa: BLE001  model output must never crash training (math-verify's own timeouts included)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001  math-verify's TimeoutException is a BaseException; model output never crashes training
         return 0.0
 
 
