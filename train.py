@@ -102,6 +102,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear lr warm-up over this many optimiser steps (the paper: constant lr, 0)
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     mini_batch_prompts: int = 256
     epochs: int = 1
@@ -720,7 +721,7 @@ def main(argv=None):
         eval_problems = evaluation.load_benchmark(cfg.eval.data)[0][:cfg.eval.max_problems or None]
     policy, ref, gen = build_models(cfg, device, world)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=cfg.train.betas)
+                                  betas=cfg.train.betas, eps=cfg.train.adam_eps)
     warmup = max(1, cfg.train.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
     cur = cures.Curriculum(1, cfg.cures.prior_alpha, cfg.cures.prior_beta, cfg.cures.tau, cfg.cures.sampling,
