@@ -403,7 +403,7 @@ def assign_groups(n: np.ndarray, world: int, mini_batch_prompts: int):
 
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
-    number of checker timeouts, texts)."""
+    number of checker timeouts)."""
     out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
                            eos_ids=rollout.stop_token_ids(tokenizer, gen), pad_id=tokenizer.pad_token_id,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
@@ -412,7 +412,7 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
-    return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts, texts
+    return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts
 
 
 def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank: int, world: int, seed: int):
@@ -422,7 +422,7 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     cur.reset(len(subset))
     mine = list(range(rank, len(subset), world))
     k = cfg.cures.cold_start_rollouts
-    out, rewards, _, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
+    out, rewards, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
                                             [subset[i]["answer"] for i in mine], k, cfg, seed)
     correct = rewards.view(len(mine), k) if mine else rewards.view(0, k)
     counts = [(mine[j], float(correct[j].sum()), k) for j in range(len(mine))]
@@ -437,12 +437,9 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     counts = all_gather_list(counts)
     idx, c, n = (np.array(x) for x in zip(*counts))
     cur.observe(idx.astype(np.int64), c, n)
-    if stats:
-        stats = all_gather_list(stats)
-        s = np.array(stats)
+    if cfg.cures.sigma == "gradient":  # every rank gathers, also one that had no prompts
+        s = np.array(all_gather_list(stats))
         cur.set_grad_stats(s[:, 0].astype(np.int64), s[:, 1], s[:, 2], s[:, 3])
-    elif cfg.cures.sigma == "gradient":
-        stats = all_gather_list([])
     return {"cold/rollouts": len(subset) * k, "cold/acc": float(c.sum() / n.sum()),
             "time/cold_start": time.time() - t0, "time/grad_stats": t_grad}
 
@@ -493,7 +490,7 @@ def num_micro_batches(seqs, micro_batch_tokens: int) -> int:
 
 @torch.no_grad()
 def score_logprobs(model: Policy, batches, device, cfg: Config):
-    """Per-sequence response log-probs (no grad) for old_logp / ref_logp, as a list aligned with seqs."""
+    """Per-sequence response log-probs (no grad) for old_logp / ref_logp: {index into seqs: logp (n,)}."""
     out = {}
     for b in batches:
         logp, _ = model(b["ids"].to(device), b["attn"].to(device), b["tgt"].to(device),
@@ -503,15 +500,18 @@ def score_logprobs(model: Policy, batches, device, cfg: Config):
     return out
 
 
-def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int, scheduler=None):
+def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int, scheduler=None,
+                  batches=None):
     """One optimiser step on one mini-batch (this rank's share `seqs`). The token_mean normaliser is the
     token count of the whole mini-batch over all ranks, divided by W because FSDP averages gradients over
     ranks: the result does not depend on how the mini-batch is cut into ranks and micro-batches
-    (tests/test_train.py). Returns (metrics sums, grad norm, ok)."""
+    (tests/test_train.py). `batches`: the micro-batch plan of `seqs` if already made (make_micro_batches).
+    Returns (metrics sums, grad norm, ok)."""
     tokens = torch.tensor([float(sum(s["resp_len"] for s in seqs)), float(len(seqs))])
     tokens = all_reduce(tokens)
     num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
-    batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0)
+    if batches is None:
+        batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0)
     sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
                              "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
     finite = True
@@ -778,7 +778,7 @@ def main(argv=None):
 
         # --- rollout and reward ------------------------------------------------------------------
         t0 = time.time()
-        out, rewards, timeouts, _ = generate_and_score(
+        out, rewards, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
             n[mine].tolist(), cfg, seed * world + rank)
         metrics["time/rollout_and_reward"] = time.time() - t0
@@ -816,10 +816,10 @@ def main(argv=None):
         t0 = time.time()
         num_mb = int(mb.max()) + 1
         single_pass = num_mb == 1 and cfg.train.epochs == 1  # on-policy: old_logp = logp.detach()
-        for b_id in range(num_mb):
-            part = [s for s in seqs if s["mb"] == b_id]
-            batches = make_micro_batches(part, num_micro_batches(part, cfg.train.micro_batch_tokens), 0)
-            models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
+        parts = [[s for s in seqs if s["mb"] == b_id] for b_id in range(num_mb)]
+        plans = [make_micro_batches(p, num_micro_batches(p, cfg.train.micro_batch_tokens), 0) for p in parts]
+        models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
+        for part, batches in zip(parts, plans):
             for key, model in models:
                 for i, lp in score_logprobs(model, batches, device, cfg).items():
                     part[i][key] = lp.cpu()
@@ -829,9 +829,8 @@ def main(argv=None):
         t0 = time.time()
         sums, norms, n_tok = {}, [], 0
         for epoch in range(cfg.train.epochs):
-            for b_id in range(num_mb):
-                part = [s for s in seqs if s["mb"] == b_id]
-                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler)
+            for part, batches in zip(parts, plans):
+                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler, batches)
                 norms.append(norm)
                 n_tok += sum(s["resp_len"] for s in part)
                 for k, v in s_mb.items():
