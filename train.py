@@ -113,7 +113,8 @@ class TrainConfig:
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean
     kl_coef: float = 0.001
     kl_kind: str = "low_var_kl"  # low_var_kl | kl | mse
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
+    micro_batch_tokens: int = 16384  # tokens (padded, or packed) per forward/backward
+    pack: str = "auto"  # auto | true | false: one unpadded row per micro-batch (auto: with flash-attention)
     logprob_chunk: int = 2048  # tokens per chunk of the log-softmax
     max_bad_steps: int = 3  # consecutive non-finite losses before aborting
 
@@ -267,10 +268,14 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, attention_mask, target_mask, temperature: float = 1.0, chunk: int = 2048):
+    def forward(self, input_ids, attention_mask, target_mask, temperature: float = 1.0, chunk: int = 2048,
+                position_ids=None):
         """input_ids, attention_mask, target_mask (b, L); returns logp and entropy (N,) of the tokens
-        where target_mask is 1 (the response tokens), in row-major order."""
-        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, d)
+        where target_mask is 1 (the response tokens), in row-major order. Packed rows (several sequences in
+        one row): attention_mask None and position_ids restarting at 0 for each sequence; transformers then
+        keeps the sequences apart (flash-attention varlen kernels, or a block-diagonal mask for sdpa)."""
+        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
         sel = target_mask[:, 1:].bool()  # (b, L-1) position t predicts token t+1
         return grpo.token_logprobs(hidden[:, :-1][sel], self.hf.lm_head.weight, input_ids[:, 1:][sel],
                                    temperature, chunk)  # (N,), (N,)
@@ -448,10 +453,15 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
 # The update
 
 
-def make_micro_batches(seqs: list[dict], num: int, pad_id: int):
+def make_micro_batches(seqs: list[dict], num: int, pad_id: int, pack: bool = False):
     """Split sequences (sorted by length to limit padding) into exactly `num` micro-batches balanced by
     tokens; an empty one gets a dummy row with no target token (every FSDP rank must run the same number
-    of forward/backward passes). Each: ids, attn, tgt (b, L) and rows (indices into seqs)."""
+    of forward/backward passes). Each: ids, attn, tgt, pos (b, L), rows (indices into seqs) and sizes
+    (target tokens of each row's sequence).
+    pack=False: one padded row per sequence (attn marks real tokens, pos None).
+    pack=True: all sequences of the micro-batch in one row of exactly their total length, no padding (attn
+    None, pos restarts at 0 per sequence). The last token of a sequence "predicts" the first of the next,
+    which is a prompt token and never a target, so the log-probs are those of the padded layout."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
     total = sum(len(s["ids"]) for s in seqs)
     cuts, acc, cur = [], 0, []
@@ -466,8 +476,16 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int):
     batches = []
     for rows in cuts:
         if not rows:
-            batches.append({"ids": torch.full((1, 2), pad_id), "attn": torch.ones(1, 2, dtype=torch.long),
-                            "tgt": torch.tensor([[0, 1]]), "rows": []})  # one token, weighted 0
+            batches.append({"ids": torch.full((1, 2), pad_id), "attn": None if pack else torch.ones(1, 2, dtype=torch.long),
+                            "tgt": torch.tensor([[0, 1]]), "pos": torch.arange(2)[None] if pack else None,
+                            "rows": [], "sizes": []})  # one token, weighted 0
+            continue
+        if pack:
+            ids = torch.tensor([t for i in rows for t in seqs[i]["ids"]])[None]  # (1, P)
+            pos = torch.cat([torch.arange(len(seqs[i]["ids"])) for i in rows])[None]  # (1, P)
+            tgt = (pos >= torch.cat([torch.full((len(seqs[i]["ids"]),), seqs[i]["prompt_len"]) for i in rows])[None]).long()
+            batches.append({"ids": ids, "attn": None, "tgt": tgt, "pos": pos, "rows": rows,
+                            "sizes": [len(seqs[i]["ids"]) - seqs[i]["prompt_len"] for i in rows]})
             continue
         L = max(len(seqs[i]["ids"]) for i in rows)
         ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
@@ -477,8 +495,27 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int):
             ids[r, :len(s["ids"])] = torch.tensor(s["ids"])
             attn[r, :len(s["ids"])] = 1
             tgt[r, s["prompt_len"]:len(s["ids"])] = 1
-        batches.append({"ids": ids, "attn": attn, "tgt": tgt, "rows": rows})
+        batches.append({"ids": ids, "attn": attn, "tgt": tgt, "pos": None, "rows": rows,
+                        "sizes": tgt.sum(-1).tolist()})
     return batches
+
+
+def forward_batch(model: Policy, b: dict, device, cfg: Config):
+    """logp, entropy (N,) of one micro-batch's response tokens, padded or packed."""
+    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return model(to(b["ids"]), to(b["attn"]), to(b["tgt"]), cfg.rollout.temperature, cfg.train.logprob_chunk,
+                 position_ids=to(b["pos"]))
+
+
+def use_packing(cfg: Config) -> bool:
+    """train.pack: auto packs only with flash-attention (its varlen kernels skip padding entirely); with
+    sdpa or eager a packed row needs a dense (P, P) block-diagonal mask, slower than length-sorted padding."""
+    if cfg.train.pack == "auto":
+        return cfg.model.attn_implementation.startswith("flash_attention")
+    value = str(cfg.train.pack).lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"train.pack must be auto, true or false, not {cfg.train.pack!r}")
+    return value == "true"
 
 
 def num_micro_batches(seqs, micro_batch_tokens: int) -> int:
@@ -493,9 +530,8 @@ def score_logprobs(model: Policy, batches, device, cfg: Config):
     """Per-sequence response log-probs (no grad) for old_logp / ref_logp: {index into seqs: logp (n,)}."""
     out = {}
     for b in batches:
-        logp, _ = model(b["ids"].to(device), b["attn"].to(device), b["tgt"].to(device),
-                        cfg.rollout.temperature, cfg.train.logprob_chunk)
-        for i, part in zip(b["rows"], torch.split(logp, b["tgt"].sum(-1).tolist()[:len(b["rows"])])):
+        logp, _ = forward_batch(model, b, device, cfg)
+        for i, part in zip(b["rows"], torch.split(logp, b["sizes"]) if b["rows"] else []):
             out[i] = part
     return out
 
@@ -511,15 +547,14 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     tokens = all_reduce(tokens)
     num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
     if batches is None:
-        batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0)
+        batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
     sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
                              "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
     finite = True
     for j, b in enumerate(batches):
         if dist.is_initialized() and hasattr(policy, "set_requires_gradient_sync"):
             policy.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once per step
-        logp, entropy = policy(b["ids"].to(device), b["attn"].to(device), b["tgt"].to(device),
-                               cfg.rollout.temperature, cfg.train.logprob_chunk)  # (N,)
+        logp, entropy = forward_batch(policy, b, device, cfg)  # (N,)
         rows = b["rows"]
         if rows:
             adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in rows]).to(device)  # (N,)
@@ -817,7 +852,8 @@ def main(argv=None):
         num_mb = int(mb.max()) + 1
         single_pass = num_mb == 1 and cfg.train.epochs == 1  # on-policy: old_logp = logp.detach()
         parts = [[s for s in seqs if s["mb"] == b_id] for b_id in range(num_mb)]
-        plans = [make_micro_batches(p, num_micro_batches(p, cfg.train.micro_batch_tokens), 0) for p in parts]
+        plans = [make_micro_batches(p, num_micro_batches(p, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
+                 for p in parts]
         models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
         for part, batches in zip(parts, plans):
             for key, model in models:

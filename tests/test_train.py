@@ -23,6 +23,53 @@ def small_run(model_dir, out_dir, *extra):
             "--train.micro_batch_tokens=400", f"--run.out_dir={out_dir}", *extra]
 
 
+# --- packing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num", [1, 3])
+def test_packed_micro_batches_equal_padded(tiny_model_dir, num):
+    """No compute on padding: one packed row per micro-batch gives the padded layout's log-probs, entropies
+    and gradients (sdpa here, which builds the block-diagonal mask; flash-attention uses varlen kernels)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = train.load_config([f"--model.path={tiny_model_dir}", "--train.kl_coef=0"])
+    policy = train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for k in range(7):  # mixed prompt and response lengths
+        p, r = 3 + k % 4, 1 + (5 * k) % 9
+        ids = torch.randint(3, 250, (p + r,), generator=g).tolist()
+        seqs.append({"ids": ids, "prompt_len": p, "resp_len": r, "adv": torch.randn(1, generator=g)})
+    padded = train.make_micro_batches(seqs, num, 0, pack=False)
+    packed = train.make_micro_batches(seqs, num, 0, pack=True)
+    assert all(b["ids"].shape[0] == 1 and b["attn"] is None for b in packed)
+    assert sum(b["ids"].numel() for b in packed) == sum(len(s["ids"]) for s in seqs)  # not one pad token
+    assert sum(b["ids"].numel() for b in padded) > sum(len(s["ids"]) for s in seqs)
+    cpu = torch.device("cpu")
+    lp_pad, lp_pack = (train.score_logprobs(policy, b, cpu, cfg) for b in (padded, packed))
+    for i in range(len(seqs)):
+        torch.testing.assert_close(lp_pack[i], lp_pad[i], atol=1e-5, rtol=1e-5)
+    for b_pad, b_pack in zip(padded, packed):
+        torch.testing.assert_close(train.forward_batch(policy, b_pack, cpu, cfg)[1],
+                                   train.forward_batch(policy, b_pad, cpu, cfg)[1], atol=1e-5, rtol=1e-5)
+    grads = []
+    for batches in (padded, packed):
+        policy.zero_grad()
+        for b in batches:
+            logp, _ = train.forward_batch(policy, b, cpu, cfg)
+            adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in b["rows"]])
+            (-(logp * adv).sum()).backward()
+        grads.append(torch.cat([p.grad.flatten().clone() for p in policy.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_pack_switch():
+    assert train.use_packing(train.load_config([])) is False  # sdpa default: padded
+    assert train.use_packing(train.load_config(["--model.attn_implementation=flash_attention_2"])) is True
+    assert train.use_packing(train.load_config(["--train.pack=true"])) is True
+    with pytest.raises(ValueError, match="train.pack"):
+        train.use_packing(train.load_config(["--train.pack=maybe"]))
+
+
 # --- config -------------------------------------------------------------------------------------
 
 def test_config_yaml_overrides_and_errors(tmp_path):
@@ -155,6 +202,7 @@ def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--cures.sigma=gradient"], ["--cures.sigma=gradient", "--cures.grad_param=embed_tokens"],
                                      ["--train.advantage=rpp"], ["--train.loss_agg=seq_mean_token_mean"],
+                                     ["--train.pack=true", "--train.mini_batch_prompts=2"],
                                      ["--cures.sampling=uniform", "--cures.allocation=uniform", "--train.kl_coef=0"]])
 def test_variants_run(tiny_model_dir, tmp_path, variant):
     state, cur = train.main(small_run(tiny_model_dir, tmp_path / "v", "--run.max_steps=1", *variant))
