@@ -66,11 +66,15 @@ def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024) -> Rollouts:
+             max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic") -> Rollouts:
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
-    and independent of the global RNG."""
+    and independent of the global RNG. cache: "dynamic" (HF's default KV cache) or "static" (preallocated;
+    on GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for
+    each new batch shape)."""
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be dynamic or static, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
     if len(n) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
@@ -80,7 +84,8 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-        eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True)
+        eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
+        cache_implementation=None if cache == "dynamic" else cache)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
     batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
     eos = torch.tensor(list(eos_ids))

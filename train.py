@@ -93,6 +93,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
     max_batch_size: int = 1024
+    cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs of the decoding step)
 
 
 @dataclass
@@ -412,7 +413,8 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
                            eos_ids=rollout.stop_token_ids(tokenizer, gen), pad_id=tokenizer.pad_token_id,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
-                           max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size)
+                           max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size,
+                           cache=cfg.rollout.cache)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 16)
+    ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +55,7 @@ def main():
     prompts = [build_prompt(tok, r["problem"]) for r in rows]  # mixed lengths: real problems
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; model {args.model}; {len(prompts)} prompts x {args.n}, prompt lengths "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens")
+          f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens, rollout cache {args.cache}")
     results = {}
     for label in ("plain", "rollout", "plain", "rollout"):  # alternate, keep the second (warm) timing
         if dev.type == "cuda":
@@ -66,7 +67,7 @@ def main():
         else:
             out = rollout.generate(model, prompts, args.n, max_new_tokens=args.max_new_tokens,
                                    eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
-                                   max_batch_tokens=args.max_batch_tokens)
+                                   max_batch_tokens=args.max_batch_tokens, cache=args.cache)
             tokens = int(out.lengths.sum())
         if dev.type == "cuda":
             torch.cuda.synchronize()

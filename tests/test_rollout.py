@@ -1,6 +1,7 @@
 """rollout.py: batching plan, output layout, stop tokens, reproducibility, and the log-probs of sampled
 responses against the trainer's forward pass."""
 
+import pytest
 import torch
 
 import rollout
@@ -40,6 +41,19 @@ def test_generate_layout_and_reproducibility(tiny_model_dir):
     assert torch.equal(out.response_ids, again.response_ids)
     greedy = rollout.generate(model, prompts, 2, **{**kw, "seed": 9}, temperature=0.0)
     assert torch.equal(greedy.response_ids[0], greedy.response_ids[1])  # greedy: both samples equal
+
+
+def test_static_cache_gives_the_same_rollouts(tiny_model_dir):
+    """rollout.cache=static (preallocated KV cache; compiled on GPU) samples exactly what the default does."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok("What is 1+1?").input_ids, tok("Hi").input_ids, tok("What is 12+345?").input_ids]
+    kw = dict(max_new_tokens=6, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=3, max_batch_tokens=40)
+    for temperature in (0.0, 1.0):
+        dynamic = rollout.generate(model, prompts, [2, 1, 3], temperature=temperature, **kw)
+        static = rollout.generate(model, prompts, [2, 1, 3], temperature=temperature, cache="static", **kw)
+        assert torch.equal(dynamic.response_ids, static.response_ids)
+    with pytest.raises(ValueError, match="cache"):
+        rollout.generate(model, prompts, 1, cache="paged", **kw)
 
 
 def test_stop_token_ids_include_end_of_turn():
