@@ -12,14 +12,15 @@ import os
 import random
 
 
+def problem(rng: random.Random, level: int) -> dict:
+    lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    return {"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level}
+
+
 def make(n_per_level: int, levels, seed: int):
     rng = random.Random(seed)
-    rows = []
-    for level in levels:
-        lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
-        for _ in range(n_per_level):
-            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            rows.append({"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level})
+    rows = [problem(rng, level) for level in levels for _ in range(n_per_level)]
     rng.shuffle(rows)
     return rows
 

@@ -15,6 +15,7 @@ Optionally (`--noise`, per level) a fraction of the supervised answers has one d
 import argparse
 import json
 import os
+import random
 import sys
 import time
 
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from eval import build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
-from tiny.make_data import make  # noqa: E402
+from tiny.make_data import problem  # noqa: E402
 
 
 SYSTEM_PROMPT, USER_TEMPLATE = "", "{problem}"  # as in configs/tiny.yaml
@@ -67,9 +68,11 @@ def main():
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1")
+    ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1", help="sampling weight of each level")
+    ap.add_argument("--report-every", type=int, default=0, help="steps between held-out reports (0: end only)")
+    ap.add_argument("--test", default=os.path.join(HERE, "..", "data", "tiny", "test.jsonl"))
     ap.add_argument("--noise", default="0,0,0,0", help="per level: fraction of corrupted answers")
-    ap.add_argument("--label-smoothing", type=float, default=0.15)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
@@ -78,8 +81,10 @@ def main():
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     weights = [float(w) for w in args.level_weights.split(",")]
     noise = [float(x) for x in args.noise.split(",")]
-    # Fresh problems every batch (seed offset 100 keeps them apart from data/tiny's seeds 0 and 1).
-    pool = [make(4000, [lv], seed=100 + lv) for lv in (1, 2, 3, 4)]
+    # Fresh problems every batch, never one of the held-out test set (RL's training prompts may appear).
+    test = [json.loads(line) for line in open(args.test)]
+    held_out = {r["problem"] for r in test}
+    rng = random.Random(100)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(0)
@@ -87,8 +92,12 @@ def main():
     model.train()
     for step in range(args.steps):
         levels = torch.multinomial(torch.tensor(weights), args.batch, replacement=True, generator=gen)
-        rows = [corrupt(pool[int(lv)][int(torch.randint(0, 4000, (1,), generator=gen))], noise[int(lv)], gen)
-                for lv in levels]
+        rows = []
+        for lv in levels.tolist():
+            row = problem(rng, lv + 1)
+            while row["problem"] in held_out:
+                row = problem(rng, lv + 1)
+            rows.append(corrupt(row, noise[lv], gen))
         pairs = [encode(tok, r) for r in rows]
         L = max(len(p) + len(r) for p, r in pairs)
         ids = torch.full((len(pairs), L), tok.pad_token_id)
@@ -106,13 +115,16 @@ def main():
         opt.zero_grad()
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+        if args.report_every and step % args.report_every == 0 and step:
+            model.eval()
+            print("greedy held-out accuracy by level:", accuracy_by_level(model, tok, test), flush=True)
+            model.train()
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     # measure what users get: the files as loaded back by from_pretrained
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(args.out).eval(), AutoTokenizer.from_pretrained(args.out)
-    test = [json.loads(line) for line in open(os.path.join(HERE, "..", "data", "tiny", "test.jsonl"))]
     acc = accuracy_by_level(model, tok, test)
     sampled = accuracy_by_level(model, tok, test, temperature=1.0, n=4)
     print("held-out accuracy by level, greedy:", acc, "sampled (T=1, 4 each):", sampled, f"({time.time() - t0:.0f}s)")
