@@ -502,6 +502,12 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int, pack: bool = Fal
     return batches
 
 
+def plan_micro_batches(seqs: list[dict], cfg: Config):
+    """This rank's micro-batches of a mini-batch: as many as the token budget needs on the busiest rank,
+    padded or packed as train.pack says."""
+    return make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
+
+
 def forward_batch(model: Policy, b: dict, device, cfg: Config):
     """logp, entropy (N,) of one micro-batch's response tokens, padded or packed."""
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
@@ -549,7 +555,7 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     tokens = all_reduce(tokens)
     num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
     if batches is None:
-        batches = make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
+        batches = plan_micro_batches(seqs, cfg)
     sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
                              "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
     finite = True
@@ -854,8 +860,7 @@ def main(argv=None):
         num_mb = int(mb.max()) + 1
         single_pass = num_mb == 1 and cfg.train.epochs == 1  # on-policy: old_logp = logp.detach()
         parts = [[s for s in seqs if s["mb"] == b_id] for b_id in range(num_mb)]
-        plans = [make_micro_batches(p, num_micro_batches(p, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
-                 for p in parts]
+        plans = [plan_micro_batches(p, cfg) for p in parts]
         models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
         for part, batches in zip(parts, plans):
             for key, model in models:

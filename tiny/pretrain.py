@@ -68,6 +68,14 @@ def accuracy_by_level(model, tok, rows, temperature=0.0, n=1):
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
+def greedy_accuracy(model, tok, rows):
+    """accuracy_by_level in the middle of training: eval mode for the measurement, then back."""
+    model.eval()
+    acc = accuracy_by_level(model, tok, rows)
+    model.train()
+    return acc
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(HERE, "..", "models", "tiny"))
@@ -128,22 +136,17 @@ def main():
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
         if args.report_every and step % args.report_every == 0 and step:
-            model.eval()
-            print("greedy held-out accuracy by level:", accuracy_by_level(model, tok, test), flush=True)
-            model.train()
+            print("greedy held-out accuracy by level:", greedy_accuracy(model, tok, test), flush=True)
         if args.stop_when and step % 100 == 0 and step:
-            model.eval()
-            acc = accuracy_by_level(model, tok, val)[stop_level]
-            model.train()
+            acc = greedy_accuracy(model, tok, val)[stop_level]
             print(f"validation level {stop_level}: {acc:.2f}", flush=True)
             if acc >= stop_acc:
-                args.steps_done = step + 1
                 break
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     root = os.path.dirname(HERE)
     report(args.out, test, {**vars(args), "out": os.path.relpath(args.out, root), "test": os.path.relpath(args.test, root),
-                            "seconds": round(time.time() - t0)})
+                            "steps_done": step + 1, "seconds": round(time.time() - t0)})
 
 
 def report(out: str, test: list[dict], args: dict):
