@@ -567,7 +567,7 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
         if rows:
             adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in rows]).to(device)  # (N,)
             old = (torch.cat([seqs[i]["old_logp"] for i in rows]).to(device) if "old_logp" in seqs[rows[0]]
-                   else logp.detach())  # (N,) on-policy (one mini-batch, one epoch): ratio = 1
+                   else logp.detach())  # (N,) on-policy (first mini-batch, one epoch): ratio = 1
         else:  # dummy micro-batch: zero-weight loss keeps FSDP's collectives in step
             adv, old = torch.zeros_like(logp), logp.detach()
         seq_id = torch.cat([torch.full((seqs[i]["resp_len"],), k) for k, i in enumerate(rows)]) if rows else \
@@ -858,11 +858,13 @@ def main(argv=None):
         # --- old and reference log-probs ---------------------------------------------------------
         t0 = time.time()
         num_mb = int(mb.max()) + 1
-        single_pass = num_mb == 1 and cfg.train.epochs == 1  # on-policy: old_logp = logp.detach()
         parts = [[s for s in seqs if s["mb"] == b_id] for b_id in range(num_mb)]
         plans = [plan_micro_batches(p, cfg) for p in parts]
-        models = ([] if single_pass else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
-        for part, batches in zip(parts, plans):
+        for b_id, (part, batches) in enumerate(zip(parts, plans)):
+            # The first mini-batch of a one-epoch update is trained before any optimiser step, by the policy
+            # that sampled it: its old_logp would equal logp.detach(), which update_policy uses when absent.
+            on_policy = b_id == 0 and cfg.train.epochs == 1
+            models = ([] if on_policy else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
             for key, model in models:
                 for i, lp in score_logprobs(model, batches, device, cfg).items():
                     part[i][key] = lp.cpu()

@@ -62,6 +62,35 @@ def test_packed_micro_batches_equal_padded(tiny_model_dir, num):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+def test_first_mini_batch_needs_no_old_logprob_pass(tiny_model_dir):
+    """The step skips the old-log-prob pass of a one-epoch update's first mini-batch: update_policy then
+    uses logp.detach(). The update must be the one with old_logp recomputed by the same policy."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = train.load_config([f"--model.path={tiny_model_dir}", "--train.micro_batch_tokens=40"])
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for k in range(6):
+        p, r = 4 + k % 3, 2 + (3 * k) % 7
+        seqs.append({"ids": torch.randint(3, 250, (p + r,), generator=g).tolist(), "prompt_len": p, "resp_len": r,
+                     "adv": torch.randn(1, generator=g), "ref_logp": -torch.rand(r, generator=g) - 2.0})
+    cpu, after = torch.device("cpu"), []
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        policy = train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+        part = [dict(s) for s in seqs]
+        batches = train.plan_micro_batches(part, cfg)
+        if recompute:
+            for i, lp in train.score_logprobs(policy, batches, cpu, cfg).items():
+                part[i]["old_logp"] = lp
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        sums, norm, ok = train.update_policy(policy, opt, part, cpu, cfg, 1, batches=batches)
+        assert ok and norm > 0 and sums["actor/clip_frac"] == 0
+        after.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+    assert len(batches) > 1
+    torch.testing.assert_close(after[1], after[0], atol=1e-6, rtol=1e-5)
+
+
 def test_pack_switch():
     assert train.use_packing(train.load_config([])) is False  # sdpa default: padded
     assert train.use_packing(train.load_config(["--model.attn_implementation=flash_attention_2"])) is True
