@@ -70,11 +70,13 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
-    and independent of the global RNG. cache: "dynamic" (HF's default KV cache) or "static" (preallocated;
+    and independent of the global RNG. cache: "dynamic" (HF's default KV cache), "static" (preallocated;
     on GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for
-    each new batch shape)."""
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be dynamic or static, not {cache!r}")
+    each new batch shape) or "paged" (continuous batching, `generate_batch`: a paged KV cache, finished
+    sequences leave the batch at once and waiting ones take their place, which pays off when response
+    lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible)."""
+    if cache not in ("dynamic", "static", "paged"):
+        raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
     if len(n) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
@@ -85,10 +87,13 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
         max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
         eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
-        cache_implementation=None if cache == "dynamic" else cache)
+        cache_implementation="static" if cache == "static" else None)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    if cache == "paged":
+        for row, toks in enumerate(_generate_paged(model, [prompts[p] for p in seq_prompt], gen_cfg, seed)):
+            response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
     batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
-    eos = torch.tensor(list(eos_ids))
     for b, batch in enumerate(batches):
         L = max(len(prompts[seq_prompt[i]]) for i in batch)
         ids = torch.full((len(batch), L), pad_id, dtype=torch.long)  # (b, L) left-padded
@@ -102,6 +107,28 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
+    return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
+
+
+def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int) -> list[list[int]]:
+    """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
+    from their parent's state), generated tokens in the order of `inputs`."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003)
+        out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
+                                   warmup=device.type == "cuda")
+    results = list(out.values())
+    failed = [r.request_id for r in results if r.error is not None]
+    if len(results) != len(inputs) or failed:
+        raise RuntimeError(f"continuous batching returned {len(results)} of {len(inputs)} requests; failed: {failed[:5]}")
+    return [r.generated_tokens[:gen_cfg.max_new_tokens] for r in results]
+
+
+def _finish(response_ids, seq_prompt, eos_ids, pad_id: int, max_new_tokens: int) -> Rollouts:
+    """Cut each (B, max_new_tokens) response after its first EOS; mask, lengths, finished flags."""
+    B = len(seq_prompt)
+    eos = torch.tensor(list(eos_ids))
     is_eos = torch.isin(response_ids, eos)  # (B, T)
     first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((B,), max_new_tokens))  # (B,)
     finished = is_eos.any(-1)  # (B,)

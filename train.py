@@ -93,7 +93,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
     max_batch_size: int = 1024
-    cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs of the decoding step)
+    cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs) | paged (continuous batching)
 
 
 @dataclass

@@ -14,11 +14,13 @@ MODEL=/tmp/rand-qwen2.5-1.5b
 python -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))"
 echo "== rollout: rollout.generate vs plain generate (64 prompts x 4, 512 new tokens)"
-timeout 120 python bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
+timeout 100 python bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
 echo "== rollout with rollout.cache=static (compiled decoding; first batches pay the compilation)"
-timeout 60 python bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache static
+timeout 50 python bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache static
+echo "== rollout with rollout.cache=paged (continuous batching, generate_batch; includes its warm-up)"
+timeout 50 python bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
 echo "== full steps (64 prompts x 8 rollouts, 1024 new tokens, attn=$ATTN)"
-timeout 290 python bench/step.py --config configs/1.5b.yaml --model-dir $MODEL --steps 2 -- \
+timeout 250 python bench/step.py --config configs/1.5b.yaml --model-dir $MODEL --steps 2 -- \
   --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 \
   --data.max_prompts=64 --cures.cold_start_rollouts=2 --rollout.prompts_per_step=64 --rollout.rollouts_per_step=512 \
   --rollout.max_new_tokens=1024 --rollout.max_batch_tokens=600000 --train.mini_batch_prompts=64 \

@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 16)
-    ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static")
+    ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static | paged")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

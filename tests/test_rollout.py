@@ -53,7 +53,23 @@ def test_static_cache_gives_the_same_rollouts(tiny_model_dir):
         static = rollout.generate(model, prompts, [2, 1, 3], temperature=temperature, cache="static", **kw)
         assert torch.equal(dynamic.response_ids, static.response_ids)
     with pytest.raises(ValueError, match="cache"):
-        rollout.generate(model, prompts, 1, cache="paged", **kw)
+        rollout.generate(model, prompts, 1, cache="paged_attention", **kw)
+
+
+def test_paged_cache_continuous_batching(tiny_model_dir):
+    """rollout.cache=paged (transformers' continuous batching, generate_batch): greedy responses equal the
+    default path's, in prompt-major order; sampled ones are independent draws (one request per rollout),
+    not copies of one another."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok("What is 1+1?").input_ids, tok("Hi").input_ids, tok("What is 12+345?").input_ids]
+    kw = dict(max_new_tokens=6, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=3)
+    dynamic = rollout.generate(model, prompts, [2, 1, 3], temperature=0.0, **kw)
+    paged = rollout.generate(model, prompts, [2, 1, 3], temperature=0.0, cache="paged", **kw)
+    assert torch.equal(paged.prompt_index, dynamic.prompt_index)
+    assert torch.equal(paged.response_ids, dynamic.response_ids)
+    assert torch.equal(paged.response_mask, dynamic.response_mask) and torch.equal(paged.finished, dynamic.finished)
+    sampled = rollout.generate(model, [prompts[1]], 8, temperature=1.0, cache="paged", **kw)
+    assert sampled.response_ids.shape[0] == 8 and len({tuple(r) for r in sampled.responses()}) > 1
 
 
 def test_stop_token_ids_include_end_of_turn():
