@@ -116,6 +116,7 @@ class TrainConfig:
     kl_kind: str = "low_var_kl"  # low_var_kl | kl | mse
     micro_batch_tokens: int = 16384  # tokens (padded, or packed) per forward/backward
     pack: str = "auto"  # auto | true | false: one unpadded row per micro-batch (auto: with flash-attention)
+    cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and AdamW state in CPU memory (7B on small GPUs)
     logprob_chunk: int = 2048  # tokens per chunk of the log-softmax
     max_bad_steps: int = 3  # consecutive non-finite losses before aborting
 
@@ -227,15 +228,17 @@ def config_dict(cfg: Config) -> dict:
 
 
 def setup_distributed():
-    """(rank, world_size, device). torchrun -> a process group (NCCL on GPU, gloo on CPU); plain python
-    on a GPU -> a one-rank group so the same FSDP2 code runs; plain python on CPU -> no group."""
+    """(rank, world_size, device). torchrun -> a process group (on GPU: NCCL for CUDA tensors and gloo for
+    CPU ones, such as the small counters reduced every step and, with train.cpu_offload, the gradient norm
+    of CPU-resident shards; on CPU: gloo); plain python on a GPU -> a one-rank group so the same FSDP2 code
+    runs; plain python on CPU -> no group."""
     if "RANK" not in os.environ and torch.cuda.is_available():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
     if "RANK" in os.environ:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cpu")
@@ -299,7 +302,7 @@ def build_models(cfg: Config, device, world: int):
     if sharded:
         for m in (policy, ref):
             if m is not None:
-                shard_model(m, device)
+                shard_model(m, device, cfg.train.cpu_offload)
         gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         gen = load(gen_dtype).to(device).eval()
     else:
@@ -310,17 +313,21 @@ def build_models(cfg: Config, device, world: int):
     return policy, ref, gen
 
 
-def shard_model(model: Policy, device):
+def shard_model(model: Policy, device, cpu_offload: bool = False):
     """FSDP2: shard each decoder layer, then the root; bf16 compute with fp32 master weights and fp32
-    gradient reduction on GPU (fp32 throughout on CPU)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    gradient reduction on GPU (fp32 throughout on CPU). cpu_offload: the shards live in CPU memory, are
+    copied to the GPU layer by layer for the all-gather, gradients go back to the CPU and AdamW steps there."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                               reduce_dtype=torch.float32)
-    model.to(device)
+    kw = {"mp_policy": mp, "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload
+          else OffloadPolicy()}
+    if not cpu_offload:
+        model.to(device)
     for layer in model.hf.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
 
 
 @torch.no_grad()

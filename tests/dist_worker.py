@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_train.py (and with plain python for world size 1).
 
     dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum
-    dist_worker.py grad MODEL_DIR OUT_FILE       -> one update on a fixed global batch, saves the full gradient
+    dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]  -> one update on a fixed global batch, saves the full gradient
 """
 
 import os
@@ -36,9 +36,9 @@ class GradRecorder:
         self.model.zero_grad(set_to_none=set_to_none)
 
 
-def run_grad(model_dir, out_file):
+def run_grad(model_dir, out_file, overrides=()):
     cfg = train.load_config([f"--model.path={model_dir}", "--train.kl_coef=0", "--train.micro_batch_tokens=40",
-                             "--train.grad_clip=1e9"])
+                             "--train.grad_clip=1e9", *overrides])
     rank, world, device = train.setup_distributed()
     policy, _, gen_model = train.build_models(cfg, device, world)
     gen = torch.Generator().manual_seed(0)
@@ -68,4 +68,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "train":
         run_train(sys.argv[2], sys.argv[3:])
     else:
-        run_grad(sys.argv[2], sys.argv[3])
+        run_grad(sys.argv[2], sys.argv[3], sys.argv[4:])

@@ -213,12 +213,14 @@ def test_two_ranks_keep_identical_curriculum(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("two_rank_options", [[], ["--train.cpu_offload=true"]])
+def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path, two_rank_options):
+    """One process against two FSDP2 ranks (optionally with CPU offload of the shards): same gradient."""
     one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), "grad", tiny_model_dir,
                           str(one)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    _torchrun(["grad", tiny_model_dir, str(two)])
+    _torchrun(["grad", tiny_model_dir, str(two), *two_rank_options])
     r1, r2 = torch.load(one), torch.load(two)
     assert r1["gen_diff"] == 0.0 and r2["gen_diff"] == 0.0  # generation weights follow the policy
     g1, g2 = r1["grads"], r2["grads"]
