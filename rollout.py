@@ -5,12 +5,14 @@ trainer hands it an ordinary (unsharded) model.
 
     prompts (list of token-id lists) x n_i rollouts each
       -> sort by prompt length, cut into batches whose KV cache fits `max_batch_tokens`
-      -> left-pad, `generate` (stops as soon as every sequence of the batch has finished)
+      -> left-pad, prefill each distinct prompt once for all its rollouts,
+         `generate` (stops as soon as every sequence of the batch has finished)
       -> Rollouts: response ids (B, T), response mask (B, T), finished-with-EOS flag (B,)
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,8 @@ def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic") -> Rollouts:
+             max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic",
+             share_prefill: bool = True) -> Rollouts:
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
@@ -74,7 +77,8 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     on GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for
     each new batch shape) or "paged" (continuous batching, `generate_batch`: a paged KV cache, finished
     sequences leave the batch at once and waiting ones take their place, which pays off when response
-    lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible)."""
+    lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible).
+    share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts."""
     if cache not in ("dynamic", "static", "paged"):
         raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
@@ -102,12 +106,42 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             p = prompts[seq_prompt[i]]
             ids[row, L - len(p):] = torch.tensor(p)
             attn[row, L - len(p):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        extra = {}
+        if cache == "dynamic" and share_prefill and L > 1:
+            extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
+            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
     return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
+
+
+@torch.no_grad()
+def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int]):
+    """The KV cache of ids[:, :-1] (left-padded, (b, L)), computed once per distinct prompt and copied to the
+    rows of its rollouts; `generate` then starts from the last prompt token. With n rollouts per prompt this
+    divides the prefill compute by n (what vLLM's prefix caching does for a group), which matters when
+    prompts are long against responses. Position ids as `generate` computes them from the mask."""
+    from transformers import DynamicCache
+
+    first_row = {}
+    for row, p in enumerate(prompt_of_row):
+        first_row.setdefault(p, row)
+    index = {p: k for k, p in enumerate(first_row)}  # distinct prompts in first-seen order
+    first = torch.tensor(list(first_row.values()), device=ids.device)  # (u,) one row per distinct prompt
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (b, L)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[first, :-1], attention_mask=attn[first, :-1], position_ids=pos[first, :-1],
+          use_cache=True, **{_cache_kwarg(model): cache})
+    cache.reorder_cache(torch.tensor([index[p] for p in prompt_of_row], device=ids.device))  # (u,) -> (b,)
+    return cache
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int) -> list[list[int]]:

@@ -94,6 +94,7 @@ class RolloutConfig:
     max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
     max_batch_size: int = 1024
     cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs) | paged (continuous batching)
+    share_prefill: bool = True  # dynamic cache: prefill each distinct prompt once for all its rollouts
 
 
 @dataclass
@@ -421,7 +422,7 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                            eos_ids=rollout.stop_token_ids(tokenizer, gen), pad_id=tokenizer.pad_token_id,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
                            max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size,
-                           cache=cfg.rollout.cache)
+                           cache=cfg.rollout.cache, share_prefill=cfg.rollout.share_prefill)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -56,6 +56,21 @@ def test_static_cache_gives_the_same_rollouts(tiny_model_dir):
         rollout.generate(model, prompts, 1, cache="paged_attention", **kw)
 
 
+def test_shared_prefill_gives_the_same_rollouts(tiny_model_dir):
+    """Prefilling each distinct prompt once and copying its KV cache to its rollouts samples exactly what
+    prefilling every rollout does: mixed prompt lengths, 1 to 5 rollouts per prompt, several batches."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok("What is " + "1+" * k + "1?").input_ids for k in range(7)] + [tok("Hi").input_ids]
+    n = [1 + k % 5 for k in range(len(prompts))]
+    kw = dict(max_new_tokens=7, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=5, max_batch_tokens=120)
+    assert len(rollout.plan_batches([len(prompts[i]) for i, k in enumerate(n) for _ in range(k)], 7, 120)) > 1
+    for temperature in (0.0, 1.0):
+        shared = rollout.generate(model, prompts, n, temperature=temperature, **kw)
+        each = rollout.generate(model, prompts, n, temperature=temperature, share_prefill=False, **kw)
+        assert torch.equal(shared.response_ids, each.response_ids) and torch.equal(shared.finished, each.finished)
+    assert len({tuple(r) for r in shared.responses()}) > len(prompts)  # the copies sample independently
+
+
 def test_paged_cache_continuous_batching(tiny_model_dir):
     """rollout.cache=paged (transformers' continuous batching, generate_batch): greedy responses equal the
     default path's, in prompt-major order; sampled ones are independent draws (one request per rollout),
