@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
@@ -117,6 +118,7 @@ class TrainConfig:
     kl_kind: str = "low_var_kl"  # low_var_kl | kl | mse
     micro_batch_tokens: int = 16384  # tokens (padded, or packed) per forward/backward
     pack: str = "auto"  # auto | true | false: one unpadded row per micro-batch (auto: with flash-attention)
+    share_prompt: bool = False  # one forward of each prompt for all its responses (sdpa; pays with short responses)
     cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and AdamW state in CPU memory (7B on small GPUs)
     logprob_chunk: int = 2048  # tokens per chunk of the log-softmax
     max_bad_steps: int = 3  # consecutive non-finite losses before aborting
@@ -273,16 +275,15 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, attention_mask, target_mask, temperature: float = 1.0, chunk: int = 2048,
+    def forward(self, input_ids, attention_mask, src, tgt, temperature: float = 1.0, chunk: int = 2048,
                 position_ids=None):
-        """input_ids, attention_mask, target_mask (b, L); returns logp and entropy (N,) of the tokens
-        where target_mask is 1 (the response tokens), in row-major order. Packed rows (several sequences in
-        one row): attention_mask None and position_ids restarting at 0 for each sequence; transformers then
-        keeps the sequences apart (flash-attention varlen kernels, or a block-diagonal mask for sdpa)."""
+        """input_ids (b, L); src, tgt (N,) flat indices into the b * L positions: returns logp and entropy
+        (N,) of token tgt[j] under the distribution computed at position src[j] (usually tgt[j] - 1).
+        attention_mask: (b, L) padding mask, None for packed rows (position_ids restarting at 0 for each
+        sequence; transformers keeps the sequences apart), or a custom (b, 1, L, L) mask (make_micro_batches)."""
         hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
-        sel = target_mask[:, 1:].bool()  # (b, L-1) position t predicts token t+1
-        return grpo.token_logprobs(hidden[:, :-1][sel], self.hf.lm_head.weight, input_ids[:, 1:][sel],
+        return grpo.token_logprobs(hidden.flatten(0, 1)[src], self.hf.lm_head.weight, input_ids.flatten()[tgt],
                                    temperature, chunk)  # (N,), (N,)
 
 
@@ -463,75 +464,128 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
 # The update
 
 
-def make_micro_batches(seqs: list[dict], num: int, pad_id: int, pack: bool = False):
-    """Split sequences (sorted by length to limit padding) into exactly `num` micro-batches balanced by
-    tokens; an empty one gets a dummy row with no target token (every FSDP rank must run the same number
-    of forward/backward passes). Each: ids, attn, tgt, pos (b, L), rows (indices into seqs) and sizes
-    (target tokens of each row's sequence).
-    pack=False: one padded row per sequence (attn marks real tokens, pos None).
-    pack=True: all sequences of the micro-batch in one row of exactly their total length, no padding (attn
-    None, pos restarts at 0 per sequence). The last token of a sequence "predicts" the first of the next,
-    which is a prompt token and never a target, so the log-probs are those of the padded layout."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
-    total = sum(len(s["ids"]) for s in seqs)
+def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "padded"):
+    """Split sequences into exactly `num` micro-batches balanced by tokens (sorted by length to limit
+    padding); an empty one gets a dummy row with no target token (every FSDP rank must run the same number
+    of forward/backward passes). Each: ids (b, L), attn, pos, src and tgt (N,) flat indices into the
+    (b * L) positions (the hidden state at src predicts the token at tgt), rows (indices into seqs, in the
+    order of the targets) and sizes (target tokens of each row's sequence).
+    layout "padded": one right-padded row per sequence (attn marks real tokens, pos None).
+    layout "packed": all sequences of the micro-batch in one row of exactly their total length, no padding
+    (attn None, pos restarts at 0 per sequence; transformers keeps the sequences apart).
+    layout "shared": one row per prompt, its tokens once, then each of its responses, with a (b, 1, L, L)
+    boolean mask that lets a response see the prompt and itself only, and pos continuing from the prompt
+    for every response: the prompt's forward (and its backward) is shared by its n rollouts. The same
+    log-probs as the padded layout, at Lp + sum(l_i) tokens instead of n * Lp + sum(l_i)."""
+    if layout not in ("padded", "packed", "shared"):
+        raise ValueError(f"unknown micro-batch layout {layout!r}")
+    if layout == "shared":  # a unit is a prompt with all its responses
+        groups = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(tuple(s["ids"][:s["prompt_len"]]), []).append(i)
+        units = list(groups.values())
+        size = lambda u: seqs[u[0]]["prompt_len"] + sum(seqs[i]["resp_len"] for i in u)  # noqa: E731
+    else:
+        units = [[i] for i in range(len(seqs))]
+        size = lambda u: len(seqs[u[0]]["ids"])  # noqa: E731
+    total = sum(size(u) for u in units)
     cuts, acc, cur = [], 0, []
-    for i in order:
-        cur.append(i)
-        acc += len(seqs[i]["ids"])
+    for u in sorted(units, key=size):
+        cur.append(u)
+        acc += size(u)
         if acc >= total * (len(cuts) + 1) / num and len(cuts) < num - 1:
             cuts.append(cur)
             cur = []
     cuts.append(cur)
     cuts += [[] for _ in range(num - len(cuts))]
     batches = []
-    for rows in cuts:
+    for mb_units in cuts:
+        rows = [i for u in mb_units for i in u]
         if not rows:
-            batches.append({"ids": torch.full((1, 2), pad_id), "attn": None if pack else torch.ones(1, 2, dtype=torch.long),
-                            "tgt": torch.tensor([[0, 1]]), "pos": torch.arange(2)[None] if pack else None,
-                            "rows": [], "sizes": []})  # one token, weighted 0
+            batches.append({"ids": torch.full((1, 2), pad_id), "attn": torch.ones(1, 2, dtype=torch.long),
+                            "pos": None, "src": torch.tensor([0]), "tgt": torch.tensor([1]), "rows": [],
+                            "sizes": []})  # one token, weighted 0
             continue
-        if pack:
+        if layout == "shared":
+            batches.append(_shared_rows(seqs, mb_units, pad_id))
+            continue
+        starts, L = ([0] * len(rows), max(len(seqs[i]["ids"]) for i in rows)) if layout == "padded" else \
+            (list(itertools.accumulate([len(seqs[i]["ids"]) for i in rows], initial=0))[:-1], None)
+        if layout == "packed":
             ids = torch.tensor([t for i in rows for t in seqs[i]["ids"]])[None]  # (1, P)
             pos = torch.cat([torch.arange(len(seqs[i]["ids"])) for i in rows])[None]  # (1, P)
-            tgt = (pos >= torch.cat([torch.full((len(seqs[i]["ids"]),), seqs[i]["prompt_len"]) for i in rows])[None]).long()
-            batches.append({"ids": ids, "attn": None, "tgt": tgt, "pos": pos, "rows": rows,
-                            "sizes": [len(seqs[i]["ids"]) - seqs[i]["prompt_len"] for i in rows]})
-            continue
-        L = max(len(seqs[i]["ids"]) for i in rows)
-        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-        attn, tgt = torch.zeros_like(ids), torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            s = seqs[i]
-            ids[r, :len(s["ids"])] = torch.tensor(s["ids"])
-            attn[r, :len(s["ids"])] = 1
-            tgt[r, s["prompt_len"]:len(s["ids"])] = 1
-        batches.append({"ids": ids, "attn": attn, "tgt": tgt, "pos": None, "rows": rows,
-                        "sizes": tgt.sum(-1).tolist()})
+            attn, width = None, ids.shape[1]
+        else:
+            ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+            attn, pos, width = torch.zeros_like(ids), None, L
+            for r, i in enumerate(rows):
+                ids[r, :len(seqs[i]["ids"])] = torch.tensor(seqs[i]["ids"])
+                attn[r, :len(seqs[i]["ids"])] = 1
+        tgt = torch.cat([(r * width if layout == "padded" else starts[r]) + torch.arange(seqs[i]["prompt_len"],
+                                                                                      len(seqs[i]["ids"]))
+                         for r, i in enumerate(rows)])  # (N,) a response token is predicted by the one before it
+        batches.append({"ids": ids, "attn": attn, "pos": pos, "src": tgt - 1, "tgt": tgt, "rows": rows,
+                        "sizes": [seqs[i]["resp_len"] for i in rows]})
     return batches
+
+
+def _shared_rows(seqs: list[dict], units: list[list[int]], pad_id: int) -> dict:
+    """The "shared" layout of make_micro_batches: row r = prompt + responses of units[r], right-padded."""
+    L = max(seqs[u[0]]["prompt_len"] + sum(seqs[i]["resp_len"] for i in u) for u in units)
+    ids = torch.full((len(units), L), pad_id, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    seg = torch.full_like(ids, -1)  # -1 padding, 0 prompt, k > 0 the k-th response
+    src, tgt = [], []
+    for r, u in enumerate(units):
+        lp = seqs[u[0]]["prompt_len"]
+        ids[r, :lp] = torch.tensor(seqs[u[0]]["ids"][:lp])
+        pos[r, :lp], seg[r, :lp] = torch.arange(lp), 0
+        start = lp
+        for k, i in enumerate(u, 1):
+            n = seqs[i]["resp_len"]
+            ids[r, start:start + n] = torch.tensor(seqs[i]["ids"][lp:])
+            pos[r, start:start + n], seg[r, start:start + n] = torch.arange(lp, lp + n), k
+            at = r * L + torch.arange(start, start + n)  # (n,) flat positions of this response
+            src.append(torch.cat([torch.tensor([r * L + lp - 1]), at[:-1]]))  # the last prompt token, then each
+            tgt.append(at)
+            start += n
+    q, k = seg[:, :, None], seg[:, None, :]  # (b, L, 1), (b, 1, L)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = causal & (q >= 0) & ((k == 0) | (k == q))  # a response sees the prompt and itself
+    mask |= torch.eye(L, dtype=torch.bool) & (q < 0)  # padding sees itself (no empty softmax row)
+    return {"ids": ids, "attn": mask[:, None], "pos": pos, "src": torch.cat(src), "tgt": torch.cat(tgt),
+            "rows": [i for u in units for i in u], "sizes": [seqs[i]["resp_len"] for u in units for i in u]}
 
 
 def plan_micro_batches(seqs: list[dict], cfg: Config):
     """This rank's micro-batches of a mini-batch: as many as the token budget needs on the busiest rank,
-    padded or packed as train.pack says."""
-    return make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0, use_packing(cfg))
+    in the layout the config asks for."""
+    return make_micro_batches(seqs, num_micro_batches(seqs, cfg.train.micro_batch_tokens), 0,
+                              micro_batch_layout(cfg))
 
 
 def forward_batch(model: Policy, b: dict, device, cfg: Config):
-    """logp, entropy (N,) of one micro-batch's response tokens, padded or packed."""
+    """logp, entropy (N,) of one micro-batch's response tokens, in any layout."""
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
-    return model(to(b["ids"]), to(b["attn"]), to(b["tgt"]), cfg.rollout.temperature, cfg.train.logprob_chunk,
-                 position_ids=to(b["pos"]))
+    return model(to(b["ids"]), to(b["attn"]), to(b["src"]), to(b["tgt"]), cfg.rollout.temperature,
+                 cfg.train.logprob_chunk, position_ids=to(b["pos"]))
 
 
-def use_packing(cfg: Config) -> bool:
-    """train.pack: auto packs only with flash-attention (its varlen kernels skip padding entirely); with
-    sdpa or eager a packed row needs a dense (P, P) block-diagonal mask, slower than length-sorted padding."""
-    if cfg.train.pack == "auto":
-        return cfg.model.attn_implementation.startswith("flash_attention")
+def micro_batch_layout(cfg: Config) -> str:
+    """train.share_prompt -> "shared" (sdpa only: it needs a custom mask). Otherwise train.pack: auto packs
+    only with flash-attention (its varlen kernels skip padding entirely); with sdpa or eager a packed row
+    needs a dense (P, P) block-diagonal mask, slower than length-sorted padding."""
     value = str(cfg.train.pack).lower()
-    if value not in ("true", "false"):
+    if value not in ("auto", "true", "false"):
         raise ValueError(f"train.pack must be auto, true or false, not {cfg.train.pack!r}")
-    return value == "true"
+    if cfg.train.share_prompt:
+        if value == "true" or cfg.model.attn_implementation != "sdpa":
+            raise ValueError("train.share_prompt needs model.attn_implementation=sdpa and train.pack off "
+                             "(its attention mask is not block-diagonal)")
+        return "shared"
+    if value == "auto":
+        return "packed" if cfg.model.attn_implementation.startswith("flash_attention") else "padded"
+    return "packed" if value == "true" else "padded"
 
 
 def num_micro_batches(seqs, micro_batch_tokens: int) -> int:

@@ -25,37 +25,57 @@ def small_run(model_dir, out_dir, *extra):
 
 # --- packing ------------------------------------------------------------------------------------
 
+def _per_sequence(policy, batches, cfg):
+    """logp and entropy of each sequence (by index into seqs), whatever the layout and row order."""
+    out = {}
+    for b in batches:
+        logp, ent = train.forward_batch(policy, b, torch.device("cpu"), cfg)
+        if not b["rows"]:  # a dummy micro-batch (fewer units than micro-batches)
+            continue
+        for i, lp, e in zip(b["rows"], torch.split(logp, b["sizes"]), torch.split(ent, b["sizes"])):
+            out[i] = (lp, e)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
 @pytest.mark.parametrize("num", [1, 3])
-def test_packed_micro_batches_equal_padded(tiny_model_dir, num):
-    """No compute on padding: one packed row per micro-batch gives the padded layout's log-probs, entropies
-    and gradients (sdpa here, which builds the block-diagonal mask; flash-attention uses varlen kernels)."""
+def test_micro_batch_layouts_equal_padded(tiny_model_dir, layout, num):
+    """No compute on padding (packed) or on repeated prompts (shared): the same log-probs, entropies and
+    gradients as one right-padded row per sequence (sdpa here: transformers builds the block-diagonal mask
+    of a packed row; flash-attention would use varlen kernels)."""
     from transformers import AutoModelForCausalLM
 
     cfg = train.load_config([f"--model.path={tiny_model_dir}", "--train.kl_coef=0"])
     policy = train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     g = torch.Generator().manual_seed(0)
     seqs = []
-    for k in range(7):  # mixed prompt and response lengths
-        p, r = 3 + k % 4, 1 + (5 * k) % 9
-        ids = torch.randint(3, 250, (p + r,), generator=g).tolist()
-        seqs.append({"ids": ids, "prompt_len": p, "resp_len": r, "adv": torch.randn(1, generator=g)})
-    padded = train.make_micro_batches(seqs, num, 0, pack=False)
-    packed = train.make_micro_batches(seqs, num, 0, pack=True)
-    assert all(b["ids"].shape[0] == 1 and b["attn"] is None for b in packed)
-    assert sum(b["ids"].numel() for b in packed) == sum(len(s["ids"]) for s in seqs)  # not one pad token
+    for k in range(4):  # 4 prompts of mixed lengths with 1 to 4 responses of mixed lengths
+        prompt = torch.randint(3, 250, (3 + 2 * k,), generator=g).tolist()
+        for j in range(1 + (k + 1) % 4):
+            r = 1 + (5 * k + 3 * j) % 9
+            seqs.append({"ids": prompt + torch.randint(3, 250, (r,), generator=g).tolist(), "prompt_len": len(prompt),
+                         "resp_len": r, "adv": torch.randn(1, generator=g)})
+    padded = train.make_micro_batches(seqs, num, 0, "padded")
+    other = train.make_micro_batches(seqs, num, 0, layout)
+    tokens = sum(b["ids"].numel() for b in other)
+    if layout == "packed":
+        assert all(b["ids"].shape[0] == 1 and b["attn"] is None for b in other)
+        assert tokens == sum(len(s["ids"]) for s in seqs)  # not one pad token
+    else:
+        assert tokens < sum(len(s["ids"]) for s in seqs)  # each prompt once
     assert sum(b["ids"].numel() for b in padded) > sum(len(s["ids"]) for s in seqs)
-    cpu = torch.device("cpu")
-    lp_pad, lp_pack = (train.score_logprobs(policy, b, cpu, cfg) for b in (padded, packed))
+    ref, got = _per_sequence(policy, padded, cfg), _per_sequence(policy, other, cfg)
+    assert sorted(got) == list(range(len(seqs)))
     for i in range(len(seqs)):
-        torch.testing.assert_close(lp_pack[i], lp_pad[i], atol=1e-5, rtol=1e-5)
-    for b_pad, b_pack in zip(padded, packed):
-        torch.testing.assert_close(train.forward_batch(policy, b_pack, cpu, cfg)[1],
-                                   train.forward_batch(policy, b_pad, cpu, cfg)[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[i][0], ref[i][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[i][1], ref[i][1], atol=1e-5, rtol=1e-5)
     grads = []
-    for batches in (padded, packed):
+    for batches in (padded, other):
         policy.zero_grad()
         for b in batches:
-            logp, _ = train.forward_batch(policy, b, cpu, cfg)
+            logp, _ = train.forward_batch(policy, b, torch.device("cpu"), cfg)
+            if not b["rows"]:
+                continue
             adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in b["rows"]])
             (-(logp * adv).sum()).backward()
         grads.append(torch.cat([p.grad.flatten().clone() for p in policy.parameters()]))
@@ -91,12 +111,17 @@ def test_first_mini_batch_needs_no_old_logprob_pass(tiny_model_dir):
     torch.testing.assert_close(after[1], after[0], atol=1e-6, rtol=1e-5)
 
 
-def test_pack_switch():
-    assert train.use_packing(train.load_config([])) is False  # sdpa default: padded
-    assert train.use_packing(train.load_config(["--model.attn_implementation=flash_attention_2"])) is True
-    assert train.use_packing(train.load_config(["--train.pack=true"])) is True
+def test_micro_batch_layout_switches():
+    layout = lambda *a: train.micro_batch_layout(train.load_config(list(a)))  # noqa: E731
+    assert layout() == "padded"  # sdpa default
+    assert layout("--model.attn_implementation=flash_attention_2") == "packed"
+    assert layout("--train.pack=true") == "packed"
+    assert layout("--train.share_prompt=true") == "shared"
     with pytest.raises(ValueError, match="train.pack"):
-        train.use_packing(train.load_config(["--train.pack=maybe"]))
+        layout("--train.pack=maybe")
+    for bad in (["--train.pack=true"], ["--model.attn_implementation=flash_attention_2"]):
+        with pytest.raises(ValueError, match="share_prompt"):
+            layout("--train.share_prompt=true", *bad)
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -234,6 +259,7 @@ def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path, two_rank
 @pytest.mark.parametrize("variant", [["--cures.sigma=gradient"], ["--cures.sigma=gradient", "--cures.grad_param=embed_tokens"],
                                      ["--train.advantage=rpp"], ["--train.loss_agg=seq_mean_token_mean"],
                                      ["--train.pack=true", "--train.mini_batch_prompts=2"],
+                                     ["--train.share_prompt=true", "--train.epochs=2"],
                                      ["--cures.sampling=uniform", "--cures.allocation=uniform", "--train.kl_coef=0"]])
 def test_variants_run(tiny_model_dir, tmp_path, variant):
     state, cur = train.main(small_run(tiny_model_dir, tmp_path / "v", "--run.max_steps=1", *variant))
