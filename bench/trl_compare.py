@@ -2,8 +2,10 @@
 
 Both: the bundled tiny model, 64 prompts x 8 rollouts, 16 new tokens, temperature 1, one optimiser step per
 step on all 512 completions, KL coefficient 0.001 with a reference model, the same answer checker
-(reward.score_batch). Ours runs the GRPO baseline (uniform sampling and allocation) so the work is the same;
-the first step of each (our cold start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
+(reward.score_batch). Ours runs the GRPO baseline (uniform sampling and allocation) so the sampling work
+is the same, twice: as configured (padded micro-batches, shared prefill) and with --train.share_prompt=true
+(each prompt forwarded once per group in the log-prob and update passes). The first step of each (our cold
+start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
 `pip install trl` to run this.
 
     python bench/trl_compare.py [--steps 5]
@@ -23,10 +25,10 @@ sys.path.insert(0, ROOT)
 M, G, NEW = 64, 8, 16
 
 
-def ours(steps, out):
+def ours(steps, out, extra=()):
     import train
 
-    overrides = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
+    overrides = [*extra, "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
                  "--cures.sampling=uniform", "--cures.allocation=uniform", f"--rollout.prompts_per_step={M}",
                  f"--rollout.rollouts_per_step={M * G}", f"--rollout.max_new_tokens={NEW}",
                  f"--train.mini_batch_prompts={M}", f"--run.max_steps={steps}", "--run.save_every=0", "--eval.data=",
@@ -80,6 +82,7 @@ def main():
 
     out = tempfile.mkdtemp(prefix="trl_compare_")
     t_ours = ours(args.steps, os.path.join(out, "ours"))
+    t_shared = ours(args.steps, os.path.join(out, "ours_shared"), ["--train.share_prompt=true"])
     t_trl = trl(args.steps, os.path.join(out, "trl"))
     import trl as trl_pkg
 
@@ -88,8 +91,10 @@ def main():
     print(f"{M} prompts x {G} rollouts, {NEW} new tokens, {args.steps - 1} timed steps each")
     print("| trainer | seconds per step | steps timed |\n|---|---|---|")
     print(f"| ours (train.py, GRPO baseline) | {mean(t_ours):.2f} | {len(t_ours)} |")
+    print(f"| ours, --train.share_prompt=true | {mean(t_shared):.2f} | {len(t_shared)} |")
     print(f"| TRL GRPOTrainer | {mean(t_trl):.2f} | {len(t_trl)} |")
-    print(f"speed-up, TRL time / ours: {mean(t_trl) / mean(t_ours):.2f}x")
+    print(f"speed-up, TRL time / ours: {mean(t_trl) / mean(t_ours):.2f}x (padded micro-batches), "
+          f"{mean(t_trl) / mean(t_shared):.2f}x (shared prompts)")
 
 
 if __name__ == "__main__":
