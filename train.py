@@ -509,21 +509,20 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "p
         if layout == "shared":
             batches.append(_shared_rows(seqs, mb_units, pad_id))
             continue
-        starts, L = ([0] * len(rows), max(len(seqs[i]["ids"]) for i in rows)) if layout == "padded" else \
-            (list(itertools.accumulate([len(seqs[i]["ids"]) for i in rows], initial=0))[:-1], None)
+        lengths = [len(seqs[i]["ids"]) for i in rows]
         if layout == "packed":
             ids = torch.tensor([t for i in rows for t in seqs[i]["ids"]])[None]  # (1, P)
-            pos = torch.cat([torch.arange(len(seqs[i]["ids"])) for i in rows])[None]  # (1, P)
-            attn, width = None, ids.shape[1]
+            pos = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, P)
+            attn, starts = None, list(itertools.accumulate(lengths, initial=0))[:-1]  # flat start of each sequence
         else:
+            L = max(lengths)
             ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-            attn, pos, width = torch.zeros_like(ids), None, L
+            attn, pos, starts = torch.zeros_like(ids), None, [r * L for r in range(len(rows))]
             for r, i in enumerate(rows):
-                ids[r, :len(seqs[i]["ids"])] = torch.tensor(seqs[i]["ids"])
-                attn[r, :len(seqs[i]["ids"])] = 1
-        tgt = torch.cat([(r * width if layout == "padded" else starts[r]) + torch.arange(seqs[i]["prompt_len"],
-                                                                                      len(seqs[i]["ids"]))
-                         for r, i in enumerate(rows)])  # (N,) a response token is predicted by the one before it
+                ids[r, :lengths[r]] = torch.tensor(seqs[i]["ids"])
+                attn[r, :lengths[r]] = 1
+        tgt = torch.cat([starts[r] + torch.arange(seqs[i]["prompt_len"], lengths[r]) for r, i in enumerate(rows)])
+        # (N,) response tokens; each is predicted by the position before it
         batches.append({"ids": ids, "attn": attn, "pos": pos, "src": tgt - 1, "tgt": tgt, "rows": rows,
                         "sizes": [seqs[i]["resp_len"] for i in rows]})
     return batches

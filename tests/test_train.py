@@ -319,12 +319,13 @@ def test_sigterm_saves_a_checkpoint(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_tiny_default_learns(tmp_path):
     """The bundled default learns: configs/tiny.yaml as shipped (model, data, seed), its first 32 steps (two
-    subsets, cold starts included); held-out accuracy at temperature 1 (avg@8 on the 96 test problems) must
-    rise by more than 3 points. Seeded, so the run is the same on every run of this machine type."""
+    subsets, cold starts included); held-out accuracy at temperature 1 (avg@16 on the 46 test problems) must
+    rise by more than 6 points (seed 0 gives about +13 here, the full 64 steps about +22). Seeded, so the run
+    is the same on every run of this machine type."""
     out = tmp_path / "tiny"
     train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}", "--run.max_steps=32",
-                "--eval.every=32", "--eval.samples=8", "--run.save_every=0"])
+                "--eval.every=32", "--run.save_every=0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
     assert sorted(evals) == [0, 32]
-    assert evals[32] > evals[0] + 0.03, evals
+    assert evals[32] > evals[0] + 0.06, evals
