@@ -11,8 +11,10 @@ import json
 import os
 import random
 
-# Level 4 stays in train (prompts too hard for the model: what a curriculum must learn to skip) but not in
-# the held-out split, where the tiny model scores 0 % before and after RL: it would only dilute the curve.
+# The held-out split is the level the tiny model is half-way on (2-digit sums). Levels 3 and 4 stay in train
+# (prompts too hard for the model: what a curriculum must learn to skip) but not in the held-out split,
+# where the model scores 0-1 % before and after RL: they would only dilute the curve. (The split once held
+# level 3 too; tiny/pretrain.py still never draws those problems, so the committed model stays reproducible.)
 TEST_LEVELS = (2,)
 
 def problem(rng: random.Random, level: int) -> dict:
@@ -28,6 +30,15 @@ def make(n_per_level: int, levels, seed: int):
     return rows
 
 
+def splits(train_per_level: int = 1000, test_per_level: int = 50, test_levels=TEST_LEVELS):
+    """(train, test): train has every level; test is drawn from every level with another seed, then keeps
+    the problems not in train (which removes level 1: its 100 problems are all in train) of test_levels."""
+    train = make(train_per_level, [1, 2, 3, 4], seed=0)
+    test = make(test_per_level, [1, 2, 3, 4], seed=1)
+    seen = {r["problem"] for r in train}
+    return train, [r for r in test if r["problem"] not in seen and r["level"] in test_levels]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "data", "tiny"))
@@ -35,11 +46,7 @@ def main():
     ap.add_argument("--test-per-level", type=int, default=50)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    train = make(args.train_per_level, [1, 2, 3, 4], seed=0)
-    test = make(args.test_per_level, [1, 2, 3, 4], seed=1)
-    seen = {r["problem"] for r in train}
-    # held out: not in train (which removes level 1: its 100 problems are all in train), and levels 2-3 only
-    test = [r for r in test if r["problem"] not in seen and r["level"] in TEST_LEVELS]
+    train, test = splits(args.train_per_level, args.test_per_level)
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             for r in rows:
