@@ -464,6 +464,9 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
 # The update
 
 
+SHARED_ROW_RESPONSES = 8  # the "shared" layout's responses per row (the paper's N / m)
+
+
 def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "padded"):
     """Split sequences into exactly `num` micro-batches balanced by tokens (sorted by length to limit
     padding); an empty one gets a dummy row with no target token (every FSDP rank must run the same number
@@ -479,11 +482,14 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "p
     log-probs as the padded layout, at Lp + sum(l_i) tokens instead of n * Lp + sum(l_i)."""
     if layout not in ("padded", "packed", "shared"):
         raise ValueError(f"unknown micro-batch layout {layout!r}")
-    if layout == "shared":  # a unit is a prompt with all its responses
+    if layout == "shared":  # a unit is a prompt with its responses, at most SHARED_ROW_RESPONSES of them
         groups = {}
         for i, s in enumerate(seqs):
             groups.setdefault(tuple(s["ids"][:s["prompt_len"]]), []).append(i)
-        units = list(groups.values())
+        units = []
+        for g in groups.values():  # a large group in near-equal rows: attention cost grows with the square
+            k = math.ceil(len(g) / SHARED_ROW_RESPONSES)
+            units += [g[j::k] for j in range(k)]
         size = lambda u: seqs[u[0]]["prompt_len"] + sum(seqs[i]["resp_len"] for i in u)  # noqa: E731
     else:
         units = [[i] for i in range(len(seqs))]

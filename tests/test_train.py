@@ -49,9 +49,9 @@ def test_micro_batch_layouts_equal_padded(tiny_model_dir, layout, num):
     policy = train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     g = torch.Generator().manual_seed(0)
     seqs = []
-    for k in range(4):  # 4 prompts of mixed lengths with 1 to 4 responses of mixed lengths
+    for k, n in enumerate([2, 3, 10, 1]):  # 4 prompts of mixed lengths, responses of mixed lengths (10: two rows)
         prompt = torch.randint(3, 250, (3 + 2 * k,), generator=g).tolist()
-        for j in range(1 + (k + 1) % 4):
+        for j in range(n):
             r = 1 + (5 * k + 3 * j) % 9
             seqs.append({"ids": prompt + torch.randint(3, 250, (r,), generator=g).tolist(), "prompt_len": len(prompt),
                          "resp_len": r, "adv": torch.randn(1, generator=g)})
@@ -62,7 +62,8 @@ def test_micro_batch_layouts_equal_padded(tiny_model_dir, layout, num):
         assert all(b["ids"].shape[0] == 1 and b["attn"] is None for b in other)
         assert tokens == sum(len(s["ids"]) for s in seqs)  # not one pad token
     else:
-        assert tokens < sum(len(s["ids"]) for s in seqs)  # each prompt once
+        assert tokens < sum(len(s["ids"]) for s in seqs)  # each prompt once per row
+        assert sum(b["ids"].shape[0] for b in other) == 5  # the group of 10 in two rows of 5
     assert sum(b["ids"].numel() for b in padded) > sum(len(s["ids"]) for s in seqs)
     ref, got = _per_sequence(policy, padded, cfg), _per_sequence(policy, other, cfg)
     assert sorted(got) == list(range(len(seqs)))
