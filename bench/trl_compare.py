@@ -3,8 +3,8 @@
 Both: the bundled tiny model, 64 prompts x 8 rollouts, 16 new tokens, temperature 1, one optimiser step per
 step on all 512 completions, KL coefficient 0.001 with a reference model, the same answer checker
 (reward.score_batch). Ours runs the GRPO baseline (uniform sampling and allocation) so the sampling work
-is the same, twice: as configured (padded micro-batches, shared prefill) and with --train.share_prompt=true
-(each prompt forwarded once per group in the log-prob and update passes). The first step of each (our cold
+is the same, twice: with padded micro-batches (--train.share_prompt=false) and with shared prompts (each
+prompt forwarded once per group in the log-prob and update passes, as configs/tiny.yaml sets). The first step of each (our cold
 start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
 `pip install trl` to run this.
 
@@ -81,7 +81,7 @@ def main():
     import torch
 
     out = tempfile.mkdtemp(prefix="trl_compare_")
-    t_ours = ours(args.steps, os.path.join(out, "ours"))
+    t_ours = ours(args.steps, os.path.join(out, "ours"), ["--train.share_prompt=false"])
     t_shared = ours(args.steps, os.path.join(out, "ours_shared"), ["--train.share_prompt=true"])
     t_trl = trl(args.steps, os.path.join(out, "trl"))
     import trl as trl_pkg
@@ -90,8 +90,8 @@ def main():
     print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, trl {trl_pkg.__version__}")
     print(f"{M} prompts x {G} rollouts, {NEW} new tokens, {args.steps - 1} timed steps each")
     print("| trainer | seconds per step | steps timed |\n|---|---|---|")
-    print(f"| ours (train.py, GRPO baseline) | {mean(t_ours):.2f} | {len(t_ours)} |")
-    print(f"| ours, --train.share_prompt=true | {mean(t_shared):.2f} | {len(t_shared)} |")
+    print(f"| ours (train.py, GRPO baseline), padded micro-batches | {mean(t_ours):.2f} | {len(t_ours)} |")
+    print(f"| ours, shared prompts (--train.share_prompt=true) | {mean(t_shared):.2f} | {len(t_shared)} |")
     print(f"| TRL GRPOTrainer | {mean(t_trl):.2f} | {len(t_trl)} |")
     print(f"speed-up, TRL time / ours: {mean(t_trl) / mean(t_ours):.2f}x (padded micro-batches), "
           f"{mean(t_trl) / mean(t_shared):.2f}x (shared prompts)")
