@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 16)
     ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static | paged")
+    ap.add_argument("--no-share-prefill", action="store_true", help="prefill every rollout (rollout.share_prefill=false)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +56,8 @@ def main():
     prompts = [build_prompt(tok, r["problem"]) for r in rows]  # mixed lengths: real problems
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; model {args.model}; {len(prompts)} prompts x {args.n}, prompt lengths "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens, rollout cache {args.cache}")
+          f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens, rollout cache {args.cache}, "
+          f"share_prefill {not args.no_share_prefill}")
     results = {}
     for label in ("plain", "rollout", "plain", "rollout"):  # alternate, keep the second (warm) timing
         if dev.type == "cuda":
@@ -67,7 +69,8 @@ def main():
         else:
             out = rollout.generate(model, prompts, args.n, max_new_tokens=args.max_new_tokens,
                                    eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
-                                   max_batch_tokens=args.max_batch_tokens, cache=args.cache)
+                                   max_batch_tokens=args.max_batch_tokens, cache=args.cache,
+                                   share_prefill=not args.no_share_prefill)
             tokens = int(out.lengths.sum())
         if dev.type == "cuda":
             torch.cuda.synchronize()
