@@ -132,7 +132,10 @@ def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int]):
     index = {p: k for k, p in enumerate(first_row)}  # distinct prompts in first-seen order
     first = torch.tensor(list(first_row.values()), device=ids.device)  # (u,) one row per distinct prompt
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (b, L)
-    cache = DynamicCache(config=model.config)
+    try:
+        cache = DynamicCache(config=model.config)  # per-layer types (sliding window) from the config
+    except TypeError:  # transformers < 4.56
+        cache = DynamicCache()
     model(input_ids=ids[first, :-1], attention_mask=attn[first, :-1], position_ids=pos[first, :-1],
           use_cache=True, **{_cache_kwarg(model): cache})
     cache.reorder_cache(torch.tensor([index[p] for p in prompt_of_row], device=ids.device))  # (u,) -> (b,)
