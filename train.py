@@ -476,8 +476,8 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "p
     layout "padded": one right-padded row per sequence (attn marks real tokens, pos None).
     layout "packed": all sequences of the micro-batch in one row of exactly their total length, no padding
     (attn None, pos restarts at 0 per sequence; transformers keeps the sequences apart).
-    layout "shared": one row per prompt, its tokens once, then each of its responses, with a (b, 1, L, L)
-    boolean mask that lets a response see the prompt and itself only, and pos continuing from the prompt
+    layout "shared": one row per prompt, its tokens once, then up to SHARED_ROW_RESPONSES of its responses
+    (a larger group takes several rows), with a (b, 1, L, L) boolean mask that lets a response see the prompt and itself only, and pos continuing from the prompt
     for every response: the prompt's forward (and its backward) is shared by its n rollouts. The same
     log-probs as the padded layout, at Lp + sum(l_i) tokens instead of n * Lp + sum(l_i)."""
     if layout not in ("padded", "packed", "shared"):
@@ -554,10 +554,10 @@ def _shared_rows(seqs: list[dict], units: list[list[int]], pad_id: int) -> dict:
             src.append(torch.cat([torch.tensor([r * L + lp - 1]), at[:-1]]))  # the last prompt token, then each
             tgt.append(at)
             start += n
-    q, k = seg[:, :, None], seg[:, None, :]  # (b, L, 1), (b, 1, L)
+    query, key = seg[:, :, None], seg[:, None, :]  # (b, L, 1), (b, 1, L) segment of each position
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    mask = causal & (q >= 0) & ((k == 0) | (k == q))  # a response sees the prompt and itself
-    mask |= torch.eye(L, dtype=torch.bool) & (q < 0)  # padding sees itself (no empty softmax row)
+    mask = causal & (query >= 0) & ((key == 0) | (key == query))  # a response sees the prompt and itself
+    mask |= torch.eye(L, dtype=torch.bool) & (query < 0)  # padding sees itself (no empty softmax row)
     return {"ids": ids, "attn": mask[:, None], "pos": pos, "src": torch.cat(src), "tgt": torch.cat(tgt),
             "rows": [i for u in units for i in u], "sizes": [seqs[i]["resp_len"] for u in units for i in u]}
 
