@@ -107,7 +107,8 @@ def main():
         val_rng = random.Random(7)
         val = [r for r in (problem(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     model.train()
