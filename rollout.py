@@ -12,6 +12,7 @@ trainer hands it an ordinary (unsharded) model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -110,8 +111,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
         extra = {}
         if cache == "dynamic" and share_prefill and L > 1:
             extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 1_000_003 + b)
+        with _seeded(device, seed * 1_000_003 + b):
             out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
@@ -142,6 +142,14 @@ def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int]):
     return cache
 
 
+@contextlib.contextmanager
+def _seeded(device, seed: int):
+    """Sample with torch's RNG (and the device's) seeded to `seed`, leaving the global RNG state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _cache_kwarg(model) -> str:
     """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -151,8 +159,7 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
     from their parent's state), generated tokens in the order of `inputs`."""
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 1_000_003)
+    with _seeded(device, seed * 1_000_003):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
                                    warmup=device.type == "cuda")
     results = list(out.values())

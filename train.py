@@ -477,9 +477,10 @@ def make_micro_batches(seqs: list[dict], num: int, pad_id: int, layout: str = "p
     layout "packed": all sequences of the micro-batch in one row of exactly their total length, no padding
     (attn None, pos restarts at 0 per sequence; transformers keeps the sequences apart).
     layout "shared": one row per prompt, its tokens once, then up to SHARED_ROW_RESPONSES of its responses
-    (a larger group takes several rows), with a (b, 1, L, L) boolean mask that lets a response see the prompt and itself only, and pos continuing from the prompt
-    for every response: the prompt's forward (and its backward) is shared by its n rollouts. The same
-    log-probs as the padded layout, at Lp + sum(l_i) tokens instead of n * Lp + sum(l_i)."""
+    (a larger group takes several rows), with a (b, 1, L, L) boolean mask that lets a response see the
+    prompt and itself only, and pos continuing from the prompt for every response: the prompt's forward
+    (and its backward) is shared by its n rollouts. The same log-probs as the padded layout, at
+    Lp + sum(l_i) tokens instead of n * Lp + sum(l_i)."""
     if layout not in ("padded", "packed", "shared"):
         raise ValueError(f"unknown micro-batch layout {layout!r}")
     if layout == "shared":  # a unit is a prompt with its responses, at most SHARED_ROW_RESPONSES of them

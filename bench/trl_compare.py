@@ -4,8 +4,8 @@ Both: the bundled tiny model, 64 prompts x 8 rollouts, 16 new tokens, temperatur
 step on all 512 completions, KL coefficient 0.001 with a reference model, the same answer checker
 (reward.score_batch). Ours runs the GRPO baseline (uniform sampling and allocation) so the sampling work
 is the same, twice: with padded micro-batches (--train.share_prompt=false) and with shared prompts (each
-prompt forwarded once per group in the log-prob and update passes, as configs/tiny.yaml sets). The first step of each (our cold
-start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
+prompt forwarded once per group in the log-prob and update passes, as configs/tiny.yaml sets). The first
+step of each (our cold start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
 `pip install trl` to run this.
 
     python bench/trl_compare.py [--steps 5]

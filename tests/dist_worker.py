@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_train.py (and with plain python for world size 1).
 
     dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum
-    dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]  -> one update on a fixed global batch, saves the full gradient
+    dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]
+                                                 -> one update on a fixed global batch, saves the full gradient
 """
 
 import os

@@ -151,16 +151,25 @@ def main():
                             "steps_done": step + 1, "seconds": round(time.time() - t0)})
 
 
+def report_rows(test: list[dict]) -> list[dict]:
+    """The held-out test set plus 100 fresh problems (fixed seed) of each level it lacks."""
+    rng = random.Random(8)
+    return test + [problem(rng, lv) for lv in (1, 2, 3, 4) if lv not in {r["level"] for r in test} for _ in range(100)]
+
+
+def level_accuracies(model, tok, rows, samples: int):
+    """(greedy, sampled at T=1 with `samples` each) accuracy by level, seeded."""
+    torch.manual_seed(0)
+    return accuracy_by_level(model, tok, rows), accuracy_by_level(model, tok, rows, temperature=1.0, n=samples)
+
+
 def report(out: str, test: list[dict], args: dict):
     """Accuracy by level of the files as users load them (from_pretrained): greedy and at temperature 1
     (4 samples each) on the held-out test set, plus 100 fresh problems of each level it lacks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
-    rng = random.Random(8)
-    rows = test + [problem(rng, lv) for lv in (1, 2, 3, 4) if lv not in {r["level"] for r in test} for _ in range(100)]
-    torch.manual_seed(0)
-    acc, sampled = accuracy_by_level(model, tok, rows), accuracy_by_level(model, tok, rows, temperature=1.0, n=4)
+    acc, sampled = level_accuracies(model, tok, report_rows(test), samples=4)
     print("accuracy by level, greedy:", acc, "sampled (T=1, 4 each):", sampled)
     with open(os.path.join(out, "pretrain_report.json"), "w") as f:
         json.dump({"args": args, "greedy_accuracy_by_level": acc, "sampled_accuracy_by_level": sampled,
