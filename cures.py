@@ -273,37 +273,42 @@ class Curriculum:
 
 
 def lm_head_gram(hidden, weight, targets, segment, num_responses: int, temperature: float = 1.0,
-                 chunk: int = 512):
+                 chunk: int = 512, extra=None):
     """Gram matrix K[a, b] = <g_a, g_b> of per-response gradients of sum_t log pi(y_t) with respect to
-    the output projection W (V, d), without materialising any gradient.
+    the output projection W (V, d), exactly, built one slice of the vocabulary at a time.
 
-    For a linear output layer g_a = sum_{t in a} e_t h_t^T / temperature with e_t = onehot(y_t) - pi_t,
-    so <g_a, g_b> = sum_{t in a, s in b} (e_t . e_s)(h_t . h_s) / temperature^2, and
-    e_t . e_s = [y_t = y_s] - pi_s[y_t] - pi_t[y_s] + pi_t . pi_s.
+    For a linear output layer g_a = sum_{t in a} (onehot(y_t) - pi_t) h_t^T / temperature. When W is tied to
+    the input embeddings (Qwen2.5-Math-1.5B), the gradient of the shared matrix also has an input part,
+    sum_{t in a} onehot(x_t) delta_t^T with delta_t = d log pi(y) / d (input embedding at t): pass it as
+    `extra` = (tokens (K,), response id (K,), vectors (K, d)); `gradient_stats` computes it. For rows
+    v0..v1 of W, every response's gradient slice (R, Vc, d) is formed and <slice_a, slice_b> added to K.
 
     hidden (L, d): final hidden states at the positions that predict the response tokens of one prompt,
-    all responses concatenated; targets (L,); segment (L,) response id in [0, R). Cost: O(L^2 (V + d))
-    flops and O(chunk * V) memory; the per-response alternative costs one backward pass per response.
-    Returns (R, R) float64."""
+    all responses concatenated; targets (L,); segment (L,) response id in [0, R). Cost: 3 L V d flops
+    (a log-sum-exp pass, then the slices); memory O(chunk * V): a slice is sized so that its (L, Vc)
+    probabilities and (R, Vc, d) gradients each hold at most chunk * V numbers. Returns (R, R) float64."""
     import torch
 
     h = hidden.float()  # (L, d)
     w = weight.float()  # (V, d)
-    L = h.shape[0]
-    seg = torch.nn.functional.one_hot(segment.long(), num_responses).double()  # (L, R)
-    probs = []
-    for i in range(0, L, chunk):
-        probs.append(torch.softmax(h[i:i + chunk] @ w.T / temperature, dim=-1))  # (C, V)
-    gram = torch.zeros(num_responses, num_responses, dtype=torch.float64, device=h.device)
-    for i, p_i in zip(range(0, L, chunk), probs):
-        y_i, h_i = targets[i:i + chunk], h[i:i + chunk]
-        for j, p_j in zip(range(0, L, chunk), probs):
-            y_j, h_j = targets[j:j + chunk], h[j:j + chunk]
-            ee = ((y_i[:, None] == y_j[None, :]).float() - p_j[:, y_i].T - p_i[:, y_j]
-                  + p_i @ p_j.T)  # (Ci, Cj) e_t . e_s
-            k = (ee * (h_i @ h_j.T)).double()  # (Ci, Cj) token-level kernel
-            gram += seg[i:i + chunk].T @ k @ seg[j:j + chunk]  # (R, R)
-    return gram / temperature**2
+    (L, d), V, R = h.shape, w.shape[0], num_responses
+    lse = torch.cat([torch.logsumexp(h[i:i + chunk] @ w.T / temperature, -1)
+                     for i in range(0, L, chunk)])  # (L,) normaliser of pi_t
+    # sparse part of every g_a: onehot(token) vector^T entries (token, response, vector)
+    tok, seg, vec = targets.long(), segment.long(), h / temperature  # (K,), (K,), (K, d)
+    if extra is not None:
+        tok, seg, vec = torch.cat([tok, extra[0].long()]), torch.cat([seg, extra[1].long()]), torch.cat([vec, extra[2].float()])
+    Vc = max(1, chunk * V // max(L, R * d, 1))
+    gram = torch.zeros(R, R, dtype=torch.float64, device=h.device)
+    for v0 in range(0, V, Vc):
+        v1 = min(V, v0 + Vc)
+        probs = torch.exp(h @ w[v0:v1].T / temperature - lse[:, None])  # (L, Vc) pi_t over this slice
+        g = torch.stack([-(probs[segment == a].T @ h[segment == a]) / temperature for a in range(R)])  # (R, Vc, d)
+        inside = (tok >= v0) & (tok < v1)
+        g.index_put_((seg[inside], tok[inside] - v0), vec[inside], accumulate=True)  # + onehot(token) vector^T
+        g = g.flatten(1).double()  # (R, Vc * d)
+        gram += g @ g.T  # (R, R)
+    return gram
 
 
 def stats_from_gram(gram, correct) -> tuple[float, float, float]:
@@ -347,12 +352,27 @@ def gradient_stats(model, prompt_ids, responses, correct, param: str = "lm_head"
         attn[a, :len(s)] = 1
     P = len(prompt_ids)
     if param == "lm_head":
+        W = model.lm_head.weight  # (V, d)
+        pos = [(a, t) for a, r in enumerate(responses) for t in range(P - 1, P - 1 + len(r))]
+        rows, cols = torch.tensor(pos, device=device).T  # (L,) (L,) positions predicting response tokens
+        targets = ids[rows, cols + 1]  # (L,)
+        if W is not model.get_input_embeddings().weight:  # untied: the output part is the whole gradient
+            with torch.no_grad():
+                hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (R, T, d)
+            gram = lm_head_gram(hidden[rows, cols], W.detach(), targets, rows, len(responses), temperature)
+            return stats_from_gram(gram, correct)
+        # tied (Qwen2.5-Math-1.5B): also the input part, delta_t = d log pi(y_a) / d embedding at t, for all
+        # responses in one backward (row a's embeddings reach only row a's log-prob)
+        import grpo
+
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (R, T, d)
+        hidden = model.model(inputs_embeds=emb, attention_mask=attn).last_hidden_state  # (R, T, d)
+        logp, _ = grpo.token_logprobs(hidden[rows, cols], W.detach(), targets, temperature)  # (L,)
+        (delta,) = torch.autograd.grad(logp.sum(), emb)  # (R, T, d)
+        a, t = attn.nonzero(as_tuple=True)  # (K,) every input position of every response
         with torch.no_grad():
-            hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (R, T, d)
-            pos = [(a, t) for a, r in enumerate(responses) for t in range(P - 1, P - 1 + len(r))]
-            rows, cols = torch.tensor(pos, device=device).T
-            gram = lm_head_gram(hidden[rows, cols], model.lm_head.weight, ids[rows, cols + 1], rows,
-                                len(responses), temperature)
+            gram = lm_head_gram(hidden[rows, cols].detach(), W.detach(), targets, rows, len(responses),
+                                temperature, extra=(ids[a, t], a, delta[a, t]))
         return stats_from_gram(gram, correct)
     params = [p for name, p in model.named_parameters() if param in name]
     if not params:

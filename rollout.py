@@ -35,18 +35,47 @@ class Rollouts:
         return [ids[:n].tolist() for ids, n in zip(self.response_ids, self.lengths.tolist())]
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Tokens that end a response: the tokenizer's EOS, the model's generation_config EOS ids, and the
-    chat template's end-of-turn token `<|im_end|>` when the vocabulary has it (a base Qwen2.5-Math model
-    prompted through the chat template ends its turn with it; stopping only at `<|endoftext|>` would let
-    it run on to the length limit)."""
+def stop_token_ids(tokenizer, model=None, im_end: bool = True) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS and the model's generation_config EOS ids (what the
+    authors' vLLM rollout stops at: `<|endoftext|>` for the base Qwen2.5-Math models), plus, with
+    `im_end`, the chat template's end-of-turn token `<|im_end|>` when the vocabulary has it (a base model
+    prompted through the chat template ends its turn with it and may then run on into a made-up next turn)."""
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end and isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
     return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int,
+                    cache: str = "dynamic") -> GenerationConfig:
+    """Every field that changes what is sampled, set explicitly: temperature and top-p as given, top-k off,
+    no repetition penalty, no min-p / typical / epsilon / eta cutoff, no n-gram ban; temperature 0 is
+    greedy. (`generate` fills the fields a config leaves unset from the model's own generation_config, so
+    a checkpoint that ships repetition_penalty or top_k would otherwise change our sampling; `generate`
+    below also hides the model's config while it runs.)"""
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
+        suppress_tokens=None, begin_suppress_tokens=None, min_length=0, min_new_tokens=None, num_beams=1,
+        num_return_sequences=1, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
+        cache_implementation="static" if cache == "static" else None)
+
+
+@contextlib.contextmanager
+def _own_generation_config(model):
+    """Hide the model's generation_config (a default one in its place) while `generate` runs, so that no
+    field we left unset is filled from the checkpoint's settings."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, max_batch_size: int = 1024):
@@ -88,11 +117,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     seq_prompt = [i for i, k in enumerate(n) for _ in range(k)]  # (B,) prompt-major
     B = len(seq_prompt)
     device = next(model.parameters()).device
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-        eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
-        cache_implementation="static" if cache == "static" else None)
+    gen_cfg = sampling_config(max_new_tokens, temperature, top_p, eos_ids, pad_id, cache)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
     if cache == "paged":
         for row, toks in enumerate(_generate_paged(model, [prompts[p] for p in seq_prompt], gen_cfg, seed)):
@@ -111,7 +136,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
         extra = {}
         if cache == "dynamic" and share_prefill and L > 1:
             extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
-        with _seeded(device, seed * 1_000_003 + b):
+        with _seeded(device, seed * 1_000_003 + b), _own_generation_config(model):
             out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
@@ -159,7 +184,7 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
     from their parent's state), generated tokens in the order of `inputs`."""
     device = next(model.parameters()).device
-    with _seeded(device, seed * 1_000_003):
+    with _seeded(device, seed * 1_000_003), _own_generation_config(model):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
                                    warmup=device.type == "cuda")
     results = list(out.values())

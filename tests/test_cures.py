@@ -1,11 +1,17 @@
 """cures.py against hand-computed values, slow references and brute-force gradients."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import cures
 from cures import Curriculum, allocate_rollouts, sampling_probs, sigma_from_accuracy, sigma_from_grad_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- Eq. 14 -------------------------------------------------------------------------------------
@@ -195,21 +201,23 @@ def test_stats_effective_prompts():
 
 # --- gradient statistics of Eq. 21 vs brute force ----------------------------------------------------------
 
-def _tiny_model():
+def _tiny_model(tied: bool = False):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def _brute_force_stats(model, prompt, responses, correct, names):
+def _brute_force_stats(model, prompt, responses, correct, names, temperature=1.0):
     params = [p for n, p in model.named_parameters() if any(k in n for k in names)]
+    if not params:  # tied: named_parameters() lists the shared matrix once, as embed_tokens
+        params = [model.lm_head.weight]
     grads = []
     for r in responses:
         ids = torch.tensor([prompt + r])
-        logits = model(input_ids=ids).logits[0]
+        logits = model(input_ids=ids).logits[0] / temperature
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, ids[0, len(prompt):, None]).sum()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)]).double())
     G = torch.stack(grads)
@@ -219,15 +227,36 @@ def _brute_force_stats(model, prompt, responses, correct, names):
     return float(sq[c].mean()), float(sq[~c].mean()), float(diff @ diff)
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("param", ["lm_head", "embed_tokens"])
-def test_gradient_stats_match_brute_force(param):
-    model = _tiny_model()
+def test_gradient_stats_match_brute_force(param, tied):
+    """Per-response autograd gradients of the parameter (for a tied model: the one matrix that is both the
+    input embedding and the output projection, both parts of its gradient) against gradient_stats."""
+    model = _tiny_model(tied)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     prompt = [3, 5, 7, 11]
     responses = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]
     correct = [True, False, True, False]
-    got = cures.gradient_stats(model, prompt, responses, correct, param=param)
-    want = _brute_force_stats(model, prompt, responses, correct, [param])
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    for temperature in (1.0, 0.7):
+        got = cures.gradient_stats(model, prompt, responses, correct, param=param, temperature=temperature)
+        want = _brute_force_stats(model, prompt, responses, correct, [param], temperature)
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_gram_memory_is_chunk_by_vocab():
+    """lm_head_gram never holds the (L, V) probabilities: L = 4,096 positions over V = 32,768 would be
+    512 MB of float32; with chunk=64 the whole call stays within ~100 MB of the process's baseline."""
+    code = ("import resource, torch, cures\n"
+            "torch.manual_seed(0)\n"
+            "L, V, d = 4096, 32768, 8\n"
+            "h, w = torch.randn(L, d), torch.randn(V, d) * 0.1\n"
+            "y, seg = torch.randint(0, V, (L,)), torch.arange(L) % 4\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "cures.lm_head_gram(h, w, y, seg, 4, chunk=64)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 100  # MB above baseline
 
 
 def test_gram_chunking_invariant():

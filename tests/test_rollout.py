@@ -87,13 +87,35 @@ def test_paged_cache_continuous_batching(tiny_model_dir):
     assert sampled.response_ids.shape[0] == 8 and len({tuple(r) for r in sampled.responses()}) > 1
 
 
-def test_stop_token_ids_include_end_of_turn():
+def test_stop_token_ids_eos_and_optional_end_of_turn():
+    """As released, a rollout stops at the tokenizer's EOS (and the model's generation_config EOS);
+    `<|im_end|>` is added only when asked for (rollout.stop_at_im_end)."""
     from tiny.build import build_tokenizer
 
     tok = build_tokenizer()
     tok.eos_token = "<|endoftext|>"  # like a base Qwen2.5-Math tokenizer
-    ids = rollout.stop_token_ids(tok)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in ids and tok.eos_token_id in ids
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert rollout.stop_token_ids(tok, im_end=False) == [tok.eos_token_id]
+    assert rollout.stop_token_ids(tok) == sorted([tok.eos_token_id, im_end])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_model_generation_config_does_not_change_sampling(tiny_model_dir, temperature):
+    """A checkpoint whose generation_config sets repetition_penalty, top_k, temperature, top_p and min_p
+    samples exactly what the same weights with a default generation_config sample: every field is ours."""
+    from transformers import GenerationConfig
+
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok("What is 1+1?").input_ids, tok("What is 12+345?").input_ids]
+    kw = dict(max_new_tokens=10, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=5, temperature=temperature)
+    model.generation_config = GenerationConfig()
+    plain = rollout.generate(model, prompts, 4, **kw)
+    odd = GenerationConfig(repetition_penalty=5.0, top_k=2, temperature=0.05, top_p=0.5, min_p=0.3,
+                           no_repeat_ngram_size=1, do_sample=True)
+    model.generation_config = odd
+    got = rollout.generate(model, prompts, 4, **kw)
+    assert torch.equal(got.response_ids, plain.response_ids)
+    assert model.generation_config is odd  # given back
 
 
 def test_sampled_logprobs_match_training_forward(tiny_model_dir):
