@@ -37,10 +37,10 @@ USER_TEMPLATE = "{problem} Let's think step by step and output the final answer 
 def read_rows(path: str) -> list[dict]:
     """Rows of a .jsonl, .json (a list of objects) or .parquet file. A malformed row is an error that
     names the file and line."""
-    if path.endswith(".parquet"):
-        import pandas as pd  # optional, only for parquet
+    if path.endswith(".parquet"):  # the released pipeline's data files, and hub datasets
+        import pyarrow.parquet as pq
 
-        return pd.read_parquet(path).to_dict("records")
+        return pq.read_table(path).to_pylist()
     if path.endswith(".json"):
         with open(path) as f:
             rows = json.load(f)
@@ -90,16 +90,17 @@ BENCHMARKS = {
 
 
 def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "answer"):
-    """(problems, skipped): problems is a list of {"id", "problem", "answer"}; rows with an empty gold
-    answer are skipped and counted. `name` is a key of BENCHMARKS or a path to a jsonl/json/parquet
-    file with `problem_key`/`answer_key` fields."""
+    """(problems, no_gold): problems is a list of {"id", "problem", "answer"}, one per row. A row with an
+    empty gold answer (two in Gaokao-EN 2023) is kept with answer "" and scores 0, so the denominator is
+    the benchmark's size, as in the paper's Table 1 (Gaokao: 51.43 = 198/385); `no_gold` counts them.
+    `name` is a key of BENCHMARKS or a path to a jsonl/json/parquet file with `problem_key`/`answer_key`."""
     if name in BENCHMARKS:
         folder, problem_key, gold, _ = BENCHMARKS[name]
         path = os.path.join(BENCH_DIR, folder, "test.jsonl")
     else:
         path = name
         gold = lambda r: str(r[answer_key])  # noqa: E731
-    problems, skipped = [], 0
+    problems, no_gold = [], 0
     for i, row in enumerate(read_rows(path)):
         if problem_key not in row or not str(row[problem_key]).strip():
             raise ValueError(f"{path}: row {i + 1} has no {problem_key!r}")
@@ -107,11 +108,9 @@ def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "a
             answer = gold(row).strip()
         except (KeyError, IndexError, TypeError, ValueError):
             raise ValueError(f"{path}: row {i + 1} has no usable gold answer") from None
-        if not answer:
-            skipped += 1
-            continue
+        no_gold += not answer  # scored 0 by reward.score, kept in the denominator
         problems.append({"id": i, "problem": str(row[problem_key]), "answer": answer})
-    return problems, skipped
+    return problems, no_gold
 
 
 def build_prompt(tokenizer, problem: str, system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE):
@@ -177,7 +176,8 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str
 def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tokens: int, temperature: float,
                       top_p: float, seed: int = 0, max_batch_tokens: int = 1 << 20, rank: int = 0,
                       world_size: int = 1, workers: int = 0, timeout: float = 10.0,
-                      system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE):
+                      system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE,
+                      stop_at_im_end: bool = True):
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
     them. Returns a list of per-problem records {"id", "answer", "responses", "scores"} for the shard."""
     import rollout
@@ -186,7 +186,7 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     if not shard:
         return []
     prompts = [build_prompt(tokenizer, p["problem"], system_prompt, user_template) for p in shard]
-    eos = rollout.stop_token_ids(tokenizer, model)
+    eos = rollout.stop_token_ids(tokenizer, model, stop_at_im_end)
     out = rollout.generate(model, prompts, n_samples, max_new_tokens=max_new_tokens, eos_ids=eos,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                            seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens)
@@ -241,13 +241,13 @@ def main():
     results = summary.setdefault(row_name, {})
     loaded = {}
     for name in names:
-        problems, skipped = load_benchmark(name)
-        loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, skipped)
+        problems, no_gold = load_benchmark(name)
+        loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, no_gold)
     bar = tqdm(total=sum(len(p) for p, _ in loaded.values()), disable=rank != 0, desc="problems", unit="problem")
     done, correct = 0, 0.0
     for name in names:
         key = os.path.splitext(os.path.basename(name))[0]
-        problems, skipped = loaded[name]
+        problems, no_gold = loaded[name]
         if key in results and results[key].get("max_problems") == args.max_problems:
             bar.update(len(problems))
             continue  # finished earlier: resume
@@ -262,7 +262,7 @@ def main():
             records = [r for part in gathered for r in part]
         records.sort(key=lambda r: r["id"])
         stats = summarize([r["scores"] for r in records], [r["extracted"] for r in records])
-        stats.update(skipped=skipped, max_problems=args.max_problems, temperature=temperature)
+        stats.update(no_gold=no_gold, max_problems=args.max_problems, temperature=temperature)
         results[key] = stats
         done += len(records)
         correct += sum(float(np.mean(r["scores"])) for r in records)

@@ -55,11 +55,8 @@ def score(response: str, gold: str, timeout: int = 5) -> float:
         return 0.0
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+    """(content, end) of the first balanced {...} at or after `start` (end: just past the closing brace)."""
     i = text.find("{", start)
     if i < 0:
         return None
@@ -67,8 +64,28 @@ def extract_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j]
+            return text[i + 1:j], j + 1
     return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    found = _braced(text, start) if start >= 0 else None
+    return found[0] if found else None
+
+
+def extract_all_boxed(text: str) -> list[str]:
+    """Contents of every `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, in order (a box
+    nested in another is part of the outer one)."""
+    out, pos = [], 0
+    while True:
+        starts = [i for i in (text.find("\\boxed", pos), text.find("\\fbox", pos)) if i >= 0]
+        found = _braced(text, min(starts)) if starts else None
+        if found is None:
+            return out
+        out.append(found[0])
+        pos = found[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int]):
 def _seeded(device, seed: int):
     """Sample with torch's RNG (and the device's) seeded to `seed`, leaving the global RNG state as it was."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**63)  # any Python int (derived seeds can exceed 64 bits)
         yield
 
 

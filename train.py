@@ -58,14 +58,20 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
+# The released pipeline's training data: one hub set per subset, in order, about 10k prompts each with a ready
+# `answer` field (the authors' runs/data_preprocess/numina_process.py; PAPER.md section 8).
+AUTHORS_NUMINA = [f"ScaleML-RLHF/numina_math_{i}" for i in range(1, 16)]
+
+
 @dataclass
 class DataConfig:
-    train: str = "AI-MO/NuminaMath-CoT"  # file, directory of files (one per subset), or hub dataset id
+    train: list = field(default_factory=lambda: list(AUTHORS_NUMINA))  # sources: hub ids, files, directories
     split: str = "train"  # for a hub dataset
     problem_key: str = "problem"
-    answer_key: str = "answer"  # gold answer; a \boxed{} inside it is extracted
-    num_subsets: int = 15  # T
-    max_prompts: int = 0  # use only the first N prompts (0: all)
+    answer_key: str = "answer"
+    answer_format: str = "answer"  # answer (a \boxed{} inside is unwrapped) | solution (its \boxed{} answers)
+    num_subsets: int = 15  # T for one source cut in parts; several sources give one subset each (0: their number)
+    max_prompts: int = 0  # use only the first N prompts of each source (0: all)
     max_prompt_len: int = 1024  # longer prompts are dropped and counted
     system_prompt: str = SYSTEM_PROMPT
     user_template: str = USER_TEMPLATE
@@ -96,11 +102,14 @@ class RolloutConfig:
     max_batch_size: int = 1024
     cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs) | paged (continuous batching)
     share_prefill: bool = True  # dynamic cache: prefill each distinct prompt once for all its rollouts
+    stop_at_im_end: bool = False  # also stop at <|im_end|> (released: the tokenizer's EOS only)
 
 
 @dataclass
 class TrainConfig:
     steps_per_subset: int = 10  # M
+    restart_each_subset: bool = True  # as released: fresh AdamW state and lr schedule, KL reference = policy
+    group_by: str = "prompt"  # prompt (a prompt drawn k times is one GRPO group, as released) | draw
     lr: float = 1e-6
     warmup_steps: int = 0  # linear lr warm-up over this many optimiser steps (the paper: constant lr, 0)
     weight_decay: float = 0.01
@@ -180,6 +189,11 @@ def _cast(value, current, name):
         v = yaml.safe_load(value) if isinstance(value, str) else value
         if isinstance(v, (list, tuple)) and len(v) == len(current):
             return tuple(float(x) for x in v)
+    elif isinstance(current, list):  # a YAML list, "[a, b]" on the command line, or one item
+        v = yaml.safe_load(value) if isinstance(value, str) and value.lstrip().startswith("[") else value
+        v = v if isinstance(v, (list, tuple)) else [v]
+        if v and all(isinstance(x, str) and x for x in v):
+            return list(v)
     elif isinstance(current, str):
         return str(value)
     raise TypeError(f"config {name}: expected {type(current).__name__}, got {value!r}")
@@ -220,6 +234,23 @@ def load_config(argv: list[str]) -> Config:
         key, value = arg[2:].split("=", 1)
         _set(cfg, key, value)
     return cfg
+
+
+def validate_config(cfg: Config):
+    """Choices that would otherwise fail only after the model is loaded or the cold start has run."""
+    choices = {"cures.sampling": ("cures", "uniform"), "cures.allocation": ("cures", "uniform"),
+               "cures.sigma": ("accuracy", "gradient"), "train.advantage": ("grpo", "rpp"),
+               "train.kl_kind": ("low_var_kl", "kl", "mse"), "train.loss_agg": ("token_mean", "seq_mean_token_mean"),
+               "train.group_by": ("prompt", "draw"), "rollout.cache": ("dynamic", "static", "paged"),
+               "data.answer_format": ("answer", "solution")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:
+        raise ValueError("cures.sigma=gradient measures Eq. 21's gradients on the cold start: "
+                         "cures.cold_start_rollouts must be > 0")
 
 
 def config_dict(cfg: Config) -> dict:
@@ -349,63 +380,103 @@ def sync_generation_weights(policy: Policy, gen):
 # Data
 
 
-def load_subsets(cfg: Config, tokenizer):
-    """The training prompts as T subsets (Algorithm 1, line 1): a directory gives one file per subset
-    (sorted by name, as the authors did), a file or hub dataset is cut into T contiguous parts in order.
-    Each item: {"prompt_ids", "answer"}. Returns (subsets, number of prompts dropped as too long)."""
-    path = cfg.data.train
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.endswith((".jsonl", ".json", ".parquet")))
-        groups = [[(f, i, r) for i, r in enumerate(read_rows(f), 1)] for f in files]
-    elif os.path.exists(path):
-        groups = [[(path, i, r) for i, r in enumerate(read_rows(path), 1)]]
-    else:
-        try:
-            import datasets  # hub dataset id; optional dependency
-        except ImportError:
-            raise ImportError(f"{path!r} is not a local file or directory; to load it as a hub dataset, "
-                              "pip install datasets") from None
+def gold_answer(text: str, answer_format: str) -> str | None:
+    """The gold answer of a training row. answer_format "answer": the field is the answer (a \\boxed{} inside
+    is unwrapped). "solution": the field is a worked solution and its \\boxed{} contents are the gold; several
+    different ones are one set ("x = 1 and x = -2" boxed twice -> "1, -2" as math-verify reads a set), and a
+    solution with none has no gold (None: the row is skipped and counted, never matched whole)."""
+    if answer_format == "answer":
+        return reward.extract_boxed(text) or text
+    if answer_format == "solution":
+        boxed = list(dict.fromkeys(b.strip() for b in reward.extract_all_boxed(text) if b.strip()))
+        return ", ".join(boxed) or None
+    raise ValueError(f"data.answer_format must be answer or solution, not {answer_format!r}")
 
-        groups = [[(path, i, r) for i, r in enumerate(datasets.load_dataset(path, split=cfg.data.split), 1)]]
-    items, dropped = [], 0
+
+def read_source(source: str, split: str) -> list[list[tuple]]:
+    """One data source -> its files (a directory: one per file, sorted by name, as the authors shipped
+    them) as lists of (file name, line, row); a hub dataset id is one list."""
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if f.endswith((".jsonl", ".json", ".parquet")))
+        if not files:
+            raise ValueError(f"data.train: directory {source!r} has no .jsonl, .json or .parquet file")
+        return [[(f, i, r) for i, r in enumerate(read_rows(f), 1)] for f in files]
+    if os.path.exists(source):
+        return [[(source, i, r) for i, r in enumerate(read_rows(source), 1)]]
+    try:
+        import datasets  # hub dataset id; optional dependency
+    except ImportError:
+        raise ImportError(f"{source!r} is not a local file or directory; to load it as a hub dataset, "
+                          "pip install datasets") from None
+    return [[(source, i, r) for i, r in enumerate(datasets.load_dataset(source, split=split), 1)]]
+
+
+def load_subsets(cfg: Config, tokenizer):
+    """The training prompts as T subsets (Algorithm 1, line 1). Several sources (the entries of
+    `data.train`, a directory's files) give one subset each, in order, as the released pipeline trains on
+    `numina_math_1` ... `_15`; a single source is cut into `data.num_subsets` contiguous parts. Each item:
+    {"prompt_ids", "answer"}. Returns (subsets, {"too_long": n, "no_answer": n}), the rows skipped."""
+    groups = [g for source in cfg.data.train for g in read_source(source, cfg.data.split)]
+    items, skipped = [], {"too_long": 0, "no_answer": 0}
     for group in groups:
         part = []
-        for fname, line, row in group:
+        for fname, line, row in group[:cfg.data.max_prompts or None]:
             problem, answer = row.get(cfg.data.problem_key), row.get(cfg.data.answer_key)
             if problem is None or answer is None or not str(problem).strip() or not str(answer).strip():
                 missing = cfg.data.problem_key if problem is None or not str(problem).strip() else cfg.data.answer_key
                 raise ValueError(f"{fname}:{line}: row has no {missing!r}")
-            answer = str(answer)
-            answer = reward.extract_boxed(answer) or answer
+            answer = gold_answer(str(answer), cfg.data.answer_format)
+            if answer is None:
+                skipped["no_answer"] += 1
+                continue
             ids = build_prompt(tokenizer, str(problem), cfg.data.system_prompt, cfg.data.user_template)
             if len(ids) > cfg.data.max_prompt_len:
-                dropped += 1
+                skipped["too_long"] += 1
                 continue
             part.append({"prompt_ids": ids, "answer": answer})
         items.append(part)
-    if len(items) == 1:
-        flat = items[0][:cfg.data.max_prompts or None]
-        T = cfg.data.num_subsets
-        if len(flat) < T:
+    T = cfg.data.num_subsets
+    if len(items) > 1:
+        if T not in (0, len(items)):
+            raise ValueError(f"data.train gives {len(items)} sources (one subset each) but data.num_subsets={T}: "
+                             f"set data.num_subsets={len(items)} (or 0)")
+    else:
+        flat = items[0]
+        if len(flat) < max(T, 1):
             raise ValueError(f"{len(flat)} prompts cannot make {T} subsets")
         bounds = np.linspace(0, len(flat), T + 1).astype(int)
         items = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    return items, dropped
+    return items, skipped
 
 
 # ----------------------------------------------------------------------------------------------
 # Rollouts spread over ranks
 
 
-def assign_groups(n: np.ndarray, world: int, mini_batch_prompts: int):
-    """Cut the m sampled prompts into mini-batches of `mini_batch_prompts` (in draw order), and spread
-    each mini-batch's whole groups over ranks balanced by rollout count (largest first, to the least
-    loaded rank). Deterministic, so every rank computes the same plan. Returns (mini_batch id (m,),
-    rank (m,))."""
-    m = len(n)
-    mb = np.arange(m) // max(1, mini_batch_prompts)
-    owner = np.zeros(m, dtype=np.int64)
+def training_groups(idx: np.ndarray, n: np.ndarray, mini_batch_prompts: int, group_by: str = "prompt"):
+    """The step's GRPO groups from the draw (Algorithm 1, line 12: m prompts with replacement, n_i rollouts
+    each by Eq. 20). The draw is cut into mini-batches of `mini_batch_prompts` draws, in order.
+    group_by "draw": each draw is a group. "prompt" (as released: responses are grouped by dataset index): a
+    prompt drawn k times is one group of sum n rollouts, with one baseline, placed in the mini-batch of its
+    first draw. Returns (prompt (g,), rollouts (g,), mini-batch (g,) numbered 0..), g = groups."""
+    mb = np.arange(len(idx)) // max(1, mini_batch_prompts)  # (m,)
+    if group_by == "draw":
+        return idx, n, mb
+    if group_by != "prompt":
+        raise ValueError(f"train.group_by must be prompt or draw, not {group_by!r}")
+    prompts, first, inverse = np.unique(idx, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # groups in order of first draw
+    counts = np.bincount(inverse, weights=n, minlength=len(prompts)).astype(np.int64)  # (g,)
+    mb_first = mb[first[order]]
+    return prompts[order], counts[order], np.unique(mb_first, return_inverse=True)[1]  # no empty mini-batch
+
+
+def assign_groups(n: np.ndarray, mb: np.ndarray, world: int) -> np.ndarray:
+    """Spread each mini-batch's whole groups over ranks balanced by rollout count (largest first, to the
+    least loaded rank). Deterministic, so every rank computes the same plan. n, mb: (g,) rollouts and
+    mini-batch of each group. Returns the rank of each group (g,)."""
+    owner = np.zeros(len(n), dtype=np.int64)
     for b in np.unique(mb):
         load = np.zeros(world)
         idx = np.flatnonzero(mb == b)
@@ -413,14 +484,26 @@ def assign_groups(n: np.ndarray, world: int, mini_batch_prompts: int):
             r = int(np.argmin(load))
             owner[i] = r
             load[r] += n[i]
-    return mb, owner
+    return owner
+
+
+SEED_PURPOSES = ("cold_start", "sample", "rollout", "eval")
+
+
+def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0) -> int:
+    """The seed of one random stream, derived from the run's seed by np.random.SeedSequence keyed by
+    (purpose, subset, step, rank): no two purposes, subsets, steps or ranks share a stream, and a resumed
+    run draws what the uninterrupted run drew."""
+    key = [seed, SEED_PURPOSES.index(purpose), subset, step, rank]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
     number of checker timeouts)."""
     out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
-                           eos_ids=rollout.stop_token_ids(tokenizer, gen), pad_id=tokenizer.pad_token_id,
+                           eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
+                           pad_id=tokenizer.pad_token_id,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
                            max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size,
                            cache=cfg.rollout.cache, share_prefill=cfg.rollout.share_prefill)
@@ -435,7 +518,6 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     """Algorithm 1, line 3: N' rollouts of every prompt of the subset -> Beta counts (Eq. 23) and,
     for sigma=gradient, the gradient statistics of Eq. 21. Prompts are spread over ranks (i = rank mod W)."""
     t0 = time.time()
-    cur.reset(len(subset))
     mine = list(range(rank, len(subset), world))
     k = cfg.cures.cold_start_rollouts
     out, rewards, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
@@ -677,6 +759,23 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     return sums, grad_norm, ok
 
 
+def make_optimizer(policy: Policy, cfg: Config):
+    """AdamW with an empty state and its lr schedule (linear warm-up, then constant as in the paper)."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=cfg.train.betas, eps=cfg.train.adam_eps)
+    warmup = max(1, cfg.train.warmup_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
+
+
+@torch.no_grad()
+def reanchor_reference(policy: Policy, ref: Policy | None):
+    """KL reference <- the current policy (a subset's fresh trainer, as released). Both are sharded the
+    same way, so each rank copies its own shards."""
+    if ref is not None:
+        for p_ref, p in zip(ref.parameters(), policy.parameters()):
+            p_ref.copy_(p)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -691,12 +790,12 @@ def checkpoint_dirs(out_dir: str):
     return [os.path.join(root, d) for d in sorted(done)]
 
 
-def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int):
-    """Model and optimizer (sharded, torch.distributed.checkpoint), curriculum state, step, subset,
-    counters and config. Written to step_X.tmp and renamed when complete, so a crash mid-write leaves
-    the previous checkpoint usable."""
+def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, ref=None):
+    """Model and optimizer (sharded, torch.distributed.checkpoint), the KL reference when it moves
+    (train.restart_each_subset), curriculum state, step, subset, counters and config. Written to
+    step_X.tmp and renamed when complete, so a crash mid-write leaves the previous checkpoint usable."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     root = os.path.join(cfg.run.out_dir, "checkpoints")
     final = os.path.join(root, f"step_{meta['step']:06d}")
@@ -706,9 +805,10 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int):
         os.makedirs(tmp, exist_ok=True)
     barrier()
     msd, osd = get_state_dict(policy, optimizer)
+    state = {"model": msd, "optim": osd} | ({"ref": get_model_state_dict(ref)} if ref is not None else {})
     with warnings.catch_warnings():  # single process without a process group is fine
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp)
     barrier()
     if rank == 0:
         torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)}, os.path.join(tmp, "meta.pt"))
@@ -721,16 +821,19 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int):
     barrier()
 
 
-def load_checkpoint(path: str, policy, optimizer, cur):
+def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
 
     msd, osd = get_state_dict(policy, optimizer)
-    state = {"model": msd, "optim": osd}
+    state = {"model": msd, "optim": osd} | ({"ref": get_model_state_dict(ref)} if ref is not None else {})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref is not None:
+        set_model_state_dict(ref, state["ref"])
     meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     cur.load_state_dict(meta["curriculum"])
     return meta
@@ -799,7 +902,8 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
         top_p=cfg.rollout.top_p, seed=seed, rank=rank, world_size=world, workers=cfg.run.reward_workers,
         timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
-        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template)
+        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
+        stop_at_im_end=cfg.rollout.stop_at_im_end)
     scores = all_gather_list([s for r in records for s in r["scores"]])
     return float(np.mean(scores)) if scores else 0.0
 
@@ -810,6 +914,7 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
 
 def main(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    validate_config(cfg)
     rank, world, device = setup_distributed()
     from transformers import AutoTokenizer
 
@@ -823,18 +928,17 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    subsets, dropped = load_subsets(cfg, tokenizer)
-    print0(f"data: {sum(map(len, subsets))} prompts in {len(subsets)} subsets, {dropped} dropped (too long)")
+    subsets, skipped = load_subsets(cfg, tokenizer)
+    print0(f"data: {sum(map(len, subsets))} prompts in {len(subsets)} subsets; skipped: {skipped['too_long']} "
+           f"longer than data.max_prompt_len, {skipped['no_answer']} solutions without a \\boxed{{}} answer")
     eval_problems = []
     if cfg.eval.data:
         import eval as evaluation
 
         eval_problems = evaluation.load_benchmark(cfg.eval.data)[0][:cfg.eval.max_problems or None]
     policy, ref, gen = build_models(cfg, device, world)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=cfg.train.betas, eps=cfg.train.adam_eps)
-    warmup = max(1, cfg.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
+    optimizer, scheduler = make_optimizer(policy, cfg)
+    saved_ref = ref if cfg.train.restart_each_subset else None  # the reference moves: checkpoint it
     cur = cures.Curriculum(1, cfg.cures.prior_alpha, cfg.cures.prior_beta, cfg.cures.tau, cfg.cures.sampling,
                            cfg.cures.allocation, cfg.cures.sigma, cfg.cures.n_min, cfg.cures.n_max or None)
     M, T = cfg.train.steps_per_subset, len(subsets)
@@ -845,7 +949,7 @@ def main(argv=None):
         found = checkpoint_dirs(cfg.run.out_dir)
         resume = found[-1] if found else ""
     if resume:
-        meta = load_checkpoint(resume, policy, optimizer, cur)
+        meta = load_checkpoint(resume, policy, optimizer, cur, saved_ref)
         state.update({k: meta[k] for k in state})
         scheduler.load_state_dict(meta["scheduler"])
         print0(f"resumed from {resume} at step {state['step']}")
@@ -853,9 +957,16 @@ def main(argv=None):
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     bad_steps = 0
-    if eval_problems and state["step"] == 0:
-        sync_generation_weights(policy, gen)
-        logger.log({"eval/acc": run_eval(gen, tokenizer, eval_problems, cfg, rank, world, 0)}, 0)
+    if state["step"] == 0:
+        first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
+                 "data/skipped_no_answer": skipped["no_answer"]}
+        if eval_problems:
+            sync_generation_weights(policy, gen)
+            first["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                         stream_seed(cfg.run.seed, "eval", 0, 0))
+        logger.log(first, 0)
+    # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
+    estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
 
     from tqdm import tqdm
 
@@ -865,25 +976,31 @@ def main(argv=None):
         subset_id = step // M
         subset = subsets[subset_id]
         metrics, t_step = {}, time.time()
-        seed = cfg.run.seed * 1_000_003 + step
 
         # --- sync weights for generation (once per phase) ----------------------------------------
         t0 = time.time()
         sync_generation_weights(policy, gen)
         metrics["time/sync"] = time.time() - t0
 
-        # --- cold start of a new subset (Algorithm 1, line 3) -------------------------------------
+        # --- a new subset: fresh trainer (as released), cold start (Algorithm 1, lines 2-3) -----------
         if state["subset"] != subset_id:
-            metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world, (seed + 17) * world + rank))
+            if cfg.train.restart_each_subset:
+                optimizer, scheduler = make_optimizer(policy, cfg)
+                reanchor_reference(policy, ref)
+            cur.reset(len(subset))
+            if estimates_used and cfg.cures.cold_start_rollouts > 0:
+                metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
+                                          stream_seed(cfg.run.seed, "cold_start", subset_id, step, rank)))
+                state["rollouts_cold"] += metrics["cold/rollouts"]
             state["subset"] = subset_id
-            state["rollouts_cold"] += metrics["cold/rollouts"]
 
         # --- sample prompts (Eq. 14) and allocate rollouts (Eq. 20) -------------------------------
         t0 = time.time()
-        rng = np.random.default_rng([cfg.run.seed, subset_id, step])  # same draw on every rank, resumable
-        idx = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
-        n = cur.allocate(idx, cfg.rollout.rollouts_per_step)  # (m,) sums to N
-        mb, owner = assign_groups(n, world, cfg.train.mini_batch_prompts)
+        rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step))  # same draw on every rank
+        draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
+        n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
+        idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
+        owner = assign_groups(n, mb, world)
         mine = np.flatnonzero(owner == rank)
         metrics["time/curriculum"] = time.time() - t0
 
@@ -891,7 +1008,7 @@ def main(argv=None):
         t0 = time.time()
         out, rewards, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, seed * world + rank)
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank))
         metrics["time/rollout_and_reward"] = time.time() - t0
         group = out.prompt_index  # (B,) position in `mine`
         lengths = out.lengths  # (B,)
@@ -971,7 +1088,8 @@ def main(argv=None):
         state["rollouts_train"] += int(n.sum())
         state["tokens_train"] += int(tot[2].item())
         metrics.update(cur.stats())
-        metrics.update({"cures/n_min": int(n.min()), "cures/n_max": int(n.max()), "cures/unique_prompts": len(set(idx)),
+        metrics.update({"cures/n_min": int(n_draws.min()), "cures/n_max": int(n_draws.max()),
+                        "cures/unique_prompts": len(idx),
                         "rollouts/train": state["rollouts_train"], "rollouts/cold_start": state["rollouts_cold"],
                         "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
                         "tokens/train": state["tokens_train"], "subset": subset_id,
@@ -986,7 +1104,8 @@ def main(argv=None):
         last = state["step"] == total_steps
         if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
             sync_generation_weights(policy, gen)
-            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world, state["step"])
+            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                           stream_seed(cfg.run.seed, "eval", 0, state["step"]))
         logger.log(metrics, state["step"])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
@@ -994,7 +1113,8 @@ def main(argv=None):
                         if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
         stop_now = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())
         if last or stop_now or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
-            save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank)
+            save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank,
+                            saved_ref)
         if stop_now:
             print0(f"SIGTERM: checkpoint saved at step {state['step']}, exiting")
             break

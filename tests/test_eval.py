@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import eval as evaluation
+import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
@@ -18,10 +19,12 @@ COUNTS = {"math500": 500, "gsm8k": 1319, "gaokao2023en": 385, "minerva_math": 27
 
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_benchmark_loads_with_exact_count(name):
-    problems, skipped = evaluation.load_benchmark(name)
-    assert len(problems) + skipped == COUNTS[name]
-    assert skipped == (2 if name == "gaokao2023en" else 0)  # the two empty Gaokao answers are reported
-    assert all(p["answer"] and p["problem"] for p in problems)
+    problems, no_gold = evaluation.load_benchmark(name)
+    assert len(problems) == COUNTS[name]  # Table 1's denominators: every row, also those without a gold
+    assert no_gold == (2 if name == "gaokao2023en" else 0)  # the two empty Gaokao answers are reported...
+    assert sum(not p["answer"] for p in problems) == no_gold and all(p["problem"] for p in problems)
+    if no_gold:  # ...and score 0 whatever the response
+        assert reward.score("\\boxed{3}", problems[[p["answer"] for p in problems].index("")]["answer"]) == 0.0
     assert "$" not in "".join(p["answer"] for p in problems if name == "olympiadbench")
 
 

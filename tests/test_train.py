@@ -23,6 +23,12 @@ def small_run(model_dir, out_dir, *extra):
             "--train.micro_batch_tokens=400", f"--run.out_dir={out_dir}", *extra]
 
 
+def tiny_default_run(out_dir, *extra):
+    """small_run with the bundled pretrained tiny model and its prompt format: rewards are not all 0."""
+    return small_run(os.path.join(ROOT, "models", "tiny"), out_dir, "--data.system_prompt=",
+                     "--data.user_template={problem}", "--rollout.max_new_tokens=16", "--train.lr=3e-4", *extra)
+
+
 # --- packing ------------------------------------------------------------------------------------
 
 def _per_sequence(policy, batches, cfg):
@@ -164,8 +170,9 @@ def test_malformed_data_row_names_file_and_line(tmp_path, tiny_model_dir):
 
 def test_assign_groups_balanced_and_whole():
     n = np.array([8, 2, 6, 4, 2, 2, 10, 6])
-    mb, owner = train.assign_groups(n, 2, 4)
+    idx, n, mb = train.training_groups(np.arange(8), n, 4, "draw")
     np.testing.assert_array_equal(mb, [0, 0, 0, 0, 1, 1, 1, 1])
+    owner = train.assign_groups(n, mb, 2)
     for b in (0, 1):
         loads = [n[(mb == b) & (owner == r)].sum() for r in (0, 1)]
         assert abs(loads[0] - loads[1]) <= 2
@@ -179,7 +186,8 @@ def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
     state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3"))
     assert state["step"] == 3 and state["rollouts_train"] == 60 and state["rollouts_cold"] == 2 * 30 * 2
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    assert [l["step"] for l in lines] == [1, 2, 3]
+    assert [l["step"] for l in lines] == [0, 1, 2, 3]
+    assert lines[0] == {"step": 0, "data/prompts": 60, "data/skipped_too_long": 0, "data/skipped_no_answer": 0}
     for key in ("train/reward", "actor/grad_norm", "cures/eff_prompts", "time/rollout_and_reward", "rollouts/total"):
         assert key in lines[-1]
     assert lines[-1]["subset"] == 1 and "cold/acc" in lines[-1]  # step 3 starts subset 1 with a cold start
@@ -196,14 +204,17 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
-    full_state, full_cur = train.main(small_run(tiny_model_dir, tmp_path / "a", "--run.max_steps=4"))
-    train.main(small_run(tiny_model_dir, tmp_path / "b", "--run.max_steps=2"))
+@pytest.mark.parametrize("stop", [2, 3])
+def test_resume_equals_uninterrupted_run(tmp_path, stop):
+    """Stopped at a subset boundary (2: the resumed run starts subset 1 with a fresh trainer and a cold
+    start) or inside a subset (3: the re-anchored KL reference and AdamW state come from the checkpoint)."""
+    full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", "--run.max_steps=4"))
+    train.main(tiny_default_run(tmp_path / "b", f"--run.max_steps={stop}"))
     # a crashed later save leaves a half-written directory behind: it must be ignored
-    os.makedirs(tmp_path / "b" / "checkpoints" / "step_000003.tmp")
+    os.makedirs(tmp_path / "b" / "checkpoints" / f"step_{stop + 1:06d}.tmp")
     os.makedirs(tmp_path / "b" / "checkpoints" / "step_000009")  # no meta.pt: incomplete
-    assert train.checkpoint_dirs(str(tmp_path / "b"))[-1].endswith("step_000002")
-    state, cur = train.main(small_run(tiny_model_dir, tmp_path / "b", "--run.max_steps=4", "--run.resume=auto"))
+    assert train.checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stop:06d}")
+    state, cur = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=4", "--run.resume=auto"))
     assert state == full_state
     np.testing.assert_array_equal(cur.alpha, full_cur.alpha)
     np.testing.assert_array_equal(cur.beta, full_cur.beta)
@@ -211,7 +222,7 @@ def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
     # ...and training really moved the weights (the comparison is not vacuous)
-    w0 = _weights(tiny_model_dir)
+    w0 = _weights(os.path.join(ROOT, "models", "tiny"))
     assert any(not torch.allclose(w0[k], wa[k]) for k in wa)
 
 
@@ -265,7 +276,7 @@ def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path, two_rank
 def test_variants_run(tiny_model_dir, tmp_path, variant):
     state, cur = train.main(small_run(tiny_model_dir, tmp_path / "v", "--run.max_steps=1", *variant))
     assert state["step"] == 1
-    line = json.loads(open(tmp_path / "v" / "metrics.jsonl").readline())
+    line = [json.loads(l) for l in open(tmp_path / "v" / "metrics.jsonl")][-1]
     assert np.isfinite(line["actor/pg_loss"]) and np.isfinite(line["actor/grad_norm"])
     if "--cures.sigma=gradient" in variant:
         assert cur.grad_stats is not None and np.all(cur.grad_stats >= 0) and cur.grad_stats.sum() > 0
@@ -330,3 +341,191 @@ def test_tiny_default_learns(tmp_path):
     evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
     assert sorted(evals) == [0, 32]
     assert evals[32] > evals[0] + 0.06, evals
+
+
+# --- the released pipeline where the paper is silent (PAPER.md section 8) --------------------------------
+
+def _write_rows(path, rows):
+    if str(path).endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _rows(tag, n):  # the schema of ScaleML-RLHF/numina_math_k: problem + a ready answer
+    return [{"problem": f"{tag} problem {i}: what is {i}+1?", "answer": str(i + 1), "source": "stand-in"}
+            for i in range(n)]
+
+
+def test_data_sources_give_one_subset_each(tmp_path, tiny_model_dir):
+    """data.train as a list of sources (files of either format, a directory of files): one subset per file,
+    in order, as the released pipeline trains on numina_math_1 ... _15; a single source is cut in parts."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _write_rows(tmp_path / "s1.parquet", _rows("a", 3))
+    _write_rows(tmp_path / "s2.jsonl", _rows("b", 2))
+    (tmp_path / "dir").mkdir()
+    _write_rows(tmp_path / "dir" / "x.jsonl", _rows("c", 1))
+    _write_rows(tmp_path / "dir" / "y.parquet", _rows("d", 2))
+    sources = f"--data.train=[{tmp_path / 's1.parquet'}, {tmp_path / 's2.jsonl'}, {tmp_path / 'dir'}]"
+    for T in (0, 4):
+        subsets, skipped = train.load_subsets(train.load_config([sources, f"--data.num_subsets={T}"]), tok)
+        assert [len(s) for s in subsets] == [3, 2, 1, 2] and skipped == {"too_long": 0, "no_answer": 0}
+        assert [s[0]["answer"] for s in subsets] == ["1", "1", "1", "1"]
+        assert "a problem 0" in tok.decode(subsets[0][0]["prompt_ids"]) and "d problem 1" in tok.decode(subsets[3][1]["prompt_ids"])
+    with pytest.raises(ValueError, match="4 sources"):
+        train.load_subsets(train.load_config([sources, "--data.num_subsets=15"]), tok)
+    one = train.load_config([f"--data.train={tmp_path / 's1.parquet'}", "--data.num_subsets=3"])
+    assert [len(s) for s in train.load_subsets(one, tok)[0]] == [1, 1, 1]
+    # the paper configs and the defaults train on the authors' 15 sets, gold in `answer`
+    want = [f"ScaleML-RLHF/numina_math_{i}" for i in range(1, 16)]
+    for args in ([], ["--config", os.path.join(ROOT, "configs", "1.5b.yaml")],
+                 ["--config", os.path.join(ROOT, "configs", "7b.yaml")]):
+        cfg = train.load_config(args)
+        assert cfg.data.train == want and cfg.data.answer_key == "answer" and cfg.data.answer_format == "answer"
+        assert cfg.data.num_subsets in (0, 15)
+
+
+def test_gold_answers_from_solutions(tmp_path, tiny_model_dir):
+    """A solution's \\boxed{} answers are its gold: several make one set, none skips the row (counted), and
+    the solution text is never the gold."""
+    import reward
+    from transformers import AutoTokenizer
+
+    rows = [{"problem": "Solve x^2 + x - 2 = 0.", "solution": "Factor: so \\boxed{x = 1} and \\boxed{x = -2}."},
+            {"problem": "What is 2+2?", "solution": "It is \\boxed{4}. Indeed, \\boxed{4}."},
+            {"problem": "Prove it.", "solution": "Obvious, since 3 > 2."}]
+    _write_rows(tmp_path / "math.jsonl", rows)
+    cfg = train.load_config([f"--data.train={tmp_path / 'math.jsonl'}", "--data.num_subsets=1",
+                             "--data.answer_key=solution", "--data.answer_format=solution"])
+    subsets, skipped = train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    golds = [item["answer"] for item in subsets[0]]
+    assert golds == ["x = 1, x = -2", "4"] and skipped == {"too_long": 0, "no_answer": 1}
+    assert reward.score("so \\boxed{-2, 1}", golds[0]) == 1.0
+    assert reward.score("both: \\boxed{x=1} and \\boxed{x=-2}", golds[0]) == 1.0
+    assert reward.score("\\boxed{1}", golds[0]) == 0.0  # half the set is wrong
+    assert train.gold_answer("the answer is \\boxed{7}", "answer") == "7"
+    assert train.gold_answer("7", "answer") == "7"
+
+
+def test_training_groups_by_prompt_or_draw():
+    """A prompt drawn k times is one GRPO group (as released: grouped by dataset index) holding all its
+    rollouts, in the mini-batch of its first draw; mini-batches stay numbered without gaps."""
+    draws, n = np.array([5, 3, 5, 7, 3, 3]), np.array([2, 3, 4, 2, 2, 1])
+    idx, cnt, mb = train.training_groups(draws, n, 2, "prompt")
+    np.testing.assert_array_equal(idx, [5, 3, 7])
+    np.testing.assert_array_equal(cnt, [6, 6, 2])
+    np.testing.assert_array_equal(mb, [0, 0, 1])
+    idx, cnt, mb = train.training_groups(draws, n, 2, "draw")
+    np.testing.assert_array_equal(idx, draws)
+    np.testing.assert_array_equal(mb, [0, 0, 1, 1, 2, 2])
+    _, _, mb = train.training_groups(np.array([1, 2, 1, 2, 4, 4]), np.full(6, 2), 2, "prompt")
+    np.testing.assert_array_equal(mb, [0, 0, 1])  # the second mini-batch had only repeats
+    with pytest.raises(ValueError, match="group_by"):
+        train.training_groups(draws, n, 2, "batch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group_by", ["prompt", "draw"])
+def test_repeated_draws_form_one_group(tiny_model_dir, tmp_path, monkeypatch, group_by):
+    """In a run: with group_by=prompt every prompt reaches generation (and GRPO's baseline) once per step,
+    with all its rollouts; with group_by=draw a prompt drawn twice makes two groups."""
+    import grpo
+    import rollout
+
+    calls, real_generate, real_adv = [], rollout.generate, grpo.group_advantages
+
+    def spy_generate(model, prompts, n, **kw):
+        calls.append([tuple(p) for p in prompts])
+        return real_generate(model, prompts, n, **kw)
+
+    groups = []
+
+    def spy_adv(rewards, group):
+        groups.append(len(torch.unique(group)))
+        return real_adv(rewards, group)
+
+    monkeypatch.setattr(rollout, "generate", spy_generate)
+    monkeypatch.setattr(grpo, "group_advantages", spy_adv)
+    train.main(small_run(tiny_model_dir, tmp_path / "g", "--data.max_prompts=8", "--data.num_subsets=1",
+                         "--rollout.prompts_per_step=12", "--rollout.rollouts_per_step=24", "--run.max_steps=2",
+                         f"--train.group_by={group_by}", "--run.save_every=0"))
+    steps = calls[-2:]  # the two training steps (the cold start comes first)
+    distinct = [len(set(c)) for c in steps]
+    if group_by == "prompt":
+        assert [len(c) for c in steps] == distinct == groups
+    else:
+        assert all(len(c) == 12 for c in steps) and any(d < 12 for d in distinct) and groups == [12, 12]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restart", [True, False])
+def test_restart_each_subset(tiny_model_dir, tmp_path, monkeypatch, restart):
+    """As released, each subset is a fresh trainer from the previous subset's final weights: at a subset's
+    first update the AdamW state is empty and the KL reference is the policy (ref_logp = the policy's
+    log-probs). Without the switch, the optimizer state carries over and the reference stays the base model."""
+    seen, real = [], train.update_policy
+
+    def spy(policy, optimizer, seqs, device, cfg, world, scheduler=None, batches=None):
+        got = train.score_logprobs(policy, batches, device, cfg)
+        gap = max(float((got[i] - seqs[i]["ref_logp"]).abs().max()) for i in got)
+        seen.append((len(optimizer.state), gap, scheduler.get_last_lr()[0]))
+        return real(policy, optimizer, seqs, device, cfg, world, scheduler, batches)
+
+    monkeypatch.setattr(train, "update_policy", spy)
+    train.main(tiny_default_run(tmp_path / "r", "--run.max_steps=4", "--train.mini_batch_prompts=6",
+                         "--train.warmup_steps=2", f"--train.restart_each_subset={restart}", "--run.save_every=0"))
+    assert len(seen) == 4  # one mini-batch per step, M = 2 steps per subset
+    assert seen[0][0] == 0 and seen[0][1] < 1e-5  # subset 0: the base model is the policy
+    assert seen[1][0] > 0 and seen[1][1] > 1e-4  # within a subset: state kept, the policy moved away
+    if restart:
+        assert seen[2][0] == 0 and seen[2][1] < 1e-5 and seen[2][2] == seen[0][2]  # warm-up starts again
+    else:
+        assert seen[2][0] > 0 and seen[2][1] > 1e-4 and seen[2][2] > seen[0][2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["--cures.sampling=uniform", "--cures.allocation=uniform"],
+                                     ["--cures.cold_start_rollouts=0"]])
+def test_no_cold_start_when_estimates_are_unused_or_lazy(tiny_model_dir, tmp_path, variant):
+    """GRPO (uniform sampling and allocation) never reads the Beta estimates, so it generates no cold-start
+    rollouts and is charged only for what it generated; a lazy start (N' = 0) begins from p = 0.5."""
+    state, cur = train.main(small_run(tiny_model_dir, tmp_path / "c", "--run.max_steps=3", "--run.save_every=0",
+                                      *variant))
+    rows = [json.loads(l) for l in open(tmp_path / "c" / "metrics.jsonl")][1:]
+    assert state["rollouts_cold"] == 0 and not any("cold/acc" in r for r in rows)
+    assert [r["rollouts/cold_start"] for r in rows] == [0, 0, 0]
+    assert [r["rollouts/total"] for r in rows] == [r["rollouts/train"] for r in rows] == [20, 40, 60]
+    assert cur.alpha.sum() + cur.beta.sum() == 20  # subset 1: only its first step's rollouts are known
+    assert cur.accuracy()[cur.alpha + cur.beta == 0].tolist() == [0.5] * int(np.sum(cur.alpha + cur.beta == 0))
+
+
+def test_stream_seeds_are_distinct():
+    keys = [(p, s, t, r) for p in train.SEED_PURPOSES for s in range(3) for t in range(30) for r in range(8)]
+    seeds = {train.stream_seed(0, *k) for k in keys}
+    assert len(seeds) == len(keys)
+    assert train.stream_seed(0, "rollout", 1, 2, 3) == train.stream_seed(0, "rollout", 1, 2, 3)
+    assert train.stream_seed(1, "rollout", 1, 2, 3) != train.stream_seed(0, "rollout", 1, 2, 3)
+
+
+@pytest.mark.slow
+def test_no_two_generation_calls_share_a_seed(tiny_model_dir, tmp_path, monkeypatch):
+    """Cold starts, training rollouts and evaluations of a 2 x 10-step run: every generate call has its own
+    random stream (the cold start's stream was once the training stream of 17 steps later)."""
+    import rollout
+
+    seeds, real = [], rollout.generate
+
+    def spy(model, prompts, n, **kw):
+        seeds.append(kw["seed"])
+        return real(model, prompts, n, **kw)
+
+    monkeypatch.setattr(rollout, "generate", spy)
+    train.main(small_run(tiny_model_dir, tmp_path / "s", "--train.steps_per_subset=10", "--rollout.prompts_per_step=2",
+                         "--rollout.rollouts_per_step=4", "--rollout.max_new_tokens=2", "--run.save_every=0",
+                         f"--eval.data={TRAIN_DATA}", "--eval.max_problems=2", "--eval.every=5"))
+    assert len(seeds) == 2 + 20 + 5 and len(set(seeds)) == len(seeds)
