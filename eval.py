@@ -89,6 +89,21 @@ BENCHMARKS = {
 }
 
 
+PROMPT_FILE = "prompt.json"  # written by train.py next to the model it saves: the prompt it was trained with
+
+
+def prompt_settings(model_path: str, system_prompt: str | None = None, user_template: str | None = None):
+    """(system prompt, user template): the flags if given, else what the model was trained with (its
+    prompt.json), else the paper's."""
+    saved = {}
+    path = os.path.join(model_path, PROMPT_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    return (saved.get("system_prompt", SYSTEM_PROMPT) if system_prompt is None else system_prompt,
+            saved.get("user_template", USER_TEMPLATE) if user_template is None else user_template)
+
+
 def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "answer"):
     """(problems, no_gold): problems is a list of {"id", "problem", "answer"}, one per row. A row with an
     empty gold answer (two in Gaokao-EN 2023) is kept with answer "" and scores 0, so the denominator is
@@ -97,9 +112,11 @@ def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "a
     if name in BENCHMARKS:
         folder, problem_key, gold, _ = BENCHMARKS[name]
         path = os.path.join(BENCH_DIR, folder, "test.jsonl")
-    else:
+    elif os.path.isfile(name):
         path = name
         gold = lambda r: str(r[answer_key])  # noqa: E731
+    else:
+        raise ValueError(f"unknown benchmark {name!r}: not a file, nor one of {', '.join(BENCHMARKS)}")
     problems, no_gold = [], 0
     for i, row in enumerate(read_rows(path)):
         if problem_key not in row or not str(row[problem_key]).strip():
@@ -110,6 +127,8 @@ def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "a
             raise ValueError(f"{path}: row {i + 1} has no usable gold answer") from None
         no_gold += not answer  # scored 0 by reward.score, kept in the denominator
         problems.append({"id": i, "problem": str(row[problem_key]), "answer": answer})
+    if not problems:
+        raise ValueError(f"{path}: no problems in it")
     return problems, no_gold
 
 
@@ -217,7 +236,16 @@ def main():
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--system-prompt", default=None,
+                    help="default: the model's prompt.json (written by train.py), else the paper's")
+    ap.add_argument("--user-template", default=None, help="with {problem}; default as --system-prompt")
     args = ap.parse_args()
+    names = list(BENCHMARKS) if args.benchmarks == "all" else args.benchmarks.split(",")
+    loaded = {}
+    for name in names:  # before the model loads: a wrong name or an empty file fails at once
+        problems, no_gold = load_benchmark(name)
+        loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, no_gold)
+    system_prompt, user_template = prompt_settings(args.model, args.system_prompt, args.user_template)
 
     import torch
     import torch.distributed as dist
@@ -233,36 +261,35 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
-    names = list(BENCHMARKS) if args.benchmarks == "all" else args.benchmarks.split(",")
     os.makedirs(args.out, exist_ok=True)
     summary_path = os.path.join(args.out, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     row_name = args.name or args.model
     results = summary.setdefault(row_name, {})
-    loaded = {}
-    for name in names:
-        problems, no_gold = load_benchmark(name)
-        loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, no_gold)
     bar = tqdm(total=sum(len(p) for p, _ in loaded.values()), disable=rank != 0, desc="problems", unit="problem")
     done, correct = 0, 0.0
     for name in names:
         key = os.path.splitext(os.path.basename(name))[0]
         problems, no_gold = loaded[name]
-        if key in results and results[key].get("max_problems") == args.max_problems:
-            bar.update(len(problems))
-            continue  # finished earlier: resume
         n = args.samples or (BENCHMARKS[name][3] if name in BENCHMARKS else 1)
         temperature = 0.0 if (n == 1 and args.greedy_single) else args.temperature
+        settings = {"model": args.model, "max_problems": args.max_problems, "samples": n, "temperature": temperature,
+                    "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                    "system_prompt": system_prompt, "user_template": user_template}
+        if results.get(key, {}).get("settings") == settings:
+            bar.update(len(problems))
+            continue  # finished earlier with exactly these settings: resume
         records = evaluate_problems(model, tokenizer, problems, n_samples=n, max_new_tokens=args.max_new_tokens,
                                     temperature=temperature, top_p=args.top_p, seed=args.seed, rank=rank,
-                                    world_size=world, max_batch_tokens=args.max_batch_tokens, timeout=args.timeout)
+                                    world_size=world, max_batch_tokens=args.max_batch_tokens, timeout=args.timeout,
+                                    system_prompt=system_prompt, user_template=user_template)
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
         records.sort(key=lambda r: r["id"])
         stats = summarize([r["scores"] for r in records], [r["extracted"] for r in records])
-        stats.update(no_gold=no_gold, max_problems=args.max_problems, temperature=temperature)
+        stats.update(no_gold=no_gold, max_problems=args.max_problems, temperature=temperature, settings=settings)
         results[key] = stats
         done += len(records)
         correct += sum(float(np.mean(r["scores"])) for r in records)

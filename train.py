@@ -5,13 +5,14 @@
     python train.py --config configs/tiny.yaml                          # CPU, bundled tiny model, minutes
     python train.py --config configs/tiny.yaml --cures.sampling=uniform --cures.allocation=uniform   # GRPO
 
-What the method does, and where:
- 1. Split the training set into T subsets; train M steps on each (Algorithm 1, lines 1-2)   load_subsets
- 2. Cold start: N' rollouts of every prompt of the subset initialise Beta(alpha, beta)       cold_start
-    (Eq. 22-23; with sigma=gradient also the gradient statistics of Eq. 21)               cures.gradient_stats
+What the method does, and where (main() holds Algorithm 1's two loops, train_step one inner step):
+ 1. Split the training set into T subsets (one per source, as released); M steps on each     load_subsets
+ 2. New subset: a fresh trainer (AdamW state, KL reference = policy; as released), then      main
+    the cold start: N' rollouts of every prompt initialise Beta(alpha, beta) (Eq. 22-23;     cold_start
+    with sigma=gradient also the gradient statistics of Eq. 21)                           cures.gradient_stats
  3. Draw m prompts with replacement from rho* = softmax(sqrt(p(1-p)) / tau)  (Eq. 14)       Curriculum.sample
  4. Give prompt i n_i = N sigma_i / sum sigma rollouts (Eq. 20-21)                          Curriculum.allocate
- 5. Generate, score with math-verify, update the Beta counts (Eq. 23)                       rollout / reward
+ 5. Generate, score with math-verify, update the Beta counts (Eq. 23)                       train_step
  6. GRPO advantages per group, PPO-clip loss with dual clip and k3 KL (verl's settings)      grpo.py
  7. AdamW over mini-batches of 256 prompts, one epoch, token-mean loss                      update_policy
 
@@ -22,8 +23,11 @@ with --section.key=value. Distributed: FSDP2 under torchrun (NCCL on GPU, gloo o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import difflib
+import errno
 import itertools
 import json
 import math
@@ -39,10 +43,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 import cures
 import grpo
 import reward
+import eval as evaluation
 import rollout
 from eval import SYSTEM_PROMPT, USER_TEMPLATE, build_prompt, read_rows
 
@@ -150,11 +156,13 @@ class RunConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: str = ""  # "" (fresh) | auto | path of a checkpoint directory
+    overwrite: bool = False  # a fresh run into an out_dir that holds a run: replace it (else refuse)
     max_steps: int = 0  # stop after this many steps in total (0: T * M)
     reward_workers: int = 0  # answer-checking processes per rank; 0: the node's cores / ranks per node (<= 32)
     reward_timeout: float = 10.0
     wandb_project: str = ""
     tensorboard: bool = False
+    dist_timeout_minutes: float = 30.0  # a rank that hangs in a collective fails the run after this long
 
 
 @dataclass
@@ -214,12 +222,28 @@ def _set(cfg, dotted: str, value):
     setattr(sub, key, _cast(value, getattr(sub, key), dotted))
 
 
+def usage(cfg: Config | None = None) -> str:
+    """`python train.py --help`: how to call, and every config key with its default."""
+    cfg = cfg or Config()
+    lines = [__doc__.split("\n\n")[0], "", "usage: [torchrun ...] train.py [--config FILE.yaml] [--section.key=value ...]",
+             "", "config keys (defaults = the paper's setting; see README, Config reference):"]
+    for section in dataclasses.fields(cfg):
+        lines.append(f"  {section.name}:")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"    --{section.name}.{f.name}={getattr(getattr(cfg, section.name), f.name)!r}")
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str]) -> Config:
     """Defaults <- --config YAML (nested sections) <- --section.key=value overrides."""
     cfg = Config()
-    args = list(argv)
+    args = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if "--config" in args:
         i = args.index("--config")
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
+            raise ValueError("--config needs a YAML file: --config configs/tiny.yaml")
+        if not os.path.isfile(args[i + 1]):
+            raise FileNotFoundError(f"--config {args[i + 1]}: no such file")
         with open(args[i + 1]) as f:
             data = yaml.safe_load(f) or {}
         del args[i:i + 2]
@@ -248,9 +272,26 @@ def validate_config(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if str(cfg.train.pack).lower() not in ("auto", "true", "false"):
+        raise ValueError(f"train.pack must be one of auto, true, false, not {cfg.train.pack!r}")
     if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:
         raise ValueError("cures.sigma=gradient measures Eq. 21's gradients on the cold start: "
                          "cures.cold_start_rollouts must be > 0")
+    m, N, n_min = cfg.rollout.prompts_per_step, cfg.rollout.rollouts_per_step, cfg.cures.n_min
+    if m < 1 or N < m * n_min:
+        raise ValueError(f"rollout.rollouts_per_step={N} cannot give each of rollout.prompts_per_step={m} prompts "
+                         f"cures.n_min={n_min} rollouts: need rollouts_per_step >= {max(m, 1) * n_min}")
+    for key in ("train.steps_per_subset", "train.mini_batch_prompts", "train.epochs", "train.micro_batch_tokens",
+                "rollout.max_new_tokens", "data.max_prompt_len"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ValueError(f"{key} must be >= 1")
+    if cfg.data.num_subsets < 0 or (len(cfg.data.train) == 1 and cfg.data.num_subsets == 0
+                                    and not os.path.isdir(cfg.data.train[0])):
+        raise ValueError(f"data.num_subsets={cfg.data.num_subsets}: a single source needs >= 1 subsets")
+    path = cfg.model.path
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model.path={path!r}: no such directory (and not a hub id of the form org/name)")
 
 
 def config_dict(cfg: Config) -> dict:
@@ -261,7 +302,7 @@ def config_dict(cfg: Config) -> dict:
 # Distributed
 
 
-def setup_distributed():
+def setup_distributed(timeout_minutes: float = 30.0):
     """(rank, world_size, device). torchrun -> a process group (on GPU: NCCL for CUDA tensors and gloo for
     CPU ones, such as the small counters reduced every step and, with train.cpu_offload, the gradient norm
     of CPU-resident shards; on CPU: gloo); plain python on a GPU -> a one-rank group so the same FSDP2 code
@@ -272,7 +313,8 @@ def setup_distributed():
     if "RANK" in os.environ:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cpu")
@@ -401,26 +443,34 @@ def read_source(source: str, split: str) -> list[list[tuple]]:
                        if f.endswith((".jsonl", ".json", ".parquet")))
         if not files:
             raise ValueError(f"data.train: directory {source!r} has no .jsonl, .json or .parquet file")
-        return [[(f, i, r) for i, r in enumerate(read_rows(f), 1)] for f in files]
+        return [_numbered(f, read_rows(f)) for f in files]
     if os.path.exists(source):
-        return [[(source, i, r) for i, r in enumerate(read_rows(source), 1)]]
+        return [_numbered(source, read_rows(source))]
     try:
         import datasets  # hub dataset id; optional dependency
     except ImportError:
         raise ImportError(f"{source!r} is not a local file or directory; to load it as a hub dataset, "
                           "pip install datasets") from None
-    return [[(source, i, r) for i, r in enumerate(datasets.load_dataset(source, split=split), 1)]]
+    return [_numbered(source, datasets.load_dataset(source, split=split))]
+
+
+def _numbered(name: str, rows) -> list[tuple]:
+    """(name, line, row) for each row; an empty source is an error that names it."""
+    rows = [(name, i, r) for i, r in enumerate(rows, 1)]
+    if not rows:
+        raise ValueError(f"{name}: no usable prompt in 0 rows (an empty file)")
+    return rows
 
 
 def load_subsets(cfg: Config, tokenizer):
-    """The training prompts as T subsets (Algorithm 1, line 1). Several sources (the entries of
+    """The training prompts as the T subsets of Algorithm 1. Several sources (the entries of
     `data.train`, a directory's files) give one subset each, in order, as the released pipeline trains on
     `numina_math_1` ... `_15`; a single source is cut into `data.num_subsets` contiguous parts. Each item:
     {"prompt_ids", "answer"}. Returns (subsets, {"too_long": n, "no_answer": n}), the rows skipped."""
     groups = [g for source in cfg.data.train for g in read_source(source, cfg.data.split)]
     items, skipped = [], {"too_long": 0, "no_answer": 0}
     for group in groups:
-        part = []
+        part, before = [], dict(skipped)
         for fname, line, row in group[:cfg.data.max_prompts or None]:
             problem, answer = row.get(cfg.data.problem_key), row.get(cfg.data.answer_key)
             if problem is None or answer is None or not str(problem).strip() or not str(answer).strip():
@@ -435,6 +485,11 @@ def load_subsets(cfg: Config, tokenizer):
                 skipped["too_long"] += 1
                 continue
             part.append({"prompt_ids": ids, "answer": answer})
+        if not part:
+            name = group[0][0] if group else "a data source"
+            raise ValueError(f"{name}: no usable prompt in {len(group)} rows ({skipped['too_long'] - before['too_long']} "
+                             f"longer than data.max_prompt_len={cfg.data.max_prompt_len}, "
+                             f"{skipped['no_answer'] - before['no_answer']} without a \\boxed{{}} answer)")
         items.append(part)
     T = cfg.data.num_subsets
     if len(items) > 1:
@@ -806,19 +861,34 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, 
     barrier()
     msd, osd = get_state_dict(policy, optimizer)
     state = {"model": msd, "optim": osd} | ({"ref": get_model_state_dict(ref)} if ref is not None else {})
-    with warnings.catch_warnings():  # single process without a process group is fine
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
-    barrier()
+    try:
+        with warnings.catch_warnings():  # single process without a process group is fine
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp)
+        barrier()
+        if rank == 0:
+            torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)},
+                       os.path.join(tmp, "meta.pt"))
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  a full disk: e.g. "unexpected pos 704 vs 598"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e, root):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} "
+                                        f"({shutil.disk_usage(root).free / 2**20:.0f} MiB free); removed it") from e
+        raise
     if rank == 0:
-        torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)}, os.path.join(tmp, "meta.pt"))
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for old in checkpoint_dirs(cfg.run.out_dir)[:-cfg.run.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def _disk_full(e: Exception, path: str) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return "unexpected pos" in str(e) or shutil.disk_usage(path).free < 2**26  # torch's zip writer on ENOSPC
 
 
 def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
@@ -839,7 +909,7 @@ def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
     return meta
 
 
-def save_hf(policy: Policy, tokenizer, path: str, rank: int):
+def save_hf(policy: Policy, tokenizer, path: str, rank: int, cfg: Config):
     """The final model in Hugging Face format (loadable with AutoModelForCausalLM.from_pretrained)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -847,6 +917,8 @@ def save_hf(policy: Policy, tokenizer, path: str, rank: int):
     if rank == 0:
         policy.hf.save_pretrained(path, state_dict={k.removeprefix("hf."): v for k, v in full.items()})
         tokenizer.save_pretrained(path)
+        with open(os.path.join(path, evaluation.PROMPT_FILE), "w") as f:  # eval.py prompts it the same way
+            json.dump({"system_prompt": cfg.data.system_prompt, "user_template": cfg.data.user_template}, f, indent=1)
     barrier()
 
 
@@ -862,12 +934,17 @@ def barrier():
 class Logger:
     """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
 
-    def __init__(self, cfg: Config, rank: int):
+    def __init__(self, cfg: Config, rank: int, step: int = 0):
         self.rank, self.sinks = rank, []
         if rank != 0:
             return
         os.makedirs(cfg.run.out_dir, exist_ok=True)
-        self.file = open(os.path.join(cfg.run.out_dir, "metrics.jsonl"), "a")
+        path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
+        if os.path.exists(path):  # resumed at `step`: rows written after that checkpoint are written again
+            rows = [line for line in open(path) if step > 0 and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(rows)
+        self.file = open(path, "a")
         if cfg.run.wandb_project:
             try:
                 import wandb
@@ -895,8 +972,6 @@ class Logger:
 
 
 def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int):
-    import eval as evaluation
-
     records = evaluation.evaluate_problems(
         gen, tokenizer, problems, n_samples=cfg.eval.samples,
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
@@ -909,13 +984,221 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
 
 
 # ----------------------------------------------------------------------------------------------
+# One training step: the inner loop of Algorithm 1 (draw, allocate, generate, observe, update)
+
+
+@contextlib.contextmanager
+def timed(metrics: dict, key: str):
+    t0 = time.time()
+    yield
+    metrics[key] = time.time() - t0
+
+
+def sample_and_allocate(cur: cures.Curriculum, subset_id: int, step: int, cfg: Config, world: int):
+    """Draw m prompts with replacement from rho* (Eq. 14), allocate N rollouts over the draws (Eq. 20), form
+    the GRPO groups and give each a mini-batch and a rank. Identical on every rank (one random stream per
+    step). Returns (prompt (g,), rollouts (g,), mini-batch (g,), rank (g,), rollouts per draw (m,))."""
+    rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step))
+    draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
+    n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
+    idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
+    return idx, n, mb, assign_groups(n, mb, world), n_draws
+
+
+def observe_rollouts(cur: cures.Curriculum, prompts: np.ndarray, n: np.ndarray, group: torch.Tensor,
+                     rewards: torch.Tensor):
+    """Eq. 23 with every rank's rollouts: alpha += #correct, beta += #wrong for this rank's groups
+    (prompts, n: (g_rank,); group, rewards: (B,)), gathered so every rank holds the same posteriors."""
+    correct = torch.zeros(len(prompts)).index_add_(0, group, rewards)  # (g_rank,)
+    counts = all_gather_list([(int(prompts[j]), float(correct[j]), int(n[j])) for j in range(len(prompts))])
+    i_all, c_all, n_all = (np.array(x) for x in zip(*counts))
+    cur.observe(i_all.astype(np.int64), c_all, n_all)
+
+
+def compute_advantages(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor, cfg: Config,
+                       rank: int) -> torch.Tensor:
+    """GRPO: per group, whole on this rank. REINFORCE++: rewards whitened over every rank's response
+    tokens. rewards, group, lengths: (B,) -> (B,)."""
+    if cfg.train.advantage == "grpo":
+        return grpo.group_advantages(rewards, group)  # (B,)
+    if cfg.train.advantage == "rpp":
+        everything = all_gather_list([(rank, r, l) for r, l in zip(rewards.tolist(), lengths.tolist())])
+        r_all = torch.tensor([r for _, r, _ in everything])
+        l_all = torch.tensor([l for _, _, l in everything])
+        mask_all = (torch.arange(int(l_all.max()))[None] < l_all[:, None]).float()  # (B_all, T)
+        return grpo.rpp_advantages(r_all, mask_all)[torch.tensor([k == rank for k, _, _ in everything])]
+    raise ValueError(f"unknown advantage {cfg.train.advantage!r}")
+
+
+def mini_batch_sequences(subset: list[dict], prompts: np.ndarray, mb: np.ndarray, out, adv: torch.Tensor,
+                         num_mb: int) -> list[list[dict]]:
+    """This rank's sequences (prompt + response, advantage) for the update, one list per mini-batch.
+    prompts, mb: (g_rank,) for this rank's groups; out: their Rollouts; adv (B,)."""
+    responses = out.responses()
+    parts = [[] for _ in range(num_mb)]
+    for b, j in enumerate(out.prompt_index.tolist()):
+        p = subset[prompts[j]]["prompt_ids"]
+        parts[mb[j]].append({"ids": p + responses[b], "prompt_len": len(p), "resp_len": len(responses[b]),
+                             "adv": adv[b:b + 1]})
+    return parts
+
+
+def add_logprobs(parts, plans, policy: Policy, ref, device, cfg: Config):
+    """old_logp under the sampling policy and ref_logp under the KL reference, for every mini-batch.
+    The first mini-batch of a one-epoch update is trained before any optimiser step, by the policy that
+    sampled it: its old_logp would equal logp.detach(), which update_policy uses when it is absent."""
+    for b_id, (part, batches) in enumerate(zip(parts, plans)):
+        on_policy = b_id == 0 and cfg.train.epochs == 1
+        models = ([] if on_policy else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
+        for key, model in models:
+            for i, lp in score_logprobs(model, batches, device, cfg).items():
+                part[i][key] = lp.cpu()
+
+
+def update_epochs(policy: Policy, optimizer, scheduler, parts, plans, state: dict, device, cfg: Config,
+                  world: int):
+    """PPO: `epochs` passes over the mini-batches, one optimiser step each. A non-finite update is skipped
+    with a warning; `train.max_bad_steps` in a row abort. Returns (summed actor metrics, grad norms)."""
+    sums, norms = {}, []
+    for _ in range(cfg.train.epochs):
+        for part, batches in zip(parts, plans):
+            s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler, batches)
+            norms.append(norm)
+            for k, v in s_mb.items():
+                sums[k] = sums.get(k, 0.0) + v
+            state["bad_updates"] = 0 if ok else state["bad_updates"] + 1
+            if not ok:
+                print0(f"warning: non-finite loss or gradient at step {state['step']}: update skipped")
+                if state["bad_updates"] >= cfg.train.max_bad_steps:
+                    raise RuntimeError(f"{state['bad_updates']} non-finite updates in a row: aborting")
+    return sums, norms
+
+
+def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over ranks (every rank holds the same names)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys])).tolist()))
+
+
+def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy: Policy, ref, gen, tokenizer,
+               optimizer, scheduler, state: dict, cfg: Config, rank: int, world: int, device) -> dict:
+    """One step of Algorithm 1 on this rank, in the paper's order. Advances the counters in `state`
+    (not the step) and returns the step's metrics, reduced over ranks."""
+    step, metrics, t_step = state["step"], {}, time.time()
+    with timed(metrics, "time/sync"):  # the policy that samples: one all-gather per phase, not per token
+        sync_generation_weights(policy, gen)
+    with timed(metrics, "time/curriculum"):  # draw m prompts (Eq. 14, Alg. 1 l. 12), allocate N rollouts (Eq. 20)
+        idx, n, mb, owner, n_draws = sample_and_allocate(cur, subset_id, step, cfg, world)
+        mine = np.flatnonzero(owner == rank)  # this rank's groups
+    with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
+        out, rewards, timeouts = generate_and_score(
+            gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank))
+    observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
+    adv = compute_advantages(rewards, out.prompt_index, out.lengths, cfg, rank)  # (B,) GRPO or REINFORCE++
+    num_mb = int(mb.max()) + 1
+    parts = mini_batch_sequences(subset, idx[mine], mb[mine], out, adv, num_mb)
+    with timed(metrics, "time/logprobs"):
+        plans = [plan_micro_batches(p, cfg) for p in parts]
+        add_logprobs(parts, plans, policy, ref, device, cfg)
+    with timed(metrics, "time/update"):  # policy update: PPO-clip, dual clip, k3 KL, token-mean (grpo.py)
+        sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world)
+
+    # one metrics dict, reduced over ranks by name
+    tok = reduce_sums({"reward": rewards.sum(), "responses": len(rewards), "response_tokens": out.lengths.sum(),
+                       "truncated": (~out.finished).sum(), "timeouts": timeouts,
+                       "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
+                       "update_tokens": sum(len(s["ids"]) for p in parts for s in p), **sums})
+    B, ntok = tok["responses"], tok["trained_tokens"] * max(1, cfg.train.epochs)
+    metrics.update({"train/reward": tok["reward"] / B, "train/response_len": tok["response_tokens"] / B,
+                    "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
+                    "actor/grad_norm": float(np.mean(norms)), "actor/lr": scheduler.get_last_lr()[0]})
+    for k in sorted(sums):  # losses: mean over optimiser steps; the rest: per trained token
+        metrics[k] = tok[k] / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)
+    state["rollouts_train"] += int(n.sum())
+    state["tokens_train"] += int(tok["response_tokens"])
+    metrics.update(cur.stats())
+    metrics.update({"cures/n_min": int(n_draws.min()), "cures/n_max": int(n_draws.max()),
+                    "cures/unique_prompts": len(idx), "rollouts/train": state["rollouts_train"],
+                    "rollouts/cold_start": state["rollouts_cold"],
+                    "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
+                    "tokens/train": state["tokens_train"], "subset": subset_id, "time/step": time.time() - t_step,
+                    "perf/rollout_tokens_per_s": tok["response_tokens"] / max(metrics["time/rollout_and_reward"], 1e-9),
+                    "perf/update_tokens_per_s": tok["update_tokens"] / max(metrics["time/update"], 1e-9)})
+    if device.type == "cuda":
+        metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # Main: Algorithm 1
 
 
+def check_out_dir(cfg: Config):
+    """A fresh run (no run.resume) into a directory that holds another run's checkpoints or metrics would mix
+    the two: refuse, unless run.overwrite, which removes them first."""
+    out = cfg.run.out_dir
+    found = [p for p in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(out, p))]
+    if cfg.run.resume or not found:
+        return
+    if not cfg.run.overwrite:
+        raise FileExistsError(f"run.out_dir={out} already holds a run ({', '.join(found)}): continue it with "
+                              "--run.resume=auto, write elsewhere with --run.out_dir=..., or replace it with "
+                              "--run.overwrite=true")
+    if int(os.environ.get("RANK", 0)) == 0:
+        for p in found:
+            target = os.path.join(out, p)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+
+# keys a resumed run must share with its checkpoint (they define which subset and step come next)
+RESUME_MUST_MATCH = {"data": ("train", "num_subsets", "max_prompts", "max_prompt_len"),
+                     "train": ("steps_per_subset", "restart_each_subset", "group_by"),
+                     "rollout": ("prompts_per_step", "rollouts_per_step"), "run": ("seed",)}
+
+
+def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
+    """The run's counters, from the checkpoint named by run.resume (auto: the newest) or fresh."""
+    state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0}
+    candidates = checkpoint_dirs(cfg.run.out_dir)[::-1] if cfg.run.resume == "auto" else [cfg.run.resume]
+    for path in [p for p in candidates if p]:
+        try:
+            meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  corrupt or truncated: try the one before
+            if cfg.run.resume != "auto":
+                raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+            print0(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one")
+            continue
+        old, new = meta["config"], config_dict(cfg)
+        changed = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in RESUME_MUST_MATCH for k, v in new[s].items()
+                   if k in RESUME_MUST_MATCH[s] and old.get(s, {}).get(k) != v]
+        if changed:
+            raise ValueError(f"cannot resume {path}: the config differs from the checkpoint's in keys that define "
+                             f"the run: {'; '.join(changed)}")
+        try:
+            meta = load_checkpoint(path, policy, optimizer, cur, ref)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  an older one overwrites what this half-loaded
+            if cfg.run.resume != "auto" or path == candidates[-1]:
+                raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+            print0(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one")
+            continue
+        state.update({k: meta.get(k, state[k]) for k in state})
+        scheduler.load_state_dict(meta["scheduler"])
+        print0(f"resumed from {path} at step {state['step']}")
+        break
+    return state
+
+
 def main(argv=None):
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return None
+    cfg = load_config(argv)
     validate_config(cfg)
-    rank, world, device = setup_distributed()
+    check_out_dir(cfg)
+    rank, world, device = setup_distributed(cfg.run.dist_timeout_minutes)
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     torch.manual_seed(cfg.run.seed)
@@ -928,13 +1211,11 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    subsets, skipped = load_subsets(cfg, tokenizer)
+    subsets, skipped = load_subsets(cfg, tokenizer)  # the T subsets of Algorithm 1
     print0(f"data: {sum(map(len, subsets))} prompts in {len(subsets)} subsets; skipped: {skipped['too_long']} "
            f"longer than data.max_prompt_len, {skipped['no_answer']} solutions without a \\boxed{{}} answer")
     eval_problems = []
     if cfg.eval.data:
-        import eval as evaluation
-
         eval_problems = evaluation.load_benchmark(cfg.eval.data)[0][:cfg.eval.max_problems or None]
     policy, ref, gen = build_models(cfg, device, world)
     optimizer, scheduler = make_optimizer(policy, cfg)
@@ -943,20 +1224,11 @@ def main(argv=None):
                            cfg.cures.allocation, cfg.cures.sigma, cfg.cures.n_min, cfg.cures.n_max or None)
     M, T = cfg.train.steps_per_subset, len(subsets)
     total_steps = min(T * M, cfg.run.max_steps or T * M)
-    state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0}
-    resume = cfg.run.resume
-    if resume == "auto":
-        found = checkpoint_dirs(cfg.run.out_dir)
-        resume = found[-1] if found else ""
-    if resume:
-        meta = load_checkpoint(resume, policy, optimizer, cur, saved_ref)
-        state.update({k: meta[k] for k in state})
-        scheduler.load_state_dict(meta["scheduler"])
-        print0(f"resumed from {resume} at step {state['step']}")
-    logger = Logger(cfg, rank)
+    state = resume_state(cfg, policy, optimizer, scheduler, cur, saved_ref)
+    logger = Logger(cfg, rank, state["step"])
     stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    bad_steps = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the end of the step, then exit
+        signal.signal(sig, lambda *_: stop.update(requested=True))
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
                  "data/skipped_no_answer": skipped["no_answer"]}
@@ -967,160 +1239,53 @@ def main(argv=None):
         logger.log(first, 0)
     # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
     estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
-
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="steps")
-    while state["step"] < total_steps:
-        step = state["step"]
-        subset_id = step // M
-        subset = subsets[subset_id]
-        metrics, t_step = {}, time.time()
+    stopped = False
 
-        # --- sync weights for generation (once per phase) ----------------------------------------
-        t0 = time.time()
-        sync_generation_weights(policy, gen)
-        metrics["time/sync"] = time.time() - t0
-
-        # --- a new subset: fresh trainer (as released), cold start (Algorithm 1, lines 2-3) -----------
-        if state["subset"] != subset_id:
-            if cfg.train.restart_each_subset:
+    for subset_id in range(state["step"] // M, T):  # Algorithm 1: one data subset at a time
+        if state["step"] >= total_steps or stopped:
+            break
+        subset, cold = subsets[subset_id], {}
+        if state["subset"] != subset_id:  # a new subset (a run resumed inside one goes straight to its steps)
+            if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
                 optimizer, scheduler = make_optimizer(policy, cfg)
                 reanchor_reference(policy, ref)
-            cur.reset(len(subset))
-            if estimates_used and cfg.cures.cold_start_rollouts > 0:
-                metrics.update(cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
-                                          stream_seed(cfg.run.seed, "cold_start", subset_id, step, rank)))
-                state["rollouts_cold"] += metrics["cold/rollouts"]
+            cur.reset(len(subset))  # forget the previous subset's estimates (no decay, a reset)
+            if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
+                sync_generation_weights(policy, gen)
+                cold = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
+                                  stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank))
+                state["rollouts_cold"] += cold["cold/rollouts"]
             state["subset"] = subset_id
 
-        # --- sample prompts (Eq. 14) and allocate rollouts (Eq. 20) -------------------------------
-        t0 = time.time()
-        rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step))  # same draw on every rank
-        draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
-        n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
-        idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
-        owner = assign_groups(n, mb, world)
-        mine = np.flatnonzero(owner == rank)
-        metrics["time/curriculum"] = time.time() - t0
+        while state["step"] < min((subset_id + 1) * M, total_steps):  # M steps on the subset
+            metrics = cold | train_step(subset, subset_id, cur, policy, ref, gen, tokenizer, optimizer, scheduler,
+                                        state, cfg, rank, world, device)
+            cold = {}
+            state["step"] += 1
 
-        # --- rollout and reward ------------------------------------------------------------------
-        t0 = time.time()
-        out, rewards, timeouts = generate_and_score(
-            gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank))
-        metrics["time/rollout_and_reward"] = time.time() - t0
-        group = out.prompt_index  # (B,) position in `mine`
-        lengths = out.lengths  # (B,)
-
-        # --- curriculum update (Eq. 23), identical on every rank ---------------------------------
-        correct = torch.zeros(len(mine)).index_add_(0, group, rewards)
-        counts = all_gather_list([(int(idx[mine[j]]), float(correct[j]), int(n[mine[j]])) for j in range(len(mine))])
-        i_all, c_all, n_all = (np.array(x) for x in zip(*counts))
-        cur.observe(i_all.astype(np.int64), c_all, n_all)
-
-        # --- advantages ----------------------------------------------------------------------------
-        if cfg.train.advantage == "grpo":
-            adv = grpo.group_advantages(rewards, group)  # (B,) groups are whole on one rank
-        elif cfg.train.advantage == "rpp":  # batch whitening needs every rank's rewards and lengths
-            everything = all_gather_list([(rank, r, l) for r, l in zip(rewards.tolist(), lengths.tolist())])
-            r_all = torch.tensor([r for _, r, _ in everything])
-            l_all = torch.tensor([l for _, _, l in everything])
-            mask_all = (torch.arange(int(l_all.max()))[None] < l_all[:, None]).float()  # (B_all, T)
-            adv = grpo.rpp_advantages(r_all, mask_all)[torch.tensor([k == rank for k, _, _ in everything])]
-        else:
-            raise ValueError(f"unknown advantage {cfg.train.advantage!r}")
-
-        # --- sequences for the update, grouped by mini-batch ---------------------------------------
-        responses = out.responses()
-        seqs = []
-        for b in range(len(group)):
-            j = int(group[b])
-            p = subset[idx[mine[j]]]["prompt_ids"]
-            seqs.append({"ids": p + responses[b], "prompt_len": len(p), "resp_len": len(responses[b]),
-                         "adv": adv[b:b + 1], "mb": int(mb[mine[j]])})
-
-        # --- old and reference log-probs ---------------------------------------------------------
-        t0 = time.time()
-        num_mb = int(mb.max()) + 1
-        parts = [[s for s in seqs if s["mb"] == b_id] for b_id in range(num_mb)]
-        plans = [plan_micro_batches(p, cfg) for p in parts]
-        for b_id, (part, batches) in enumerate(zip(parts, plans)):
-            # The first mini-batch of a one-epoch update is trained before any optimiser step, by the policy
-            # that sampled it: its old_logp would equal logp.detach(), which update_policy uses when absent.
-            on_policy = b_id == 0 and cfg.train.epochs == 1
-            models = ([] if on_policy else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
-            for key, model in models:
-                for i, lp in score_logprobs(model, batches, device, cfg).items():
-                    part[i][key] = lp.cpu()
-        metrics["time/logprobs"] = time.time() - t0
-
-        # --- policy update: mini-batches, epochs (PPO) ----------------------------------------------
-        t0 = time.time()
-        sums, norms, n_tok = {}, [], 0
-        for epoch in range(cfg.train.epochs):
-            for part, batches in zip(parts, plans):
-                s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler, batches)
-                norms.append(norm)
-                n_tok += sum(s["resp_len"] for s in part)
-                for k, v in s_mb.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if not ok:
-                    bad_steps += 1
-                    print0(f"warning: non-finite loss or gradient at step {step}: update skipped")
-                    if bad_steps >= cfg.train.max_bad_steps:
-                        raise RuntimeError(f"{bad_steps} non-finite updates in a row: aborting")
-                else:
-                    bad_steps = 0
-        metrics["time/update"] = time.time() - t0
-
-        # --- metrics (one dict, reduced over ranks) ----------------------------------------------
-        local = torch.tensor([float(rewards.sum()), float(len(rewards)), float(lengths.sum()),
-                              float((~out.finished).sum()), float(timeouts), float(n_tok / max(1, cfg.train.epochs))]
-                             + [sums.get(k, 0.0) for k in sorted(sums)] + [float(sum(len(s["ids"]) for s in seqs))])
-        tot = all_reduce(local)
-        B, ntok = tot[1].item(), tot[5].item() * max(1, cfg.train.epochs)
-        metrics.update({"train/reward": tot[0].item() / B, "train/response_len": tot[2].item() / B,
-                        "train/truncated": tot[3].item() / B, "reward/timeouts": tot[4].item(),
-                        "actor/grad_norm": float(np.mean(norms)), "actor/lr": scheduler.get_last_lr()[0]})
-        for k, v in zip(sorted(sums), tot[6:].tolist()):
-            metrics[k] = v / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else v / max(ntok, 1)
-        state["rollouts_train"] += int(n.sum())
-        state["tokens_train"] += int(tot[2].item())
-        metrics.update(cur.stats())
-        metrics.update({"cures/n_min": int(n_draws.min()), "cures/n_max": int(n_draws.max()),
-                        "cures/unique_prompts": len(idx),
-                        "rollouts/train": state["rollouts_train"], "rollouts/cold_start": state["rollouts_cold"],
-                        "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
-                        "tokens/train": state["tokens_train"], "subset": subset_id,
-                        "time/step": time.time() - t_step,
-                        "perf/rollout_tokens_per_s": tot[2].item() / max(metrics["time/rollout_and_reward"], 1e-9),
-                        "perf/update_tokens_per_s": tot[6 + len(sums)].item() / max(metrics["time/update"], 1e-9)})
-        if device.type == "cuda":
-            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        state["step"] = step + 1
-
-        # --- eval and checkpoint --------------------------------------------------------------------
-        last = state["step"] == total_steps
-        if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
-            sync_generation_weights(policy, gen)
-            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                           stream_seed(cfg.run.seed, "eval", 0, state["step"]))
-        logger.log(metrics, state["step"])
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
-        print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                        if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
-        stop_now = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())
-        if last or stop_now or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
-            save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank,
-                            saved_ref)
-        if stop_now:
-            print0(f"SIGTERM: checkpoint saved at step {state['step']}, exiting")
-            break
+            # --- log, eval, checkpoint ---------------------------------------------------------------
+            last = state["step"] == total_steps
+            if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
+                sync_generation_weights(policy, gen)
+                metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                               stream_seed(cfg.run.seed, "eval", 0, state["step"]))
+            logger.log(metrics, state["step"])
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
+            print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                            if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
+            stopped = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())  # on every rank
+            if last or stopped or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
+                save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank,
+                                saved_ref)
+            if stopped:
+                print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
+                break
     bar.close()
     if state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps):
-        save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank)
+        save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank, cfg)
+        print0(f"done: {cfg.run.out_dir}/final (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/")
     if dist.is_initialized():
         dist.destroy_process_group()
     return state, cur

@@ -85,3 +85,33 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
     before = os.path.getmtime(out / "math500.jsonl")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0 and os.path.getmtime(out / "math500.jsonl") == before  # not recomputed
+    again = subprocess.run(cmd[:-2] + ["--samples", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and os.path.getmtime(out / "math500.jsonl") > before  # new settings: recomputed
+    assert json.load(open(out / "summary.json"))[tiny_model_dir]["math500"]["n"] == 3
+
+
+def test_unknown_or_empty_benchmark_fails_before_the_model_loads(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "no-such-model"), "--out",
+           str(tmp_path / "ev")]
+    res = subprocess.run(cmd + ["--benchmarks", "math500,aime2099"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode != 0 and "unknown benchmark 'aime2099'" in res.stderr and "math500" in res.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    res = subprocess.run(cmd + ["--benchmarks", str(tmp_path / "empty.jsonl")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode != 0 and "no problems" in res.stderr
+
+
+@pytest.mark.slow
+def test_eval_uses_the_prompt_the_model_was_trained_with(tmp_path):
+    """The bundled tiny model reads the bare problem (no system prompt): its prompt.json says so, and eval.py
+    uses it by default (with the paper's prompt it would score about 0); flags override it."""
+    model = os.path.join(ROOT, "models", "tiny")
+    assert evaluation.prompt_settings(model) == ("", "{problem}")
+    assert evaluation.prompt_settings(model, "sys", "Q: {problem}") == ("sys", "Q: {problem}")
+    assert evaluation.prompt_settings(str(tmp_path)) == (evaluation.SYSTEM_PROMPT, evaluation.USER_TEMPLATE)
+    data = os.path.join(ROOT, "data", "tiny", "test.jsonl")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--benchmarks", data, "--max-problems",
+           "20", "--max-new-tokens", "16", "--out", str(tmp_path / "ev")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(tmp_path / "ev" / "summary.json"))[model]["test"]["pass@1"] > 0.2

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import cures
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -529,3 +530,94 @@ def test_no_two_generation_calls_share_a_seed(tiny_model_dir, tmp_path, monkeypa
                          "--rollout.rollouts_per_step=4", "--rollout.max_new_tokens=2", "--run.save_every=0",
                          f"--eval.data={TRAIN_DATA}", "--eval.max_problems=2", "--eval.every=5"))
     assert len(seeds) == 2 + 20 + 5 and len(set(seeds)) == len(seeds)
+
+
+# --- a run you can trust on a shared cluster -----------------------------------------------------------
+
+def test_help_and_config_flag_forms(capsys, tmp_path):
+    assert train.main(["--help"]) is None
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--train.restart_each_subset=True" in out and "--run.overwrite=False" in out
+    f = tmp_path / "c.yaml"
+    f.write_text("cures:\n  tau: 0.3\n")
+    assert train.load_config([f"--config={f}"]).cures.tau == 0.3
+    with pytest.raises(ValueError, match="--config needs a YAML file"):
+        train.load_config(["--config"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train.load_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--train.advantage=grpoo"], "train.advantage must be one of grpo, rpp"),
+    (["--train.kl_kind=k3"], "train.kl_kind"), (["--train.loss_agg=mean"], "train.loss_agg"),
+    (["--train.pack=yes"], "train.pack"), (["--rollout.cache=paged2"], "rollout.cache"),
+    (["--rollout.rollouts_per_step=0"], "rollouts_per_step >= 2048"),
+    (["--data.num_subsets=0", f"--data.train={TRAIN_DATA}"], "data.num_subsets=0"),
+    (["--model.path=./no/such/model"], "model.path='./no/such/model': no such directory"),
+])
+def test_bad_config_fails_before_anything_loads(tmp_path, args, match):
+    """Checked before the tokenizer, the data or the model are touched (no model exists at the default path)."""
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train.main([f"--run.out_dir={tmp_path / 'x'}", *args])
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_data_is_named(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+    (tmp_path / "d" / "b.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"b.jsonl.*no usable prompt"):
+        train.load_subsets(train.load_config([f"--data.train={tmp_path / 'd'}", "--data.num_subsets=0"]), tok)
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ValueError, match="has no .jsonl"):
+        train.load_subsets(train.load_config([f"--data.train={tmp_path / 'e'}", "--data.num_subsets=0"]), tok)
+    with pytest.raises(ValueError, match="longer than data.max_prompt_len"):
+        train.load_subsets(train.load_config([f"--data.train={TRAIN_DATA}", "--data.max_prompt_len=3"]), tok)
+
+
+@pytest.mark.slow
+def test_out_dir_of_another_run_is_refused_or_overwritten(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3"))
+    with pytest.raises(FileExistsError, match="--run.resume=auto"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1", "--run.overwrite=true"))
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1]
+    assert [os.path.basename(p) for p in train.checkpoint_dirs(str(out))] == ["step_000001"]
+    # resuming with a key that decides what comes next changed is refused, naming the key
+    with pytest.raises(ValueError, match=r"train.steps_per_subset: 2 -> 3"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto",
+                             "--train.steps_per_subset=3"))
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_metrics_are_not_repeated(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    full, _ = train.main(small_run(tiny_model_dir, tmp_path / "full", "--run.max_steps=3"))
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.keep_checkpoints=3"))
+    newest = train.checkpoint_dirs(str(out))[-1]
+    with open(os.path.join(newest, "meta.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    state, _ = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert "step_000003" in capsys.readouterr().out and state == full  # warned, resumed from step 2, same result
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_full_disk_during_a_checkpoint_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = train.load_config([f"--run.out_dir={tmp_path}"])
+    policy = train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    optimizer, _ = train.make_optimizer(policy, cfg)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed, unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="no space left on device"):
+        train.save_checkpoint(policy, optimizer, cures.Curriculum(3), {"step": 1}, cfg, 0)
+    assert os.listdir(tmp_path / "checkpoints") == []  # no step_000001.tmp left behind

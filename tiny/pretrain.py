@@ -29,7 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from eval import build_prompt  # noqa: E402
+from eval import PROMPT_FILE, build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
 from tiny.make_data import problem, splits  # noqa: E402
 
@@ -146,6 +146,8 @@ def main():
                 break
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
+    with open(os.path.join(args.out, PROMPT_FILE), "w") as f:  # eval.py prompts the model as it was trained
+        json.dump({"system_prompt": SYSTEM_PROMPT, "user_template": USER_TEMPLATE}, f, indent=1)
     root = os.path.dirname(HERE)
     report(args.out, test, {**vars(args), "out": os.path.relpath(args.out, root), "test": os.path.relpath(args.test, root),
                             "steps_done": step + 1, "seconds": round(time.time() - t0)})
