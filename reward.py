@@ -18,6 +18,7 @@ are fresh interpreters that import only this module (not the trainer, torch or C
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -28,11 +29,27 @@ _GOLD_CFG = None
 _PRED_CFG = None
 
 
+class _TimeoutLog(logging.Filter):
+    """math-verify stops a slow parse or comparison itself, logs "Timeout during ...: <the whole input>"
+    (possibly 200k characters) and answers "no match". Count those, and log only the start of the input."""
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Timeout during"):
+            _TimeoutLog.count += 1
+            record.msg, record.args = (msg[:120] + f"... ({len(msg)} characters)" if len(msg) > 150 else msg), ()
+        return True
+
+
 def _configs():
     global _GOLD_CFG, _PRED_CFG
     if _GOLD_CFG is None:
         from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).addFilter(_TimeoutLog())
         _GOLD_CFG = [LatexExtractionConfig()]
         _PRED_CFG = [ExprExtractionConfig(), LatexExtractionConfig()]
     return _GOLD_CFG, _PRED_CFG
@@ -40,6 +57,16 @@ def _configs():
 
 def score(response: str, gold: str, timeout: int = 5) -> float:
     """1.0 if the response's final answer equals `gold` (see the rules above), else 0.0."""
+    return _score(response, gold, timeout)[0]
+
+
+def _score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
+    """(score, whether math-verify's own timeout stopped it)."""
+    before = _TimeoutLog.count
+    return _score_plain(response, gold, timeout), _TimeoutLog.count > before
+
+
+def _score_plain(response: str, gold: str, timeout: int) -> float:
     from math_verify import parse, verify
 
     try:
@@ -108,8 +135,8 @@ def _serve():
             return
         if item is None:
             return
-        i, response, gold = item
-        out.send((i, score(response, gold)))
+        i, response, gold, timeout = item
+        out.send((i, *_score(response, gold, timeout)))
 
 
 class Scores(list):
@@ -154,7 +181,9 @@ class ScorePool:
                 if w.ready and w.item is None and todo:
                     i = todo.pop()
                     try:
-                        w.send_conn.send((i, str(responses[i]), str(golds[i])))
+                        # math-verify's own timeout (half the deadline) fires first where it can, which
+                        # keeps the worker; the deadline kills a worker stuck where it cannot
+                        w.send_conn.send((i, str(responses[i]), str(golds[i]), max(1, int(timeout / 2))))
                         w.item = (i, time.monotonic() + timeout)
                     except OSError:  # died between items: replace it, the item stays 0
                         self._replace(w)
@@ -172,6 +201,7 @@ class ScorePool:
                         w.ready = True
                     else:
                         out[msg[0]] = float(msg[1])
+                        out.timeouts += int(msg[2])  # stopped by math-verify's own timeout
                         w.item = None
                 elif w.item and time.monotonic() >= w.item[1]:  # stuck past its deadline
                     out.timeouts += 1

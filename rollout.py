@@ -20,6 +20,10 @@ import torch
 from transformers import GenerationConfig
 
 
+class Interrupted(Exception):
+    """`generate` was asked to stop: should_stop() returned True between two of its batches."""
+
+
 @dataclass
 class Rollouts:
     prompt_index: torch.Tensor  # (B,) which prompt each response answers, prompt-major order
@@ -99,7 +103,7 @@ def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: 
 def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic",
-             share_prefill: bool = True) -> Rollouts:
+             share_prefill: bool = True, should_stop=None) -> Rollouts:
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
@@ -108,7 +112,9 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     each new batch shape) or "paged" (continuous batching, `generate_batch`: a paged KV cache, finished
     sequences leave the batch at once and waiting ones take their place, which pays off when response
     lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible).
-    share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts."""
+    share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts.
+    should_stop: called before each batch; when it returns True, `Interrupted` is raised (a preempted job
+    stops within one batch instead of after the whole phase)."""
     if cache not in ("dynamic", "static", "paged"):
         raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
@@ -120,11 +126,14 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     gen_cfg = sampling_config(max_new_tokens, temperature, top_p, eos_ids, pad_id, cache)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
     if cache == "paged":
-        for row, toks in enumerate(_generate_paged(model, [prompts[p] for p in seq_prompt], gen_cfg, seed)):
+        for row, toks in enumerate(_generate_paged(model, [prompts[p] for p in seq_prompt], gen_cfg, seed,
+                                                   max_batch_tokens)):
             response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
     batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
     for b, batch in enumerate(batches):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped before batch {b} of {len(batches)}")
         L = max(len(prompts[seq_prompt[i]]) for i in batch)
         ids = torch.full((len(batch), L), pad_id, dtype=torch.long)  # (b, L) left-padded
         attn = torch.zeros_like(ids)
@@ -180,13 +189,24 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int) -> list[list[int]]:
+def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int,
+                    max_batch_tokens: int) -> list[list[int]]:
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
-    from their parent's state), generated tokens in the order of `inputs`."""
+    from their parent's state), generated tokens in the order of `inputs`. The paged KV cache holds
+    `max_batch_tokens` tokens (transformers would otherwise size it from free memory: most of the RAM on a CPU)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
     device = next(model.parameters()).device
+    page = 256
+    # KV cache: what all requests need at once (whole pages), capped by the budget; tokens per forward as the
+    # authors' vLLM (8,192). With sdpa the paged path builds a dense (forward tokens x cache tokens) mask.
+    need = sum(-(-(len(p) + gen_cfg.max_new_tokens) // page) for p in inputs)
+    cache_tokens = min(max_batch_tokens, need * page)
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, -(-cache_tokens // page)),
+                                  max_batch_tokens=min(8192, cache_tokens))
     with _seeded(device, seed * 1_000_003), _own_generation_config(model):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
-                                   warmup=device.type == "cuda")
+                                   warmup=device.type == "cuda", continuous_batching_config=cb)
     results = list(out.values())
     failed = [r.request_id for r in results if r.error is not None]
     if len(results) != len(inputs) or failed:

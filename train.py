@@ -153,7 +153,8 @@ class EvalConfig:
 class RunConfig:
     out_dir: str = "out/run"
     seed: int = 0
-    save_every: int = 10
+    save_every: int = 10  # steps between checkpoints (0: only the last and on a stop request)
+    save_every_minutes: float = 0.0  # also a checkpoint when this long has passed since the last one (0: off)
     keep_checkpoints: int = 2
     resume: str = ""  # "" (fresh) | auto | path of a checkpoint directory
     overwrite: bool = False  # a fresh run into an out_dir that holds a run: replace it (else refuse)
@@ -553,15 +554,33 @@ def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0) 
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
-def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int):
+class StopRequested(Exception):
+    """A stop signal (SIGTERM, Ctrl-C) arrived while generating: the step is dropped on every rank, and the
+    run saves the last finished step."""
+
+
+def check_stop(stop: dict | None, interrupted: bool = False):
+    """Collective: raise StopRequested on every rank if any rank was asked to stop."""
+    if stop is not None and all_reduce(torch.tensor([float(interrupted or stop["requested"])])).item() > 0:
+        raise StopRequested()
+
+
+def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
-    number of checker timeouts)."""
-    out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
-                           eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
-                           pad_id=tokenizer.pad_token_id,
-                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
-                           max_batch_tokens=cfg.rollout.max_batch_tokens, max_batch_size=cfg.rollout.max_batch_size,
-                           cache=cfg.rollout.cache, share_prefill=cfg.rollout.share_prefill)
+    number of checker timeouts). `stop`: {"requested": bool}, checked between generation batches (then
+    StopRequested on every rank)."""
+    try:
+        out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
+                               eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
+                               pad_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
+                               top_p=cfg.rollout.top_p, seed=seed, max_batch_tokens=cfg.rollout.max_batch_tokens,
+                               max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
+                               share_prefill=cfg.rollout.share_prefill,
+                               should_stop=(lambda: stop["requested"]) if stop is not None else None)
+    except rollout.Interrupted:
+        check_stop(stop, interrupted=True)
+        raise  # unreachable: check_stop raised
+    check_stop(stop)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -569,14 +588,15 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts
 
 
-def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank: int, world: int, seed: int):
+def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank: int, world: int, seed: int,
+               stop: dict | None = None):
     """Algorithm 1, line 3: N' rollouts of every prompt of the subset -> Beta counts (Eq. 23) and,
     for sigma=gradient, the gradient statistics of Eq. 21. Prompts are spread over ranks (i = rank mod W)."""
     t0 = time.time()
     mine = list(range(rank, len(subset), world))
     k = cfg.cures.cold_start_rollouts
     out, rewards, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
-                                            [subset[i]["answer"] for i in mine], k, cfg, seed)
+                                            [subset[i]["answer"] for i in mine], k, cfg, seed, stop)
     correct = rewards.view(len(mine), k) if mine else rewards.view(0, k)
     counts = [(mine[j], float(correct[j].sum()), k) for j in range(len(mine))]
     stats, t_grad = [], time.time()
@@ -971,14 +991,28 @@ class Logger:
             sink(metrics, step)
 
 
-def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int):
-    records = evaluation.evaluate_problems(
-        gen, tokenizer, problems, n_samples=cfg.eval.samples,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
-        top_p=cfg.rollout.top_p, seed=seed, rank=rank, world_size=world, workers=cfg.run.reward_workers,
-        timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
-        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
-        stop_at_im_end=cfg.rollout.stop_at_im_end)
+def log_step(logger: Logger, bar, metrics: dict, step: int):
+    """metrics.jsonl (and wandb / tensorboard), the progress bar, and one printed line."""
+    logger.log(metrics, step)
+    bar.update(1)
+    bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
+    print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                    if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
+
+
+def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int, stop: dict | None = None):
+    try:
+        records = evaluation.evaluate_problems(
+            gen, tokenizer, problems, n_samples=cfg.eval.samples,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
+            top_p=cfg.rollout.top_p, seed=seed, rank=rank, world_size=world, workers=cfg.run.reward_workers,
+            timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
+            system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
+            stop_at_im_end=cfg.rollout.stop_at_im_end,
+            should_stop=(lambda: stop["requested"]) if stop is not None else None)
+    except rollout.Interrupted:
+        check_stop(stop, interrupted=True)
+    check_stop(stop)
     scores = all_gather_list([s for r in records for s in r["scores"]])
     return float(np.mean(scores)) if scores else 0.0
 
@@ -1081,9 +1115,10 @@ def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
 
 
 def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy: Policy, ref, gen, tokenizer,
-               optimizer, scheduler, state: dict, cfg: Config, rank: int, world: int, device) -> dict:
+               optimizer, scheduler, state: dict, cfg: Config, rank: int, world: int, device, stop=None) -> dict:
     """One step of Algorithm 1 on this rank, in the paper's order. Advances the counters in `state`
-    (not the step) and returns the step's metrics, reduced over ranks."""
+    (not the step) and returns the step's metrics, reduced over ranks. A stop request during generation
+    raises StopRequested before anything has changed (curriculum, weights, counters)."""
     step, metrics, t_step = state["step"], {}, time.time()
     with timed(metrics, "time/sync"):  # the policy that samples: one all-gather per phase, not per token
         sync_generation_weights(policy, gen)
@@ -1093,7 +1128,7 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
         out, rewards, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank))
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank), stop)
     observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
     adv = compute_advantages(rewards, out.prompt_index, out.lengths, cfg, rank)  # (B,) GRPO or REINFORCE++
     num_mb = int(mb.max()) + 1
@@ -1227,7 +1262,7 @@ def main(argv=None):
     state = resume_state(cfg, policy, optimizer, scheduler, cur, saved_ref)
     logger = Logger(cfg, rank, state["step"])
     stop = {"requested": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the end of the step, then exit
+    for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the next safe point, then exit
         signal.signal(sig, lambda *_: stop.update(requested=True))
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
@@ -1235,53 +1270,60 @@ def main(argv=None):
         if eval_problems:
             sync_generation_weights(policy, gen)
             first["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                         stream_seed(cfg.run.seed, "eval", 0, 0))
+                                         stream_seed(cfg.run.seed, "eval", 0, 0))  # not interrupted: no step yet
         logger.log(first, 0)
     # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
     estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="steps")
-    stopped = False
+    stopped, last_save = False, time.time()
+    save = lambda: save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()},  # noqa: E731
+                                   cfg, rank, saved_ref)
 
     for subset_id in range(state["step"] // M, T):  # Algorithm 1: one data subset at a time
         if state["step"] >= total_steps or stopped:
             break
         subset, cold = subsets[subset_id], {}
-        if state["subset"] != subset_id:  # a new subset (a run resumed inside one goes straight to its steps)
-            if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
-                optimizer, scheduler = make_optimizer(policy, cfg)
-                reanchor_reference(policy, ref)
-            cur.reset(len(subset))  # forget the previous subset's estimates (no decay, a reset)
-            if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
-                sync_generation_weights(policy, gen)
-                cold = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
-                                  stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank))
-                state["rollouts_cold"] += cold["cold/rollouts"]
-            state["subset"] = subset_id
+        try:
+            if state["subset"] != subset_id:  # a new subset (a run resumed inside one goes straight to its steps)
+                if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
+                    optimizer, scheduler = make_optimizer(policy, cfg)
+                    reanchor_reference(policy, ref)
+                cur.reset(len(subset))  # forget the previous subset's estimates (no decay, a reset)
+                if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
+                    sync_generation_weights(policy, gen)
+                    cold = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
+                                      stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank), stop)
+                    state["rollouts_cold"] += cold["cold/rollouts"]
+                state["subset"] = subset_id
 
-        while state["step"] < min((subset_id + 1) * M, total_steps):  # M steps on the subset
-            metrics = cold | train_step(subset, subset_id, cur, policy, ref, gen, tokenizer, optimizer, scheduler,
-                                        state, cfg, rank, world, device)
-            cold = {}
-            state["step"] += 1
+            while state["step"] < min((subset_id + 1) * M, total_steps):  # M steps on the subset
+                metrics = cold | train_step(subset, subset_id, cur, policy, ref, gen, tokenizer, optimizer,
+                                            scheduler, state, cfg, rank, world, device, stop)
+                cold = {}
+                state["step"] += 1
 
-            # --- log, eval, checkpoint ---------------------------------------------------------------
-            last = state["step"] == total_steps
-            if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
-                sync_generation_weights(policy, gen)
-                metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                               stream_seed(cfg.run.seed, "eval", 0, state["step"]))
-            logger.log(metrics, state["step"])
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
-            print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                            if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
-            stopped = bool(all_reduce(torch.tensor([1.0 if stop["requested"] else 0.0])).item())  # on every rank
-            if last or stopped or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
-                save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank,
-                                saved_ref)
-            if stopped:
-                print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
-                break
+                # --- log, eval, checkpoint -----------------------------------------------------------
+                last = state["step"] == total_steps
+                try:
+                    if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
+                        sync_generation_weights(policy, gen)
+                        metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                                       stream_seed(cfg.run.seed, "eval", 0, state["step"]), stop)
+                finally:  # an interrupted evaluation still logs its finished step
+                    log_step(logger, bar, metrics, state["step"])
+                due = rank == 0 and 0 < 60 * cfg.run.save_every_minutes < time.time() - last_save  # rank 0's clock
+                flags = all_reduce(torch.tensor([float(stop["requested"]), float(due)]))  # the same on every rank
+                stopped, due = flags[0].item() > 0, flags[1].item() > 0
+                if last or stopped or due or (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
+                    save()
+                    last_save = time.time()
+                if stopped:
+                    break
+        except StopRequested:  # inside generation: the unfinished step is dropped, the last finished one saved
+            stopped = True
+            save()
+        if stopped:
+            print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
     bar.close()
     if state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps):
         save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank, cfg)

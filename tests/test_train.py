@@ -310,23 +310,46 @@ def test_non_finite_loss_skips_then_aborts(tiny_model_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_signal_inside_a_long_step(tmp_path, sig):
+    """A step made long on purpose (one rollout per generate batch): the signal arrives while it generates,
+    the process drops the unfinished step, saves the last finished one within seconds and exits 0, and the
+    resumed run ends exactly where the uninterrupted one does."""
     import signal
     import time
 
-    out = tmp_path / "term"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           *small_run(tiny_model_dir, out, "--run.save_every=0", "--train.steps_per_subset=50")]
+    slow = ["--rollout.max_batch_size=1", "--rollout.rollouts_per_step=120", "--rollout.prompts_per_step=6",
+            "--run.save_every=0", "--run.max_steps=3"]
+    full_state, _ = train.main(tiny_default_run(tmp_path / "full", *slow))
+    out = tmp_path / "stop"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *tiny_default_run(out, *slow)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    step_seconds = json.loads(metrics.read_text().splitlines()[1])["time/step"]
+    time.sleep(0.3 * step_seconds)  # well inside step 2's generation
+    sent = time.time()
+    proc.send_signal(getattr(signal, sig))
     assert proc.wait(timeout=120) == 0
-    done = train.checkpoint_dirs(str(out))
-    steps = [json.loads(l)["step"] for l in open(metrics)]
-    assert done and done[-1].endswith(f"step_{steps[-1]:06d}") and steps[-1] < 100
+    waited = time.time() - sent
+    assert waited < max(0.5 * step_seconds, 3.0), (waited, step_seconds)  # not the rest of the step
+    assert [json.loads(l)["step"] for l in open(metrics)] == [0, 1]  # step 2 was dropped, not half-done
+    assert [os.path.basename(p) for p in train.checkpoint_dirs(str(out))] == ["step_000001"]
+    state, _ = train.main(tiny_default_run(out, *slow, "--run.resume=auto"))
+    assert state == full_state
+    wa, wb = _weights(tmp_path / "full" / "final"), _weights(out / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+@pytest.mark.slow
+def test_checkpoint_every_few_minutes(tiny_model_dir, tmp_path):
+    train.main(small_run(tiny_model_dir, tmp_path / "m", "--run.max_steps=3", "--run.save_every=0",
+                         "--run.save_every_minutes=1e-6", "--run.keep_checkpoints=5"))
+    assert [os.path.basename(p) for p in train.checkpoint_dirs(str(tmp_path / "m"))] == \
+        ["step_000001", "step_000002", "step_000003"]
 
 
 @pytest.mark.slow
