@@ -196,7 +196,7 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
                       top_p: float, seed: int = 0, max_batch_tokens: int = 1 << 20, rank: int = 0,
                       world_size: int = 1, workers: int = 0, timeout: float = 10.0,
                       system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE,
-                      stop_at_im_end: bool = True, should_stop=None):
+                      stop_at_im_end: bool = True, should_stop=None, progress: str = ""):
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
     them. Returns a list of per-problem records {"id", "answer", "responses", "scores"} for the shard."""
     import rollout
@@ -208,7 +208,8 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     eos = rollout.stop_token_ids(tokenizer, model, stop_at_im_end)
     out = rollout.generate(model, prompts, n_samples, max_new_tokens=max_new_tokens, eos_ids=eos,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                           seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens, should_stop=should_stop)
+                           seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens, should_stop=should_stop,
+                           progress=progress)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [shard[i]["answer"] for i in out.prompt_index.tolist()]
     scores = reward.score_batch(texts, golds, workers=workers, timeout=timeout)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from transformers import GenerationConfig
 
 
@@ -103,7 +105,7 @@ def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: 
 def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic",
-             share_prefill: bool = True, should_stop=None) -> Rollouts:
+             share_prefill: bool = True, should_stop=None, progress: str = "") -> Rollouts:
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
@@ -114,7 +116,8 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible).
     share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts.
     should_stop: called before each batch; when it returns True, `Interrupted` is raised (a preempted job
-    stops within one batch instead of after the whole phase)."""
+    stops within one batch instead of after the whole phase). progress: a label shows a progress bar on
+    stderr (rollouts done of all, tokens/s, ETA), redrawn at most every 30 s when stderr is not a terminal."""
     if cache not in ("dynamic", "static", "paged"):
         raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
@@ -131,6 +134,10 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
     batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
+    tty = sys.stderr.isatty()  # a log file gets a line every 30 s and the final one, a terminal a live bar
+    bar = tqdm(total=B, desc=progress, unit="rollout", disable=not progress, leave=not tty,
+               mininterval=0.5 if tty else 30.0)
+    tokens = 0
     for b, batch in enumerate(batches):
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped before batch {b} of {len(batches)}")
@@ -149,6 +156,10 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
+        tokens += int((gen != pad_id).sum())
+        bar.update(len(batch))
+        bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+    bar.close()
     return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
 
 

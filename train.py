@@ -291,8 +291,8 @@ def validate_config(cfg: Config):
                                     and not os.path.isdir(cfg.data.train[0])):
         raise ValueError(f"data.num_subsets={cfg.data.num_subsets}: a single source needs >= 1 subsets")
     path = cfg.model.path
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(f"model.path={path!r}: no such directory (and not a hub id of the form org/name)")
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"model.path={path!r}: no such directory (and not a hub id like org/name)")
 
 
 def config_dict(cfg: Config) -> dict:
@@ -565,7 +565,8 @@ def check_stop(stop: dict | None, interrupted: bool = False):
         raise StopRequested()
 
 
-def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None):
+def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None,
+                       progress: str = ""):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
     number of checker timeouts). `stop`: {"requested": bool}, checked between generation batches (then
     StopRequested on every rank)."""
@@ -576,7 +577,8 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                                top_p=cfg.rollout.top_p, seed=seed, max_batch_tokens=cfg.rollout.max_batch_tokens,
                                max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
                                share_prefill=cfg.rollout.share_prefill,
-                               should_stop=(lambda: stop["requested"]) if stop is not None else None)
+                               should_stop=(lambda: stop["requested"]) if stop is not None else None,
+                               progress=progress)
     except rollout.Interrupted:
         check_stop(stop, interrupted=True)
         raise  # unreachable: check_stop raised
@@ -596,7 +598,8 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     mine = list(range(rank, len(subset), world))
     k = cfg.cures.cold_start_rollouts
     out, rewards, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
-                                            [subset[i]["answer"] for i in mine], k, cfg, seed, stop)
+                                            [subset[i]["answer"] for i in mine], k, cfg, seed, stop,
+                                            "cold start" if rank == 0 else "")
     correct = rewards.view(len(mine), k) if mine else rewards.view(0, k)
     counts = [(mine[j], float(correct[j].sum()), k) for j in range(len(mine))]
     stats, t_grad = [], time.time()
@@ -1009,7 +1012,8 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
             timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
             stop_at_im_end=cfg.rollout.stop_at_im_end,
-            should_stop=(lambda: stop["requested"]) if stop is not None else None)
+            should_stop=(lambda: stop["requested"]) if stop is not None else None,
+            progress="eval" if rank == 0 else "")
     except rollout.Interrupted:
         check_stop(stop, interrupted=True)
     check_stop(stop)
@@ -1128,7 +1132,8 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
         out, rewards, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank), stop)
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank), stop,
+            "rollouts" if rank == 0 else "")
     observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
     adv = compute_advantages(rewards, out.prompt_index, out.lengths, cfg, rank)  # (B,) GRPO or REINFORCE++
     num_mb = int(mb.max()) + 1
@@ -1192,6 +1197,12 @@ RESUME_MUST_MATCH = {"data": ("train", "num_subsets", "max_prompts", "max_prompt
                      "rollout": ("prompts_per_step", "rollouts_per_step"), "run": ("seed",)}
 
 
+def _saved(config: dict, section: str, key: str):
+    """A key of a checkpoint's config (data.train was one string before it became a list)."""
+    value = config.get(section, {}).get(key)
+    return [value] if (section, key) == ("data", "train") and isinstance(value, str) else value
+
+
 def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
     """The run's counters, from the checkpoint named by run.resume (auto: the newest) or fresh."""
     state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0}
@@ -1205,8 +1216,8 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
             print0(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one")
             continue
         old, new = meta["config"], config_dict(cfg)
-        changed = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in RESUME_MUST_MATCH for k, v in new[s].items()
-                   if k in RESUME_MUST_MATCH[s] and old.get(s, {}).get(k) != v]
+        changed = [f"{s}.{k}: {_saved(old, s, k)!r} -> {v!r}" for s in RESUME_MUST_MATCH for k, v in new[s].items()
+                   if k in RESUME_MUST_MATCH[s] and _saved(old, s, k) != v]
         if changed:
             raise ValueError(f"cannot resume {path}: the config differs from the checkpoint's in keys that define "
                              f"the run: {'; '.join(changed)}")

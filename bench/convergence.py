@@ -40,7 +40,7 @@ def run(name, seed, extra, out, config):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(os.path.join(run_dir, "final", "config.json")):  # resume the benchmark itself
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, f"--run.out_dir={run_dir}",
-               f"--run.seed={seed}", "--run.save_every=0", *extra]
+               f"--run.seed={seed}", "--run.save_every=0", "--run.overwrite=true", *extra]
         if os.path.exists(metrics):
             os.remove(metrics)
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

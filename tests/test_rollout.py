@@ -142,3 +142,13 @@ def test_sampled_logprobs_match_training_forward(tiny_model_dir):
         seqs = [{"ids": p + r[:n], "prompt_len": len(p), "resp_len": n}]
         logp = train.score_logprobs(policy, train.make_micro_batches(seqs, 1, 0), torch.device("cpu"), cfg)[0]
         torch.testing.assert_close(logp, sampled[i, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_progress_bar_counts_rollouts(tiny_model_dir, capsys):
+    model, tok = _model_and_tok(tiny_model_dir)
+    kw = dict(max_new_tokens=4, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_batch_size=2)
+    rollout.generate(model, [tok("1+1").input_ids], 5, progress="rollouts", **kw)
+    err = capsys.readouterr().err
+    assert "rollouts" in err and "5/5" in err and "tokens_per_s" in err
+    rollout.generate(model, [tok("1+1").input_ids], 5, **kw)
+    assert capsys.readouterr().err == ""  # no label, no bar
