@@ -75,13 +75,14 @@ def main():
         jobs = [(f"{v}_tau{t}", VARIANTS[v] + [f"--cures.tau={t}"] + args.extra) for v in args.variants for t in args.taus]
     t0 = time.time()
     curves = {name: [run(name, s, extra, args.out, args.config) for s in args.seeds] for name, extra in jobs}
+    elapsed = f"{time.time() - t0:.0f} s" if time.time() - t0 > 60 else "tables from runs made earlier"
     steps = np.array([p[0] for p in next(iter(curves.values()))[0]])
     table = {}
     for name, runs in curves.items():
         acc = np.array([[p[2] for p in c] for c in runs])  # (seeds, evals)
         roll = np.array([[p[1] for p in c] for c in runs]).mean(0)
         table[name] = {"mean": acc.mean(0), "std": acc.std(0), "rollouts": roll, "final": acc[:, -1], "best": acc.max(1)}
-    lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; {time.time() - t0:.0f} s; seeds {args.seeds}; "
+    lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; {elapsed}; seeds {args.seeds}; "
              f"config {os.path.relpath(args.config, ROOT)} {' '.join(args.extra)}", "",
              "Held-out accuracy (mean ± std over seeds) at each evaluation:", "",
              "| variant | " + " | ".join(f"step {s}" for s in steps) + " | final | best |",
