@@ -205,16 +205,8 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
     from their parent's state), generated tokens in the order of `inputs`. The paged KV cache holds
     `max_batch_tokens` tokens (transformers would otherwise size it from free memory: most of the RAM on a CPU)."""
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
     device = next(model.parameters()).device
-    page = 256
-    # KV cache: what all requests need at once (whole pages), capped by the budget; tokens per forward as the
-    # authors' vLLM (8,192). With sdpa the paged path builds a dense (forward tokens x cache tokens) mask.
-    need = sum(-(-(len(p) + gen_cfg.max_new_tokens) // page) for p in inputs)
-    cache_tokens = min(max_batch_tokens, need * page)
-    cb = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, -(-cache_tokens // page)),
-                                  max_batch_tokens=min(8192, cache_tokens))
+    cb = paged_cache_config([len(p) for p in inputs], gen_cfg.max_new_tokens, max_batch_tokens)
     with _seeded(device, seed * 1_000_003), _own_generation_config(model):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
                                    warmup=device.type == "cuda", continuous_batching_config=cb)
@@ -223,6 +215,19 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     if len(results) != len(inputs) or failed:
         raise RuntimeError(f"continuous batching returned {len(results)} of {len(inputs)} requests; failed: {failed[:5]}")
     return [r.generated_tokens[:gen_cfg.max_new_tokens] for r in results]
+
+
+def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, page: int = 256):
+    """Continuous batching's cache: what all requests need at once (whole pages of `page` tokens), capped by
+    the KV budget `max_batch_tokens`; tokens per forward as the authors' vLLM (8,192). Left to itself,
+    transformers sizes the cache from free memory (most of the RAM on a CPU), and with sdpa the paged path
+    also builds a dense (forward tokens x cache tokens) mask."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    need = sum(-(-(n + max_new_tokens) // page) for n in prompt_lens) * page
+    cache_tokens = max(page, min(max_batch_tokens, need))
+    return ContinuousBatchingConfig(page_size=page, num_blocks=-(-cache_tokens // page),
+                                    max_batch_tokens=min(8192, cache_tokens))
 
 
 def _finish(response_ids, seq_prompt, eos_ids, pad_id: int, max_new_tokens: int) -> Rollouts:

@@ -152,3 +152,12 @@ def test_progress_bar_counts_rollouts(tiny_model_dir, capsys):
     assert "rollouts" in err and "5/5" in err and "tokens_per_s" in err
     rollout.generate(model, [tok("1+1").input_ids], 5, **kw)
     assert capsys.readouterr().err == ""  # no label, no bar
+
+
+def test_paged_cache_is_sized_from_the_work():
+    """The paged KV cache holds what the requests need, not what free memory allows (it took 15 GB of RAM in
+    the test above before), and never more than the rollout.max_batch_tokens budget."""
+    cb = rollout.paged_cache_config([5, 12, 300], max_new_tokens=6, max_batch_tokens=1 << 20)
+    assert cb.num_blocks == 1 + 1 + 2 and cb.max_batch_tokens == 4 * 256
+    cb = rollout.paged_cache_config([1000] * 100, max_new_tokens=3072, max_batch_tokens=1 << 18)
+    assert cb.num_blocks * 256 == 1 << 18 and cb.max_batch_tokens == 8192
