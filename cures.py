@@ -299,11 +299,12 @@ def lm_head_gram(hidden, weight, targets, segment, num_responses: int, temperatu
     if extra is not None:
         tok, seg, vec = torch.cat([tok, extra[0].long()]), torch.cat([seg, extra[1].long()]), torch.cat([vec, extra[2].float()])
     Vc = max(1, chunk * V // max(L, R * d, 1))
+    rows = [segment == a for a in range(R)]  # (L,) positions of each response
     gram = torch.zeros(R, R, dtype=torch.float64, device=h.device)
     for v0 in range(0, V, Vc):
         v1 = min(V, v0 + Vc)
         probs = torch.exp(h @ w[v0:v1].T / temperature - lse[:, None])  # (L, Vc) pi_t over this slice
-        g = torch.stack([-(probs[segment == a].T @ h[segment == a]) / temperature for a in range(R)])  # (R, Vc, d)
+        g = torch.stack([-(probs[r].T @ h[r]) / temperature for r in rows])  # (R, Vc, d)
         inside = (tok >= v0) & (tok < v1)
         g.index_put_((seg[inside], tok[inside] - v0), vec[inside], accumulate=True)  # + onehot(token) vector^T
         g = g.flatten(1).double()  # (R, Vc * d)

@@ -62,24 +62,19 @@ def score(response: str, gold: str, timeout: int = 5) -> float:
 
 def _score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
     """(score, whether math-verify's own timeout stopped it)."""
-    before = _TimeoutLog.count
-    return _score_plain(response, gold, timeout), _TimeoutLog.count > before
-
-
-def _score_plain(response: str, gold: str, timeout: int) -> float:
     from math_verify import parse, verify
 
+    before = _TimeoutLog.count
     try:
         gold_cfg, pred_cfg = _configs()
         gold_parsed = parse("\\boxed{" + str(gold) + "}", gold_cfg, parsing_timeout=timeout)
-        if not gold_parsed:
-            return 0.0
-        pred_parsed = parse(str(response), pred_cfg, parsing_timeout=timeout)
-        return 1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout) else 0.0
+        pred_parsed = parse(str(response), pred_cfg, parsing_timeout=timeout) if gold_parsed else None
+        ok = bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # noqa: BLE001  math-verify's TimeoutException is a BaseException; model output never crashes training
-        return 0.0
+        ok = False
+    return (1.0 if ok else 0.0), _TimeoutLog.count > before
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:

@@ -203,8 +203,7 @@ def _cache_kwarg(model) -> str:
 def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int,
                     max_batch_tokens: int) -> list[list[int]]:
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
-    from their parent's state), generated tokens in the order of `inputs`. The paged KV cache holds
-    `max_batch_tokens` tokens (transformers would otherwise size it from free memory: most of the RAM on a CPU)."""
+    from their parent's state), generated tokens in the order of `inputs`; the cache as `paged_cache_config`."""
     device = next(model.parameters()).device
     cb = paged_cache_config([len(p) for p in inputs], gen_cfg.max_new_tokens, max_batch_tokens)
     with _seeded(device, seed * 1_000_003), _own_generation_config(model):

@@ -273,8 +273,7 @@ def validate_config(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
-    if str(cfg.train.pack).lower() not in ("auto", "true", "false"):
-        raise ValueError(f"train.pack must be one of auto, true, false, not {cfg.train.pack!r}")
+    micro_batch_layout(cfg)  # train.pack, and share_prompt's attention needs
     if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:
         raise ValueError("cures.sigma=gradient measures Eq. 21's gradients on the cold start: "
                          "cures.cold_start_rollouts must be > 0")
@@ -565,24 +564,30 @@ def check_stop(stop: dict | None, interrupted: bool = False):
         raise StopRequested()
 
 
+@contextlib.contextmanager
+def interruptible(stop: dict | None):
+    """A generation phase that a stop request ends between two batches: yields the `should_stop` callable
+    for rollout.generate, then checks on every rank (StopRequested everywhere if any rank stopped)."""
+    try:
+        yield (lambda: stop["requested"]) if stop is not None else None
+    except rollout.Interrupted:
+        check_stop(stop, interrupted=True)
+        raise  # unreachable: check_stop raised
+    check_stop(stop)
+
+
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None,
                        progress: str = ""):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
     number of checker timeouts). `stop`: {"requested": bool}, checked between generation batches (then
     StopRequested on every rank)."""
-    try:
+    with interruptible(stop) as should_stop:
         out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
                                eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
                                pad_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
                                top_p=cfg.rollout.top_p, seed=seed, max_batch_tokens=cfg.rollout.max_batch_tokens,
                                max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
-                               share_prefill=cfg.rollout.share_prefill,
-                               should_stop=(lambda: stop["requested"]) if stop is not None else None,
-                               progress=progress)
-    except rollout.Interrupted:
-        check_stop(stop, interrupted=True)
-        raise  # unreachable: check_stop raised
-    check_stop(stop)
+                               share_prefill=cfg.rollout.share_prefill, should_stop=should_stop, progress=progress)
     texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -1004,19 +1009,15 @@ def log_step(logger: Logger, bar, metrics: dict, step: int):
 
 
 def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int, stop: dict | None = None):
-    try:
+    with interruptible(stop) as should_stop:
         records = evaluation.evaluate_problems(
             gen, tokenizer, problems, n_samples=cfg.eval.samples,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
             top_p=cfg.rollout.top_p, seed=seed, rank=rank, world_size=world, workers=cfg.run.reward_workers,
             timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
-            stop_at_im_end=cfg.rollout.stop_at_im_end,
-            should_stop=(lambda: stop["requested"]) if stop is not None else None,
+            stop_at_im_end=cfg.rollout.stop_at_im_end, should_stop=should_stop,
             progress="eval" if rank == 0 else "")
-    except rollout.Interrupted:
-        check_stop(stop, interrupted=True)
-    check_stop(stop)
     scores = all_gather_list([s for r in records for s in r["scores"]])
     return float(np.mean(scores)) if scores else 0.0
 
