@@ -5,6 +5,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,11 @@ def tiny_model_dir(tmp_path_factory):
     build_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """The Qwen2.5-Math tokenizer (151,643 BPE tokens + 22 specials, chat template, EOS), built offline."""
+    from qwen_tokenizer import save_tokenizer
+
+    return save_tokenizer(str(tmp_path_factory.mktemp("qwen_tokenizer")))
