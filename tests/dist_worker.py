@@ -3,6 +3,11 @@
     dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum
     dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]
                                                  -> one update on a fixed global batch, saves the full gradient
+    dist_worker.py rehearse [train.py arguments...]
+                                                 -> train.main with about a quarter of the responses marked
+                                                    correct on top of the real checker (a random model never
+                                                    answers right), then each rank saves its curriculum and
+                                                    peak memory (bench/rehearsal.py)
 """
 
 import os
@@ -65,8 +70,35 @@ def run_grad(model_dir, out_file, overrides=()):
         torch.distributed.destroy_process_group()
 
 
+def run_rehearsal(argv):
+    import json
+    import resource
+    import zlib
+
+    import reward
+
+    real = reward.score_batch
+
+    def score_batch(responses, golds, **kwargs):  # the real checker, plus a hash-chosen quarter marked correct
+        scores = real(responses, golds, **kwargs)
+        forced = reward.Scores(max(s, float(zlib.crc32(r.encode()) % 4 == 0)) for s, r in zip(scores, responses))
+        forced.timeouts = scores.timeouts
+        return forced
+
+    reward.score_batch = score_batch
+    state, cur = train.main(argv)
+    cfg = train.load_config(argv)
+    rank = int(os.environ.get("RANK", 0))
+    np.savez(os.path.join(cfg.run.out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,
+             grad_stats=cur.grad_stats, step=state["step"])
+    with open(os.path.join(cfg.run.out_dir, f"memory_rank{rank}.json"), "w") as f:
+        json.dump({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, f)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         run_train(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "rehearse":
+        run_rehearsal(sys.argv[2:])
     else:
         run_grad(sys.argv[2], sys.argv[3], sys.argv[4:])

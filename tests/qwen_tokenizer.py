@@ -36,9 +36,22 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
+def _parts(ranks: dict, token: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's BPE of `token` using only merges that rank below max_rank (lowest rank merged first)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)]
+        rank, i = min(pairs)
+        if rank >= max_rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def _bpe(path: str = ASSET):
-    """vocab {byte-level string: id} and merges [(left, right)] in rank order, from tiktoken ranks: a token's
-    merges are its splits into two tokens that both rank lower (the conversion transformers uses)."""
+    """vocab {byte-level string: id} and merges [(left, right)] in rank order from tiktoken ranks: a token's
+    merge is the last step of its own BPE under the lower-ranked merges (one merge per multi-byte token, as
+    in Qwen2's merges.txt)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     ranks = {}
@@ -52,13 +65,12 @@ def _bpe(path: str = ASSET):
     def spell(b: bytes) -> str:
         return "".join(to_unicode[x] for x in b)
 
-    vocab = {spell(t): r for t, r in ranks.items()}
     merges = []
-    for token, rank in ranks.items():
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += [(rank, ranks[a], ranks[b], a, b) for a, b in splits]
-    merges.sort()
-    return vocab, [(spell(a), spell(b)) for *_, a, b in merges]
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            left, right = _parts(ranks, token, rank)  # exactly two: every token is reachable by BPE
+            merges.append((spell(left), spell(right)))
+    return {spell(t): r for t, r in ranks.items()}, merges
 
 
 def build_tokenizer():

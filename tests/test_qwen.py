@@ -21,7 +21,12 @@ def tok(qwen_tokenizer_dir):
     return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
 
 
-def test_vocabulary_and_special_tokens(tok):
+def test_vocabulary_and_special_tokens(tok, qwen_tokenizer_dir):
+    import json
+    import os
+
+    with open(os.path.join(qwen_tokenizer_dir, "tokenizer.json")) as f:
+        assert len(json.load(f)["model"]["merges"]) == 151_387  # one per multi-byte token, as Qwen2's merges.txt
     assert len(tok) == 151_665  # 151,643 BPE tokens + 22 special tokens (the model's 151,936 rows are padding)
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == EOT
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|file_sep|>"]) == [IM_START, IM_END, 151664]

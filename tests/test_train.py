@@ -644,3 +644,50 @@ def test_full_disk_during_a_checkpoint_says_so(tiny_model_dir, tmp_path, monkeyp
     with pytest.raises(OSError, match="no space left on device"):
         train.save_checkpoint(policy, optimizer, cures.Curriculum(3), {"step": 1}, cfg, 0)
     assert os.listdir(tmp_path / "checkpoints") == []  # no step_000001.tmp left behind
+
+
+@pytest.mark.slow
+def test_real_shapes_rehearsal_two_ranks(qwen_tokenizer_dir, tmp_path):
+    """configs/1.5b.yaml with overrides for size only (bench/rehearsal.py): Qwen2.5-Math-1.5B cut to 2 layers at a
+    narrow width (full 151,936 vocabulary, tied embeddings), the real tokenizer and chat template, MATH rows whose
+    gold comes from their solutions, 2 gloo ranks, FSDP2, gradient checkpointing, sigma=gradient, a checkpoint
+    every step. A run stopped after 3 steps (inside subset 2) and resumed to 4 equals the uninterrupted 4 steps."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import rehearsal
+
+    model, data = str(tmp_path / "model"), str(tmp_path / "math.jsonl")
+    rehearsal.build_model(model, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                          tokenizer_dir=qwen_tokenizer_dir)
+    rehearsal.write_rows(data, 16)
+    small = ["--train.logprob_chunk=256"]  # (256, 151,936) float32 logits per chunk: the suite's memory budget
+
+    def run(out, steps):
+        rehearsal.torchrun([*rehearsal.overrides(model, data, str(out), steps=steps), *small])
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+    run(tmp_path / "a", 3)  # stopped inside subset 2 (its cold start done, one step of it left)
+    resumed = run(tmp_path / "a", 4)
+    straight = run(tmp_path / "b", 4)
+    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4] and [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert straight[0]["data/prompts"] == 16  # every MATH row has a boxed answer in its solution
+    for a, b in zip(resumed[1:], straight[1:]):
+        for key in ("train/reward", "actor/pg_loss", "actor/grad_norm", "rollouts/total", "tokens/train"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    # the work was real: mixed rewards, non-zero gradients, Eq. 21 statistics from the tied embedding matrix
+    assert all(0 < r["train/reward"] < 1 and r["actor/grad_norm"] > 0 for r in straight[1:])
+    assert straight[3]["subset"] == 1 and straight[3]["rollouts/cold_start"] > straight[2]["rollouts/cold_start"]
+    for rank in (0, 1):
+        a, b = np.load(tmp_path / "a" / f"curriculum_rank{rank}.npz"), np.load(tmp_path / "b" / f"curriculum_rank{rank}.npz")
+        assert a["step"] == b["step"] == 4
+        for k in ("alpha", "beta", "grad_stats"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
+        assert np.all(b["grad_stats"] >= 0) and b["grad_stats"][0].sum() > 0
+        assert json.load(open(tmp_path / "b" / f"memory_rank{rank}.json"))["peak_rss_gb"] < 1.5
+    from transformers import AutoModelForCausalLM
+
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
+    w0 = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.allclose(w0[k], wb[k]) for k in wb)
