@@ -1,14 +1,18 @@
 """Time per GRPO step: ours (train.py) against TRL's GRPOTrainer, same tiny model, batch and lengths, one run.
 
-Both: the bundled tiny model, 64 prompts x 8 rollouts, 16 new tokens, temperature 1, one optimiser step per
-step on all 512 completions, KL coefficient 0.001 with a reference model, the same answer checker
+Both: the bundled tiny model, 64 prompts x 8 rollouts, temperature 1, one optimiser step per step on all 512
+completions, KL coefficient 0.001 with a reference model, the same answer checker
 (reward.score_batch). Ours runs the GRPO baseline (uniform sampling and allocation) so the sampling work
 is the same, twice: with padded micro-batches (--train.share_prompt=false) and with shared prompts (each
 prompt forwarded once per group in the log-prob and update passes, as configs/tiny.yaml sets). The first
 step of each (our cold start, TRL's warm-up) is not timed. TRL is not a dependency of the project:
-`pip install trl` to run this.
+`pip install trl datasets` to run this.
 
-    python bench/trl_compare.py [--steps 5]
+Lengths: 16 new tokens is the tiny task's natural length (answers end by ~12 tokens). At 128 and 512 every
+completion is forced to exactly that length in both trainers (`min_new_tokens` = `max_new_tokens`: EOS is
+suppressed until then), so each generates and trains on the same number of tokens.
+
+    python bench/trl_compare.py [--steps 5] [--new-tokens 16 128 512]
 """
 
 import argparse
@@ -22,23 +26,38 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-M, G, NEW = 64, 8, 16
+M, G = 64, 8
 
 
-def ours(steps, out, extra=()):
+def ours(steps, out, new, extra=()):
+    import rollout
     import train
+
+    if new > 16:  # forced length: EOS suppressed until max_new_tokens (bench only; train.py never does this)
+        real = rollout.sampling_config
+
+        def forced(*args, **kwargs):
+            cfg = real(*args, **kwargs)
+            cfg.min_new_tokens = new
+            return cfg
+
+        rollout.sampling_config = forced
 
     overrides = [*extra, "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
                  "--cures.sampling=uniform", "--cures.allocation=uniform", f"--rollout.prompts_per_step={M}",
-                 f"--rollout.rollouts_per_step={M * G}", f"--rollout.max_new_tokens={NEW}",
+                 f"--rollout.rollouts_per_step={M * G}", f"--rollout.max_new_tokens={new}",
                  f"--train.mini_batch_prompts={M}", f"--run.max_steps={steps}", "--run.save_every=0", "--eval.data=",
                  "--data.num_subsets=1", f"--train.steps_per_subset={steps}"]
-    train.main(overrides)
+    try:
+        train.main(overrides)
+    finally:
+        if new > 16:
+            rollout.sampling_config = real
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return [r["time/step"] for r in rows if r["step"] > 1]  # step 1 warms up
 
 
-def trl(steps, out):
+def trl(steps, out, new):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -62,10 +81,11 @@ def trl(steps, out):
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.t0)
 
-    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=M * G, num_generations=G, max_completion_length=NEW,
+    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=M * G, num_generations=G, max_completion_length=new,
                      learning_rate=3e-4, beta=0.001, temperature=1.0, top_p=1.0, top_k=0, num_iterations=1,
                      max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                     gradient_accumulation_steps=1, bf16=False, seed=0)
+                     gradient_accumulation_steps=1, bf16=False, seed=0,
+                     generation_kwargs={"min_new_tokens": new} if new > 16 else None)
     tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "tiny"), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "models", "tiny"))
     trainer = GRPOTrainer(model=model, reward_funcs=math_reward, args=cfg, train_dataset=data,
@@ -77,24 +97,27 @@ def trl(steps, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[16, 128, 512])
     args = ap.parse_args()
     import torch
-
-    out = tempfile.mkdtemp(prefix="trl_compare_")
-    t_ours = ours(args.steps, os.path.join(out, "ours"), ["--train.share_prompt=false"])
-    t_shared = ours(args.steps, os.path.join(out, "ours_shared"), ["--train.share_prompt=true"])
-    t_trl = trl(args.steps, os.path.join(out, "trl"))
     import trl as trl_pkg
 
+    out = tempfile.mkdtemp(prefix="trl_compare_")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, trl {trl_pkg.__version__}")
-    print(f"{M} prompts x {G} rollouts, {NEW} new tokens, {args.steps - 1} timed steps each")
-    print("| trainer | seconds per step | steps timed |\n|---|---|---|")
-    print(f"| ours (train.py, GRPO baseline), padded micro-batches | {mean(t_ours):.2f} | {len(t_ours)} |")
-    print(f"| ours, shared prompts (--train.share_prompt=true) | {mean(t_shared):.2f} | {len(t_shared)} |")
-    print(f"| TRL GRPOTrainer | {mean(t_trl):.2f} | {len(t_trl)} |")
-    print(f"speed-up, TRL time / ours: {mean(t_trl) / mean(t_ours):.2f}x (padded micro-batches), "
-          f"{mean(t_trl) / mean(t_shared):.2f}x (shared prompts)")
+    print(f"{M} prompts x {G} rollouts, {args.steps - 1} timed steps each; seconds per step")
+    rows = []
+    for new in args.new_tokens:
+        t_ours = ours(args.steps, os.path.join(out, f"ours{new}"), new, ["--train.share_prompt=false"])
+        t_shared = ours(args.steps, os.path.join(out, f"ours_shared{new}"), new, ["--train.share_prompt=true"])
+        t_trl = trl(args.steps, os.path.join(out, f"trl{new}"), new)
+        rows.append((new, mean(t_ours), mean(t_shared), mean(t_trl)))
+        print(f"  {new} new tokens: ours {rows[-1][1]:.2f}, ours shared prompts {rows[-1][2]:.2f}, TRL {rows[-1][3]:.2f}",
+              flush=True)
+    print("| new tokens | ours, padded micro-batches | ours, shared prompts | TRL GRPOTrainer | TRL / ours (padded) "
+          "| TRL / ours (shared) |\n|---|---|---|---|---|---|")
+    for new, a, b, c in rows:
+        print(f"| {new}{' (forced)' if new > 16 else ''} | {a:.2f} | {b:.2f} | {c:.2f} | {c / a:.2f}x | {c / b:.2f}x |")
 
 
 if __name__ == "__main__":

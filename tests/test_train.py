@@ -577,6 +577,7 @@ def test_help_and_config_flag_forms(capsys, tmp_path):
     (["--rollout.rollouts_per_step=0"], "rollouts_per_step >= 2048"),
     (["--data.num_subsets=0", f"--data.train={TRAIN_DATA}"], "data.num_subsets=0"),
     (["--model.path=./no/such/model"], "model.path='./no/such/model': no such directory"),
+    (["--rollout.cache=paged", "--model.attn_implementation=sdpa"], "dense .* mask: 8,192 x 2,097,152"),
 ])
 def test_bad_config_fails_before_anything_loads(tmp_path, args, match):
     """Checked before the tokenizer, the data or the model are touched (no model exists at the default path)."""

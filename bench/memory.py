@@ -1,0 +1,197 @@
+"""Per-GPU memory of train.py for Qwen2.5-Math-1.5B and -7B, from measurements, not from a formula on paper.
+
+    python bench/memory.py                    # both models, 8/4/2 ranks, the table and the largest batch sizes
+    python bench/memory.py --models 1.5b --tokens 256
+
+What is measured, and how:
+- FSDP2 shards: the real model (bench/qwen2.5-*/config.json) built on the meta device and sharded by
+  train.shard_model under a fake process group of world size W; the bytes are those of rank 0's local shards
+  (FSDP2 pads dim 0 to a multiple of W). fp32 master weights, fp32 gradients, AdamW's two fp32 moments, and
+  the KL reference (an fp32 shard, train.build_models) each take that many elements.
+- The bf16 generation copy: every parameter, unsharded, on every rank (train.build_models).
+- FSDP2's unsharded buffers: the root (embeddings, lm_head, final norm) and two decoder layers (the one
+  computing and the one prefetched) gathered in bf16, and the root's gradient before its fp32 reduce-scatter.
+- KV cache per token: 2 (K, V) x layers x KV heads x head dim x 2 bytes (bf16), from the config.
+- Activations per trained token, on CPU at the real width in bf16: what one decoder layer saves for its
+  backward (autograd's saved-tensor hooks, parameters excluded). With gradient checkpointing (train.py on
+  GPU) each of the L layers keeps only its input (d bf16 numbers a token) and the layer being recomputed
+  holds its saved tensors again: L * 2d + layer bytes a token. The log-prob head (grpo.token_logprobs, real
+  vocabulary, one chunk of train.logprob_chunk tokens at a time) is measured with torch's MemTracker (peak of
+  activations + temporaries of its forward and backward) and added. The log-prob head (grpo.token_logprobs, real vocabulary, one chunk of
+  train.logprob_chunk tokens at a time) is measured on its own and added (the two peaks do not coincide, so the
+  sum is an upper bound).
+- Sampling: the last position's logits in fp32 for up to rollout.max_batch_size rows, three copies (logits,
+  processed scores, probabilities); the prefill's transient activations per prompt token, measured like the
+  decoder layer above, without gradients.
+Usable memory: the card's capacity less HEADROOM_GB (CUDA context, NCCL buffers, allocator fragmentation).
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import grpo  # noqa: E402
+import train  # noqa: E402
+
+CONFIGS = {"1.5b": os.path.join(ROOT, "bench", "qwen2.5-1.5b", "config.json"),
+           "7b": os.path.join(ROOT, "bench", "qwen2.5-7b", "config.json")}
+GB = 2**30
+HEADROOM_GB = 6.0  # CUDA context (~0.5), NCCL buffers (~1), caching-allocator fragmentation (~10% of 40 GB)
+
+
+def hf_config(path: str, layers: int | None = None):
+    from transformers import AutoConfig
+
+    with open(path) as f:
+        d = json.load(f)
+    if layers is not None:
+        d.update(num_hidden_layers=layers, max_window_layers=layers)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def shard_elements(cfg, world: int) -> tuple[int, int, int, int]:
+    """(parameters, rank 0's sharded elements, root elements, largest decoder layer's elements) with
+    train.shard_model on the meta device under a fake process group of `world` ranks."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        with torch.device("meta"):
+            policy = train.Policy(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+        layer = sum(p.numel() for p in policy.hf.model.layers[0].parameters())
+        total = sum(p.numel() for p in policy.parameters())  # tied weights counted once
+        root = total - sum(p.numel() for p in policy.hf.model.layers.parameters())
+        train.shard_model(policy, torch.device("meta"))
+        local = sum(p.to_local().numel() for p in policy.parameters())
+    finally:
+        dist.destroy_process_group()
+    return total, local, root, layer
+
+
+def _peak(fn) -> int:
+    """Peak bytes of activations + temporaries while fn runs (torch's MemTracker, CPU)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    mt = MemTracker()
+    with mt:
+        fn()
+    peak = mt.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return peak[_MemRefType.ACT] + peak[_MemRefType.TEMP]
+
+
+def _saved_bytes(fn, exclude) -> int:
+    """Bytes autograd keeps for the backward pass while fn runs (saved-tensor hooks), parameters excluded."""
+    seen, total = {p.untyped_storage().data_ptr() for p in exclude}, 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def activation_bytes(path: str, tokens: int, chunk: int) -> dict:
+    """Measured bytes per trained token at the real width: `layer`, what one decoder layer saves for its backward
+    (with gradient checkpointing each layer keeps only its input, `layer_input`, and the layer being recomputed
+    holds `layer` again); `head`, the peak of grpo.token_logprobs's forward and backward per token (up to
+    `chunk` tokens); `prefill`, the transient of one layer's no-grad forward per prompt token."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(path, 1), dtype=torch.bfloat16, attn_implementation="sdpa")
+    d, V = model.config.hidden_size, model.config.vocab_size
+    ids = torch.randint(0, 1000, (1, tokens))
+    model.train()
+    layer = _saved_bytes(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             use_cache=False).last_hidden_state.float().square().mean(),
+                         list(model.parameters()))
+    model.eval()
+    with torch.no_grad():
+        prefill = _peak(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
+    del model
+    T = min(tokens, chunk)
+    h = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, d) * 0.02).to(torch.bfloat16)  # its dense (V, d) gradient is counted with the root's
+    y = torch.randint(0, V, (T,))
+
+    def head():
+        logp, _ = grpo.token_logprobs(h, w, y, 1.0, chunk)
+        logp.sum().backward()
+
+    return {"layer": layer / tokens, "layer_input": 2 * d, "head": _peak(head) / T, "prefill": prefill / tokens}
+
+
+def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float) -> dict:
+    cfg = hf_config(CONFIGS[name])
+    params, local, root, layer = shard_elements(cfg, world)
+    L, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    b = {"master fp32": 4 * local, "grads fp32": 4 * local, "AdamW fp32 x2": 8 * local, "KL reference fp32": 4 * local,
+         "generation copy bf16": 2 * params, "FSDP2 unsharded (bf16 gather, fp32 root grad)": 2 * (root + 2 * layer) + 4 * root}
+    kv_per_token = 2 * L * kv * hd * 2
+    act_per_token = L * act["layer_input"] + act["layer"]  # checkpointed inputs + the layer being recomputed
+    sampling = 3 * max_batch_size * cfg.vocab_size * 4
+    gen_static = b["master fp32"] + b["AdamW fp32 x2"] + b["KL reference fp32"] + b["generation copy bf16"]
+    train_static = sum(b.values())
+    head = chunk * act["head"]
+    fit = {}
+    for cap in (80, 40):
+        usable = (cap - HEADROOM_GB) * GB
+        # a generate batch: KV for every token of its rows + the prefill of its prompt tokens (a fraction of them)
+        per_gen_token = kv_per_token + prompt_frac * act["prefill"]
+        fit[cap] = (max(0, int((usable - gen_static - sampling) // per_gen_token)),
+                    max(0, int((usable - train_static - head) // act_per_token)))
+    return {"model": name, "world": world, "params": params, "bytes": b, "kv_per_token": kv_per_token,
+            "act_per_token": act_per_token, "head": head, "sampling": sampling, "gen_static": gen_static,
+            "train_static": train_static, "fit": fit}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["1.5b", "7b"])
+    ap.add_argument("--worlds", nargs="+", type=int, default=[8, 4, 2])
+    ap.add_argument("--tokens", type=int, default=512, help="tokens of the CPU activation measurement")
+    ap.add_argument("--chunk", type=int, default=train.TrainConfig.logprob_chunk)
+    ap.add_argument("--max-batch-size", type=int, default=train.RolloutConfig.max_batch_size)
+    ap.add_argument("--json", default="", help="also write the numbers here")
+    args = ap.parse_args()
+    # a generate row reserves prompt + max_new_tokens of KV; its prompt share (1,024 of 1,024 + 3,072) is prefilled
+    prompt_frac = train.DataConfig.max_prompt_len / (train.DataConfig.max_prompt_len + train.RolloutConfig.max_new_tokens)
+    print(f"{platform.node()}: torch {torch.__version__}; activations measured on CPU in bf16 over {args.tokens} "
+          f"tokens (1 and 2 layers, real width); usable = capacity - {HEADROOM_GB:.0f} GB")
+    rows = []
+    for name in args.models:
+        act = activation_bytes(CONFIGS[name], args.tokens, args.chunk)
+        print(f"\n{name}: per trained token, a decoder layer saves {act['layer'] / 2**10:.0f} KiB for backward, its "
+              f"checkpointed input {act['layer_input'] / 2**10:.0f} KiB; log-prob head {act['head'] / 2**20:.2f} MiB/token up to {args.chunk} tokens, "
+              f"prefill {act['prefill'] / 2**10:.0f} KiB/prompt token")
+        for world in args.worlds:
+            r = table(name, world, act, args.chunk, args.max_batch_size, prompt_frac)
+            rows.append(r)
+            print(f"  {world} ranks, {r['params'] / 1e9:.2f}B parameters: "
+                  + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in r["bytes"].items()))
+            print(f"    KV cache {r['kv_per_token'] / 2**10:.0f} KiB/token, sampling logits {r['sampling'] / GB:.2f} GB, "
+                  f"activations {r['act_per_token'] / 2**10:.0f} KiB/token + head {r['head'] / GB:.2f} GB; static: "
+                  f"generation {r['gen_static'] / GB:.1f} GB, update {r['train_static'] / GB:.1f} GB")
+            print("    largest rollout.max_batch_tokens / train.micro_batch_tokens: "
+                  + ", ".join(f"{cap} GB: {g:,} / {m:,}" for cap, (g, m) in r["fit"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
