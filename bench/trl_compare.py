@@ -94,10 +94,17 @@ def trl(steps, out, new):
     return times[1:]
 
 
+VARIANTS = {"padded": ("ours, padded micro-batches", ["--train.share_prompt=false"]),
+            "shared": ("ours, shared prompts", ["--train.share_prompt=true"]),
+            "static": ("ours, padded, static KV cache", ["--train.share_prompt=false", "--rollout.cache=static"]),
+            "trl": ("TRL GRPOTrainer", None)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[16, 128, 512])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     import torch
     import trl as trl_pkg
@@ -106,18 +113,23 @@ def main():
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, trl {trl_pkg.__version__}")
     print(f"{M} prompts x {G} rollouts, {args.steps - 1} timed steps each; seconds per step")
-    rows = []
+    results = {}
     for new in args.new_tokens:
-        t_ours = ours(args.steps, os.path.join(out, f"ours{new}"), new, ["--train.share_prompt=false"])
-        t_shared = ours(args.steps, os.path.join(out, f"ours_shared{new}"), new, ["--train.share_prompt=true"])
-        t_trl = trl(args.steps, os.path.join(out, f"trl{new}"), new)
-        rows.append((new, mean(t_ours), mean(t_shared), mean(t_trl)))
-        print(f"  {new} new tokens: ours {rows[-1][1]:.2f}, ours shared prompts {rows[-1][2]:.2f}, TRL {rows[-1][3]:.2f}",
-              flush=True)
-    print("| new tokens | ours, padded micro-batches | ours, shared prompts | TRL GRPOTrainer | TRL / ours (padded) "
-          "| TRL / ours (shared) |\n|---|---|---|---|---|---|")
-    for new, a, b, c in rows:
-        print(f"| {new}{' (forced)' if new > 16 else ''} | {a:.2f} | {b:.2f} | {c:.2f} | {c / a:.2f}x | {c / b:.2f}x |")
+        for v in args.variants:
+            name, extra = VARIANTS[v]
+            times = trl(args.steps, os.path.join(out, f"trl{new}"), new) if v == "trl" else \
+                ours(args.steps, os.path.join(out, f"{v}{new}"), new, extra)
+            results[new, v] = mean(times)
+            print(f"  {new} new tokens, {name}: {results[new, v]:.2f} s per step", flush=True)
+    ours_v = [v for v in args.variants if v != "trl"]
+    print("| new tokens | " + " | ".join(VARIANTS[v][0] for v in args.variants)
+          + "".join(f" | TRL / {v}" for v in ours_v if "trl" in args.variants) + " |")
+    print("|---" * (1 + len(args.variants) + len(ours_v) * ("trl" in args.variants)) + "|")
+    for new in args.new_tokens:
+        row = [f"{results[new, v]:.2f}" for v in args.variants]
+        if "trl" in args.variants:
+            row += [f"{results[new, 'trl'] / results[new, v]:.2f}x" for v in ours_v]
+        print(f"| {new}{' (forced)' if new > 16 else ''} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
