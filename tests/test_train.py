@@ -683,7 +683,8 @@ def test_real_shapes_rehearsal_two_ranks(qwen_tokenizer_dir, tmp_path):
         for k in ("alpha", "beta", "grad_stats"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
         assert np.all(b["grad_stats"] >= 0) and b["grad_stats"][0].sum() > 0
-        assert json.load(open(tmp_path / "b" / f"memory_rank{rank}.json"))["peak_rss_gb"] < 1.5
+        # measured 1.1-1.3 GB (torch, the 151,936-token tokenizer, (256, V) logit chunks); the suite budget is ~4 GB
+        assert json.load(open(tmp_path / "b" / f"memory_rank{rank}.json"))["peak_rss_gb"] < 2.0
     from transformers import AutoModelForCausalLM
 
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
