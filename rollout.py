@@ -216,9 +216,12 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     return [r.generated_tokens[:gen_cfg.max_new_tokens] for r in results]
 
 
+PAGED_FORWARD_TOKENS = 8192  # tokens per continuous-batching forward, as the authors' vLLM
+
+
 def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, page: int = 256):
     """Continuous batching's cache: what all requests need at once (whole pages of `page` tokens), capped by
-    the KV budget `max_batch_tokens`; tokens per forward as the authors' vLLM (8,192). Left to itself,
+    the KV budget `max_batch_tokens`; PAGED_FORWARD_TOKENS per forward. Left to itself,
     transformers sizes the cache from free memory (most of the RAM on a CPU), and with sdpa the paged path
     also builds a dense (forward tokens x cache tokens) mask."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -226,7 +229,7 @@ def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_to
     need = sum(-(-(n + max_new_tokens) // page) for n in prompt_lens) * page
     cache_tokens = max(page, min(max_batch_tokens, need))
     return ContinuousBatchingConfig(page_size=page, num_blocks=-(-cache_tokens // page),
-                                    max_batch_tokens=min(8192, cache_tokens))
+                                    max_batch_tokens=min(PAGED_FORWARD_TOKENS, cache_tokens))
 
 
 def _finish(response_ids, seq_prompt, eos_ids, pad_id: int, max_new_tokens: int) -> Rollouts:

@@ -275,10 +275,12 @@ def validate_config(cfg: Config):
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
     micro_batch_layout(cfg)  # train.pack, and share_prompt's attention needs
     cache_tokens, attn = cfg.rollout.max_batch_tokens, cfg.model.attn_implementation
-    if cfg.rollout.cache == "paged" and not attn.startswith("flash_attention") and min(8192, cache_tokens) * cache_tokens > 2**32:
+    forward_tokens, mask_limit = min(rollout.PAGED_FORWARD_TOKENS, cache_tokens), 2**32
+    if cfg.rollout.cache == "paged" and not attn.startswith("flash_attention") and forward_tokens * cache_tokens > mask_limit:
         raise ValueError(f"rollout.cache=paged with model.attn_implementation={attn} builds a dense (forward tokens x "
-                         f"cache tokens) mask: {min(8192, cache_tokens):,} x {cache_tokens:,} here. Use flash_attention_2, "
-                         "or rollout.cache=dynamic, or a rollout.max_batch_tokens under 524,288")
+                         f"cache tokens) mask: {forward_tokens:,} x {cache_tokens:,} here. Use flash_attention_2, or "
+                         f"rollout.cache=dynamic, or a rollout.max_batch_tokens of at most "
+                         f"{mask_limit // rollout.PAGED_FORWARD_TOKENS:,}")
     if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:
         raise ValueError("cures.sigma=gradient measures Eq. 21's gradients on the cold start: "
                          "cures.cold_start_rollouts must be > 0")

@@ -18,23 +18,20 @@ Prompt lengths: lognormal, median 150 tokens (NuminaMath problems in the chat te
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rollout  # noqa: E402
+import train  # noqa: E402
 
 
 def lengths(n: int, rng, median: float, sigma: float, runaway: float, limit: int) -> np.ndarray:
     x = np.minimum(np.exp(rng.normal(np.log(median), sigma, n)), limit).astype(int)
     x[rng.random(n) < runaway] = limit
     return np.maximum(x, 1)
-
-
-def plan_dynamic(prompt, resp, max_new: int, max_batch_tokens: int, max_batch_size: int):
-    """rollout.plan_batches: rows in order, each reserving prompt + max_new_tokens of the budget."""
-    import rollout
-
-    return rollout.plan_batches(list(prompt), max_new, max_batch_tokens, max_batch_size)
 
 
 def simulate_dynamic(prompt, resp, batches, weight_bytes: float, kv_bytes: float, bw: float):
@@ -76,11 +73,6 @@ def simulate_paged(prompt, resp, max_batch_tokens: int, max_batch_size: int, wei
 
 
 def main():
-    import sys
-
-    sys.path.insert(0, ROOT)
-    import yaml
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "1.5b.yaml"))
     ap.add_argument("--ranks", type=int, default=8)
@@ -93,8 +85,6 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    import train
-
     cfg = train.load_config(["--config", args.config])
     N, limit = cfg.rollout.rollouts_per_step // args.ranks, cfg.rollout.max_new_tokens
     print(f"{args.config}: {N} rollouts per rank per step, max_new_tokens {limit}, max_batch_tokens "
@@ -110,7 +100,8 @@ def main():
             resp = lengths(N, rng, args.median, args.sigma, runaway, limit)
             prompt = np.minimum(np.exp(rng.normal(np.log(150), 0.5, N)), 1024).astype(int)
             useful = int(resp.sum())
-            batches = plan_dynamic(prompt, resp, limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+            # rows reserve prompt + max_new_tokens of the KV budget each (what rollout.generate plans)
+            batches = rollout.plan_batches(list(prompt), limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
             for name, r in (("dynamic", simulate_dynamic(prompt, resp, batches, 2 * args.params, args.kv_bytes, args.bandwidth)),
                             ("paged", simulate_paged(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size,
                                                      2 * args.params, args.kv_bytes, args.bandwidth))):

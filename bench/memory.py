@@ -122,7 +122,6 @@ def activation_bytes(path: str, tokens: int, chunk: int) -> dict:
     model.eval()
     with torch.no_grad():
         prefill = _peak(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
-    del model
     T = min(tokens, chunk)
     h = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(V, d) * 0.02).to(torch.bfloat16)  # its dense (V, d) gradient is counted with the root's
@@ -171,7 +170,7 @@ def main():
     # a generate row reserves prompt + max_new_tokens of KV; its prompt share (1,024 of 1,024 + 3,072) is prefilled
     prompt_frac = train.DataConfig.max_prompt_len / (train.DataConfig.max_prompt_len + train.RolloutConfig.max_new_tokens)
     print(f"{platform.node()}: torch {torch.__version__}; activations measured on CPU in bf16 over {args.tokens} "
-          f"tokens (1 and 2 layers, real width); usable = capacity - {HEADROOM_GB:.0f} GB")
+          f"tokens (one decoder layer and the log-prob head, real width); usable = capacity - {HEADROOM_GB:.0f} GB")
     rows = []
     for name in args.models:
         act = activation_bytes(CONFIGS[name], args.tokens, args.chunk)
