@@ -275,7 +275,8 @@ class Curriculum:
 def lm_head_gram(hidden, weight, targets, segment, num_responses: int, temperature: float = 1.0,
                  chunk: int = 512, extra=None):
     """Gram matrix K[a, b] = <g_a, g_b> of per-response gradients of sum_t log pi(y_t) with respect to
-    the output projection W (V, d), exactly, built one slice of the vocabulary at a time.
+    the output projection W (V, d), exactly, built one slice of the vocabulary at a time: the norms and
+    mean difference of Eq. 21 are read off it by `stats_from_gram`.
 
     For a linear output layer g_a = sum_{t in a} (onehot(y_t) - pi_t) h_t^T / temperature. When W is tied to
     the input embeddings (Qwen2.5-Math-1.5B), the gradient of the shared matrix also has an input part,
