@@ -73,15 +73,19 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
 
 
 @contextlib.contextmanager
-def _own_generation_config(model):
-    """Hide the model's generation_config (a default one in its place) while `generate` runs, so that no
-    field we left unset is filled from the checkpoint's settings."""
-    saved = model.generation_config
+def _generating(model):
+    """While `generate` runs: the model in eval mode (transformers turns the KV cache off for a model in
+    train mode with gradient checkpointing on; the unsharded trainer generates with its policy) and its
+    generation_config hidden (a default one in its place), so that no field we left unset is filled from
+    the checkpoint's settings. Both restored after."""
+    saved, training = model.generation_config, model.training
     model.generation_config = GenerationConfig()
+    model.eval()
     try:
         yield
     finally:
         model.generation_config = saved
+        model.train(training)
 
 
 def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, max_batch_size: int = 1024):
@@ -149,10 +153,10 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             ids[row, L - len(p):] = torch.tensor(p)
             attn[row, L - len(p):] = 1
         ids, attn = ids.to(device), attn.to(device)
-        extra = {}
-        if cache == "dynamic" and share_prefill and L > 1:
-            extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
-        with _seeded(device, seed * 1_000_003 + b), _own_generation_config(model):
+        with _seeded(device, seed * 1_000_003 + b), _generating(model):
+            extra = {}
+            if cache == "dynamic" and share_prefill and L > 1:
+                extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
             out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
         gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
         response_ids[batch, :gen.shape[1]] = gen
@@ -206,7 +210,7 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     from their parent's state), generated tokens in the order of `inputs`; the cache as `paged_cache_config`."""
     device = next(model.parameters()).device
     cb = paged_cache_config([len(p) for p in inputs], gen_cfg.max_new_tokens, max_batch_tokens)
-    with _seeded(device, seed * 1_000_003), _own_generation_config(model):
+    with _seeded(device, seed * 1_000_003), _generating(model):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
                                    warmup=device.type == "cuda", continuous_batching_config=cb)
     results = list(out.values())

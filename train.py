@@ -372,13 +372,20 @@ def build_models(cfg: Config, device, world: int):
     model used for generation (the policy itself when not sharded)."""
     from transformers import AutoModelForCausalLM
 
-    def load(dtype):
-        return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    for key, value in vars(hf_config).items():  # train mode must not mean dropout: logp and old_logp comparable
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(hf_config, key, 0.0)
+
+    def load(dtype):  # every copy in eval mode (from_pretrained's); update_policy switches the policy to train
+        return AutoModelForCausalLM.from_pretrained(cfg.model.path, config=hf_config, dtype=dtype,
                                                     attn_implementation=cfg.model.attn_implementation)
 
     sharded = dist.is_initialized()
-    policy = Policy(load(torch.float32))
-    if cfg.model.gradient_checkpointing:
+    policy = Policy(load(torch.float32)).eval()
+    if cfg.model.gradient_checkpointing:  # active in train mode only, i.e. in update_policy's passes
         policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = Policy(load(torch.float32)).requires_grad_(False).eval() if cfg.train.kl_coef > 0 else None
     if sharded:
@@ -784,6 +791,19 @@ def score_logprobs(model: Policy, batches, device, cfg: Config):
     return out
 
 
+@contextlib.contextmanager
+def train_mode(policy: Policy):
+    """The policy in train mode for the update passes only (so gradient checkpointing, which transformers
+    applies only while training, is active), back in eval mode after: the log-prob passes and, unsharded,
+    generation (which turns its KV cache off for a checkpointing model in train mode) run in eval mode.
+    build_models zeroes every dropout rate, so the two modes compute the same function."""
+    policy.train()
+    try:
+        yield
+    finally:
+        policy.eval()
+
+
 def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int, scheduler=None,
                   batches=None):
     """One optimiser step on one mini-batch (this rank's share `seqs`). The token_mean normaliser is the
@@ -799,44 +819,45 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
                              "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
     finite = True
-    for j, b in enumerate(batches):
-        if dist.is_initialized() and hasattr(policy, "set_requires_gradient_sync"):
-            policy.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once per step
-        logp, entropy = forward_batch(policy, b, device, cfg)  # (N,)
-        rows = b["rows"]
-        if rows:
-            adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in rows]).to(device)  # (N,)
-            old = (torch.cat([seqs[i]["old_logp"] for i in rows]).to(device) if "old_logp" in seqs[rows[0]]
-                   else logp.detach())  # (N,) on-policy (first mini-batch, one epoch): ratio = 1
-        else:  # dummy micro-batch: zero-weight loss keeps FSDP's collectives in step
-            adv, old = torch.zeros_like(logp), logp.detach()
-        seq_id = torch.cat([torch.full((seqs[i]["resp_len"],), k) for k, i in enumerate(rows)]) if rows else \
-            torch.zeros(logp.shape[0], dtype=torch.long)
-        mask = torch.ones(1, logp.shape[0], device=device) if rows else torch.zeros(1, logp.shape[0], device=device)
-        if cfg.train.loss_agg == "seq_mean_token_mean":  # as (B, T): one row per sequence
-            B = max(1, len(rows))
-            T = max([seqs[i]["resp_len"] for i in rows] or [logp.shape[0]])
-            pos = torch.cat([torch.arange(seqs[i]["resp_len"]) for i in rows]) if rows else torch.arange(logp.shape[0])
-            shape = lambda x, fill=0.0: torch.full((B, T), fill, device=device, dtype=x.dtype).index_put_(  # noqa: E731
-                (seq_id.to(device), pos.to(device)), x)
-            logp2, old2, adv2, mask2 = shape(logp), shape(old), shape(adv), shape(mask[0])
-        else:
-            logp2, old2, adv2, mask2 = logp[None], old[None], adv[None], mask
-        loss, m = grpo.policy_loss(logp2, old2, adv2, mask2, cfg.train.clip_low, cfg.train.clip_high,
-                                   cfg.train.clip_c, cfg.train.loss_agg, num_tokens, num_seqs)
-        sums["actor/pg_loss"] += loss.item() * world
-        if cfg.train.kl_coef > 0:
-            ref = torch.cat([seqs[i]["ref_logp"] for i in rows]).to(device) if rows else logp.detach()
-            ref2 = shape(ref) if cfg.train.loss_agg == "seq_mean_token_mean" else ref[None]
-            kl = grpo.aggregate(grpo.kl_penalty(logp2, ref2, cfg.train.kl_kind), mask2, cfg.train.loss_agg,
-                                num_tokens, num_seqs)
-            loss = loss + cfg.train.kl_coef * kl
-            sums["actor/kl"] += kl.item() * world
-        finite = finite and bool(torch.isfinite(loss).item())
-        loss.backward()
-        sums["actor/entropy"] += float((entropy * mask[0]).sum())
-        for k, v in m.items():
-            sums[k] += float(v)
+    with train_mode(policy):  # gradient checkpointing, when configured, runs in train mode only
+        for j, b in enumerate(batches):
+            if dist.is_initialized() and hasattr(policy, "set_requires_gradient_sync"):
+                policy.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once per step
+            logp, entropy = forward_batch(policy, b, device, cfg)  # (N,)
+            rows = b["rows"]
+            if rows:
+                adv = torch.cat([seqs[i]["adv"].expand(seqs[i]["resp_len"]) for i in rows]).to(device)  # (N,)
+                old = (torch.cat([seqs[i]["old_logp"] for i in rows]).to(device) if "old_logp" in seqs[rows[0]]
+                       else logp.detach())  # (N,) on-policy (first mini-batch, one epoch): ratio = 1
+            else:  # dummy micro-batch: zero-weight loss keeps FSDP's collectives in step
+                adv, old = torch.zeros_like(logp), logp.detach()
+            seq_id = torch.cat([torch.full((seqs[i]["resp_len"],), k) for k, i in enumerate(rows)]) if rows else \
+                torch.zeros(logp.shape[0], dtype=torch.long)
+            mask = torch.ones(1, logp.shape[0], device=device) if rows else torch.zeros(1, logp.shape[0], device=device)
+            if cfg.train.loss_agg == "seq_mean_token_mean":  # as (B, T): one row per sequence
+                B = max(1, len(rows))
+                T = max([seqs[i]["resp_len"] for i in rows] or [logp.shape[0]])
+                pos = torch.cat([torch.arange(seqs[i]["resp_len"]) for i in rows]) if rows else torch.arange(logp.shape[0])
+                shape = lambda x, fill=0.0: torch.full((B, T), fill, device=device, dtype=x.dtype).index_put_(  # noqa: E731
+                    (seq_id.to(device), pos.to(device)), x)
+                logp2, old2, adv2, mask2 = shape(logp), shape(old), shape(adv), shape(mask[0])
+            else:
+                logp2, old2, adv2, mask2 = logp[None], old[None], adv[None], mask
+            loss, m = grpo.policy_loss(logp2, old2, adv2, mask2, cfg.train.clip_low, cfg.train.clip_high,
+                                       cfg.train.clip_c, cfg.train.loss_agg, num_tokens, num_seqs)
+            sums["actor/pg_loss"] += loss.item() * world
+            if cfg.train.kl_coef > 0:
+                ref = torch.cat([seqs[i]["ref_logp"] for i in rows]).to(device) if rows else logp.detach()
+                ref2 = shape(ref) if cfg.train.loss_agg == "seq_mean_token_mean" else ref[None]
+                kl = grpo.aggregate(grpo.kl_penalty(logp2, ref2, cfg.train.kl_kind), mask2, cfg.train.loss_agg,
+                                    num_tokens, num_seqs)
+                loss = loss + cfg.train.kl_coef * kl
+                sums["actor/kl"] += kl.item() * world
+            finite = finite and bool(torch.isfinite(loss).item())
+            loss.backward()
+            sums["actor/entropy"] += float((entropy * mask[0]).sum())
+            for k, v in m.items():
+                sums[k] += float(v)
     flag = all_reduce(torch.tensor([0.0 if finite else 1.0]))
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
