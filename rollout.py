@@ -232,7 +232,9 @@ def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_to
 
     need = sum(-(-(n + max_new_tokens) // page) for n in prompt_lens) * page
     cache_tokens = max(page, min(max_batch_tokens, need))
-    return ContinuousBatchingConfig(page_size=page, num_blocks=-(-cache_tokens // page),
+    page_kwarg = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else \
+        "block_size"  # transformers < 5.24
+    return ContinuousBatchingConfig(**{page_kwarg: page}, num_blocks=-(-cache_tokens // page),
                                     max_batch_tokens=min(PAGED_FORWARD_TOKENS, cache_tokens))
 
 

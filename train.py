@@ -1056,8 +1056,17 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
 
 @contextlib.contextmanager
 def timed(metrics: dict, key: str):
+    """Seconds of a phase in metrics[key] ("time/<phase>"); on a GPU also the phase's peak allocated memory
+    in GiB ("perf/peak_gb/<phase>"), which bench/gpu_smoke.sh holds against bench/memory.py's prediction."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     yield
+    if cuda:
+        torch.cuda.synchronize()
+        metrics["perf/peak_gb/" + key.split("/", 1)[1]] = torch.cuda.max_memory_allocated() / 2**30
     metrics[key] = time.time() - t0
 
 
@@ -1194,8 +1203,8 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
                     "tokens/train": state["tokens_train"], "subset": subset_id, "time/step": time.time() - t_step,
                     "perf/rollout_tokens_per_s": tok["response_tokens"] / max(metrics["time/rollout_and_reward"], 1e-9),
                     "perf/update_tokens_per_s": tok["update_tokens"] / max(metrics["time/update"], 1e-9)})
-    if device.type == "cuda":
-        metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if device.type == "cuda":  # the step's peak: the largest of its phases'
+        metrics["perf/peak_mem_gb"] = max(v for k, v in metrics.items() if k.startswith("perf/peak_gb/"))
     return metrics
 
 

@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# One-GPU smoke test and figures (no network; torch + transformers preinstalled): random-weight
-# Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json), 64 prompts x 8 rollouts, 1,024 new tokens.
-# Prints rollout tokens/s (ours vs plain generate), time per phase, update tokens/s and MFU, peak memory.
-# Budget: under 8 minutes.   bash bench/gpu_smoke.sh
+# One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/
+# if present, see README "GPU smoke test"): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
+#   1. two full train.py steps as configs/1.5b.yaml runs them (FSDP2 on one rank, bf16 generation copy, gradient
+#      checkpointing, 64 prompts x 8 rollouts, 1,024 new tokens) at a micro-batch of 65,536 tokens, with the update
+#      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
+#   2. rollout tokens/s: rollout.generate against plain generate; 3. the paged cache (continuous batching).
+# Exits non-zero if any part fails. Budget: under 8 minutes on one H100/H200.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python -c "import math_verify" 2>/dev/null || echo "math-verify missing: rewards will all be 0 (timing unaffected)"
-ATTN=sdpa; python -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
-CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged  # configs/1.5b.yaml's paged cache needs flash-attention
+PY=${PYTHON:-python3}
+fail=0
+step() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED (exit $rc): $*"; fail=1; }; }
+if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import math_verify" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+$PY -c "import math_verify" 2>/dev/null || echo "math-verify missing: rewards will all be 0 (timing unaffected)"
+ATTN=sdpa; $PY -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
+CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged  # configs/1.5b.yaml's paged cache wants flash-attention
 MODEL=/tmp/rand-qwen2.5-1.5b
-python -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
-print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))"
-echo "== rollout: rollout.generate vs plain generate (64 prompts x 4, 512 new tokens)"
-timeout 100 python bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
-echo "== rollout with rollout.cache=static (compiled decoding; first batches pay the compilation)"
-timeout 50 python bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache static
-echo "== rollout with rollout.cache=paged (continuous batching, generate_batch; includes its warm-up)"
-timeout 50 python bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
-echo "== full steps (64 prompts x 8 rollouts, 1024 new tokens, attn=$ATTN, cache=$CACHE)"
-timeout 250 python bench/step.py --config configs/1.5b.yaml --model-dir $MODEL --steps 2 -- \
+MB=65536
+$PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
+print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
+step 120 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
+  --json /tmp/memory_pred.json
+PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
+step 330 $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL --steps 2 $PRED -- \
   --model.attn_implementation=$ATTN --rollout.cache=$CACHE --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 \
   --data.max_prompts=64 --cures.cold_start_rollouts=2 --rollout.prompts_per_step=64 --rollout.rollouts_per_step=512 \
   --rollout.max_new_tokens=1024 --rollout.max_batch_tokens=600000 --train.mini_batch_prompts=64 \
-  --train.steps_per_subset=2 --train.micro_batch_tokens=32768 --run.reward_workers=8 --model.gradient_checkpointing=true
+  --train.steps_per_subset=2 --train.micro_batch_tokens=$MB --run.reward_workers=8 --model.gradient_checkpointing=true
+step 90 $PY bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
+step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
 echo "decode bound for reference: about 81k tokens/s for Qwen2.5-1.5B at batch 256, context 1024 on an H100 (issue 7)"
+[ $fail -eq 0 ] && echo "gpu_smoke: all parts passed" || echo "gpu_smoke: FAILED"
+exit $fail

@@ -76,14 +76,14 @@ def shard_elements(cfg, world: int) -> tuple[int, int, int, int]:
     return total, local, root, layer
 
 
-def _peak(fn) -> int:
-    """Peak bytes of activations + temporaries while fn runs (torch's MemTracker, CPU)."""
+def _peak(fn, device) -> int:
+    """Peak bytes of activations + temporaries on `device` while fn runs (torch's MemTracker)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     mt = MemTracker()
     with mt:
         fn()
-    peak = mt.get_tracker_snapshot("peak")[torch.device("cpu")]
+    peak = mt.get_tracker_snapshot("peak")[device]
     return peak[_MemRefType.ACT] + peak[_MemRefType.TEMP]
 
 
@@ -104,7 +104,7 @@ def _saved_bytes(fn, exclude) -> int:
     return total
 
 
-def activation_bytes(path: str, tokens: int, chunk: int) -> dict:
+def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cpu")) -> dict:
     """Measured bytes per trained token at the real width: `layer`, what one decoder layer saves for its backward
     (with gradient checkpointing each layer keeps only its input, `layer_input`, and the layer being recomputed
     holds `layer` again); `head`, the peak of grpo.token_logprobs's forward and backward per token (up to
@@ -112,29 +112,31 @@ def activation_bytes(path: str, tokens: int, chunk: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(path, 1), dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(hf_config(path, 1), dtype=torch.bfloat16,
+                                             attn_implementation="sdpa").to(device)
     d, V = model.config.hidden_size, model.config.vocab_size
-    ids = torch.randint(0, 1000, (1, tokens))
+    ids = torch.randint(0, 1000, (1, tokens), device=device)
     model.train()
     layer = _saved_bytes(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
                                              use_cache=False).last_hidden_state.float().square().mean(),
                          list(model.parameters()))
     model.eval()
     with torch.no_grad():
-        prefill = _peak(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
+        prefill = _peak(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), device)
     T = min(tokens, chunk)
-    h = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(V, d) * 0.02).to(torch.bfloat16)  # its dense (V, d) gradient is counted with the root's
-    y = torch.randint(0, V, (T,))
+    h = torch.randn(T, d, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = (torch.randn(V, d, device=device) * 0.02).to(torch.bfloat16)  # its dense (V, d) gradient is counted with the root's
+    y = torch.randint(0, V, (T,), device=device)
 
     def head():
         logp, _ = grpo.token_logprobs(h, w, y, 1.0, chunk)
         logp.sum().backward()
 
-    return {"layer": layer / tokens, "layer_input": 2 * d, "head": _peak(head) / T, "prefill": prefill / tokens}
+    return {"layer": layer / tokens, "layer_input": 2 * d, "head": _peak(head, device) / T, "prefill": prefill / tokens}
 
 
-def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float) -> dict:
+def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float,
+          micro_batch_tokens: int = 0) -> dict:
     cfg = hf_config(CONFIGS[name])
     params, local, root, layer = shard_elements(cfg, world)
     L, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -153,7 +155,10 @@ def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, pro
         per_gen_token = kv_per_token + prompt_frac * act["prefill"]
         fit[cap] = (max(0, int((usable - gen_static - sampling) // per_gen_token)),
                     max(0, int((usable - train_static - head) // act_per_token)))
+    # the update phase's peak at one micro-batch of M tokens (train.py's perf/peak_gb/update measures it)
+    update_peak = train_static + head + act_per_token * micro_batch_tokens if micro_batch_tokens else None
     return {"model": name, "world": world, "params": params, "bytes": b, "kv_per_token": kv_per_token,
+            "micro_batch_tokens": micro_batch_tokens, "update_peak": update_peak,
             "act_per_token": act_per_token, "head": head, "sampling": sampling, "gen_static": gen_static,
             "train_static": train_static, "fit": fit}
 
@@ -165,20 +170,23 @@ def main():
     ap.add_argument("--tokens", type=int, default=512, help="tokens of the CPU activation measurement")
     ap.add_argument("--chunk", type=int, default=train.TrainConfig.logprob_chunk)
     ap.add_argument("--max-batch-size", type=int, default=train.RolloutConfig.max_batch_size)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="also predict the update phase's peak at a micro-batch of this many tokens")
+    ap.add_argument("--device", default="cpu", help="where to measure the activations (cuda: the real kernels)")
     ap.add_argument("--json", default="", help="also write the numbers here")
     args = ap.parse_args()
     # a generate row reserves prompt + max_new_tokens of KV; its prompt share (1,024 of 1,024 + 3,072) is prefilled
     prompt_frac = train.DataConfig.max_prompt_len / (train.DataConfig.max_prompt_len + train.RolloutConfig.max_new_tokens)
-    print(f"{platform.node()}: torch {torch.__version__}; activations measured on CPU in bf16 over {args.tokens} "
+    print(f"{platform.node()}: torch {torch.__version__}; activations measured on {args.device} in bf16 over {args.tokens} "
           f"tokens (one decoder layer and the log-prob head, real width); usable = capacity - {HEADROOM_GB:.0f} GB")
     rows = []
     for name in args.models:
-        act = activation_bytes(CONFIGS[name], args.tokens, args.chunk)
+        act = activation_bytes(CONFIGS[name], args.tokens, args.chunk, torch.device(args.device))
         print(f"\n{name}: per trained token, a decoder layer saves {act['layer'] / 2**10:.0f} KiB for backward, its "
               f"checkpointed input {act['layer_input'] / 2**10:.0f} KiB; log-prob head {act['head'] / 2**20:.2f} MiB/token up to {args.chunk} tokens, "
               f"prefill {act['prefill'] / 2**10:.0f} KiB/prompt token")
         for world in args.worlds:
-            r = table(name, world, act, args.chunk, args.max_batch_size, prompt_frac)
+            r = table(name, world, act, args.chunk, args.max_batch_size, prompt_frac, args.micro_batch_tokens)
             rows.append(r)
             print(f"  {world} ranks, {r['params'] / 1e9:.2f}B parameters: "
                   + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in r["bytes"].items()))
@@ -187,6 +195,9 @@ def main():
                   f"generation {r['gen_static'] / GB:.1f} GB, update {r['train_static'] / GB:.1f} GB")
             print("    largest rollout.max_batch_tokens / train.micro_batch_tokens: "
                   + ", ".join(f"{cap} GB: {g:,} / {m:,}" for cap, (g, m) in r["fit"].items()))
+            if r["update_peak"]:
+                print(f"    predicted update peak at micro_batch_tokens={args.micro_batch_tokens:,}: "
+                      f"{r['update_peak'] / GB:.2f} GB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--model-dir", default="", help="an existing model directory (parameters counted for MFU)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--memory-json", default="", help="bench/memory.py --json output with one update_peak: hold the "
+                    "measured peak of the update phase against it (exit 3 beyond +-20 %%)")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     out = tempfile.mkdtemp(prefix="bench_step_")
@@ -84,12 +86,26 @@ def main():
     for k in ("perf/rollout_tokens_per_s", "perf/update_tokens_per_s", "perf/peak_mem_gb", "train/response_len"):
         if k in steady[-1]:
             print(f"{k}: {sum(r[k] for r in steady) / len(steady):.1f}")
+    status = 0
+    for k in sorted(k for k in steady[-1] if k.startswith("perf/peak_gb/")):
+        print(f"{k}: {max(r[k] for r in rows):.2f} GiB (max over steps)")
+    if args.memory_json and "perf/peak_gb/update" not in rows[0]:
+        print("update peak: not measured (no GPU)")
+    elif args.memory_json:
+        predicted = [r["update_peak"] for r in json.load(open(args.memory_json)) if r.get("update_peak")][0] / 2**30
+        measured = max(r["perf/peak_gb/update"] for r in rows)
+        verdict = "agree" if abs(measured / predicted - 1) <= 0.2 else "DISAGREE"
+        status = 0 if verdict == "agree" else 3
+        print(f"update peak: predicted {predicted:.2f} GiB (bench/memory.py), measured {measured:.2f} GiB "
+              f"(torch.cuda.max_memory_allocated), measured/predicted {measured / predicted:.2f}: {verdict}")
     if params:
         upd = sum(r["perf/update_tokens_per_s"] for r in steady) / len(steady)
         # update phase: forward + backward of the policy = 6 N FLOPs per token (no recompute counted)
         if torch.cuda.is_available():
-            print(f"update MFU (6N flops/token vs 989 TFLOP/s bf16 dense H100): {100 * 6 * params * upd / 989e12:.1f}%")
+            print(f"update MFU (6N flops/token vs 989 TFLOP/s bf16 dense H100/H200; checkpointing's recompute "
+                  f"not counted): {100 * 6 * params * upd / 989e12:.1f}%")
         print(f"parameters: {params / 1e9:.2f}B")
+    sys.exit(status)
 
 
 if __name__ == "__main__":
