@@ -22,18 +22,21 @@ ATTN=sdpa; $PY -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
 CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged  # configs/1.5b.yaml's paged cache wants flash-attention
 MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
+# a shorter run: SMOKE_PROMPTS=32 SMOKE_N=8 SMOKE_NEW_TOKENS=512 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
+P=${SMOKE_PROMPTS:-64} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-1024} STEPS=${SMOKE_STEPS:-2} PARTS=${SMOKE_PARTS:-steps,rollout}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 step 120 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-step 330 $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL --steps 2 $PRED -- \
-  --model.attn_implementation=$ATTN --rollout.cache=$CACHE --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 \
-  --data.max_prompts=64 --cures.cold_start_rollouts=2 --rollout.prompts_per_step=64 --rollout.rollouts_per_step=512 \
-  --rollout.max_new_tokens=1024 --rollout.max_batch_tokens=600000 --train.mini_batch_prompts=64 \
-  --train.steps_per_subset=2 --train.micro_batch_tokens=$MB --run.reward_workers=8 --model.gradient_checkpointing=true
-step 90 $PY bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
-step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-480} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+  --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
+  --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
+  --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \
+  --rollout.max_batch_tokens=600000 --train.mini_batch_prompts=$P --train.steps_per_subset=$STEPS \
+  --train.micro_batch_tokens=$MB --run.reward_workers=16 --model.gradient_checkpointing=true
+[[ $PARTS == *rollout* ]] && step 90 $PY bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
+[[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
 echo "decode bound for reference: about 81k tokens/s for Qwen2.5-1.5B at batch 256, context 1024 on an H100 (issue 7)"
 [ $fail -eq 0 ] && echo "gpu_smoke: all parts passed" || echo "gpu_smoke: FAILED"
 exit $fail

@@ -11,16 +11,19 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def random_model(config_path, out):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tiny.build import build_tokenizer
@@ -54,7 +57,6 @@ def main():
         params = random_model(args.model_config, f"{out}/model")
         overrides.append(f"--model.path={out}/model")
     elif args.model_dir:
-        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         with torch.device("meta"):
@@ -64,13 +66,40 @@ def main():
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                           f"--nproc_per_node={args.nproc}"]
     cmd = launcher + [os.path.join(ROOT, "train.py"), "--config", args.config, *overrides, *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if res.returncode != 0:
-        print(res.stdout[-3000:], res.stderr[-5000:])
-        sys.exit(res.returncode)
-    rows = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl") if '"time/step"' in line]
+    log_path, metrics_path = f"{out}/train.log", f"{out}/run/metrics.jsonl"
+
+    def steps_done():
+        if not os.path.exists(metrics_path):
+            return []
+        return [json.loads(line) for line in open(metrics_path) if '"time/step"' in line]
+
+    def stop(*_):  # a timeout stops train.py too, shows how far it got and reports the steps it finished
+        proc.kill()
+        print(open(log_path).read()[-6000:])
+        rows = steps_done()
+        if rows:
+            print(f"timed out after {len(rows)} of {args.steps} steps; those steps:")
+            report(rows, args, extra, params)
+        sys.exit(124)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        signal.signal(signal.SIGTERM, stop)
+        while proc.poll() is None and len(steps_done()) < args.steps:
+            time.sleep(1.0)
+        if proc.poll() is None:  # every step is logged: the final save is not part of a step, nor a stop's save
+            proc.kill()
+            proc.wait()
+        elif proc.returncode != 0:
+            print(open(log_path).read()[-8000:])
+            sys.exit(proc.returncode)
+    sys.exit(report(steps_done(), args, extra, params))
+
+
+def report(rows: list[dict], args, extra: list[str], params) -> int:
+    """Print the phase table and figures of the logged steps; 3 if the update's peak memory disagrees with
+    bench/memory.py's prediction by more than 20 %, else 0."""
     steady = rows[1:] or rows  # the first step carries the cold start
-    import torch
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; {len(rows)} steps ({len(steady)} timed); config {args.config} {' '.join(extra)}")
@@ -105,7 +134,7 @@ def main():
             print(f"update MFU (6N flops/token vs 989 TFLOP/s bf16 dense H100/H200; checkpointing's recompute "
                   f"not counted): {100 * 6 * params * upd / 989e12:.1f}%")
         print(f"parameters: {params / 1e9:.2f}B")
-    sys.exit(status)
+    return status
 
 
 if __name__ == "__main__":
