@@ -129,15 +129,11 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
         raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
     seq_prompt = [i for i, k in enumerate(n) for _ in range(k)]  # (B,) prompt-major
     B = len(seq_prompt)
-    device = next(model.parameters()).device
     gen_cfg = sampling_config(max_new_tokens, temperature, top_p, eos_ids, pad_id, cache)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
-    if cache == "paged":
-        for row, toks in enumerate(_generate_paged(model, [prompts[p] for p in seq_prompt], gen_cfg, seed,
-                                                   max_batch_tokens)):
-            response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-        return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
-    batches = plan_batches([len(prompts[p]) for p in seq_prompt], max_new_tokens, max_batch_tokens, max_batch_size)
+    lens = [len(prompts[p]) for p in seq_prompt]
+    chunk = PAGED_CHUNK if cache == "paged" else 1  # paged: one generate_batch per PAGED_CHUNK cache-fulls
+    batches = plan_batches(lens, max_new_tokens, chunk * max_batch_tokens, chunk * max_batch_size)
     tty = sys.stderr.isatty()  # a log file gets a line every 30 s and the final one, a terminal a live bar
     bar = tqdm(total=B, desc=progress, unit="rollout", disable=not progress, leave=not tty,
                mininterval=0.5 if tty else 30.0)
@@ -145,26 +141,39 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     for b, batch in enumerate(batches):
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped before batch {b} of {len(batches)}")
-        L = max(len(prompts[seq_prompt[i]]) for i in batch)
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)  # (b, L) left-padded
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            p = prompts[seq_prompt[i]]
-            ids[row, L - len(p):] = torch.tensor(p)
-            attn[row, L - len(p):] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        with _seeded(device, seed * 1_000_003 + b), _generating(model):
-            extra = {}
-            if cache == "dynamic" and share_prefill and L > 1:
-                extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, [seq_prompt[i] for i in batch])
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
-        gen = out[:, L:].cpu()  # (b, t) t <= max_new_tokens
-        response_ids[batch, :gen.shape[1]] = gen
-        tokens += int((gen != pad_id).sum())
+        if cache == "paged":
+            for row, toks in zip(batch, _generate_paged(model, [prompts[seq_prompt[i]] for i in batch], gen_cfg,
+                                                        seed * 1_000_003 + b, max_batch_tokens)):
+                response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        else:
+            gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
+                                   gen_cfg, seed * 1_000_003 + b, pad_id, cache == "dynamic" and share_prefill)
+            response_ids[batch, :gen.shape[1]] = gen
+        tokens += int((response_ids[batch] != pad_id).sum())
         bar.update(len(batch))
         bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
     bar.close()
     return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
+
+
+def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen_cfg: GenerationConfig, seed: int,
+                     pad_id: int, share_prefill: bool) -> torch.Tensor:
+    """One `generate` call on left-padded rows (prompt token ids): the generated ids (b, t), t <= max_new_tokens.
+    share_prefill: each distinct prompt (prompt_of_row) is prefilled once for all its rows."""
+    device = next(model.parameters()).device
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (b, L) left-padded
+    attn = torch.zeros_like(ids)
+    for row, p in enumerate(rows):
+        ids[row, L - len(p):] = torch.tensor(p)
+        attn[row, L - len(p):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    with _seeded(device, seed), _generating(model):
+        extra = {}
+        if share_prefill and L > 1:
+            extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, prompt_of_row)
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
+    return out[:, L:].cpu()
 
 
 @torch.no_grad()
@@ -210,7 +219,7 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     from their parent's state), generated tokens in the order of `inputs`; the cache as `paged_cache_config`."""
     device = next(model.parameters()).device
     cb = paged_cache_config([len(p) for p in inputs], gen_cfg.max_new_tokens, max_batch_tokens)
-    with _seeded(device, seed * 1_000_003), _generating(model):
+    with _seeded(device, seed), _generating(model):
         out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
                                    warmup=device.type == "cuda", continuous_batching_config=cb)
     results = list(out.values())
@@ -221,6 +230,7 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
 
 
 PAGED_FORWARD_TOKENS = 8192  # tokens per continuous-batching forward, as the authors' vLLM
+PAGED_CHUNK = 4  # requests per generate_batch call: 4 KV budgets' worth at full length (a stop waits one call)
 
 
 def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, page: int = 256):

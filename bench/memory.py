@@ -45,13 +45,14 @@ GB = 2**30
 HEADROOM_GB = 6.0  # CUDA context (~0.5), NCCL buffers (~1), caching-allocator fragmentation (~10% of 40 GB)
 
 
-def hf_config(path: str, layers: int | None = None):
+def hf_config(path: str, layers: int | None = None, **changes):
     from transformers import AutoConfig
 
     with open(path) as f:
         d = json.load(f)
     if layers is not None:
         d.update(num_hidden_layers=layers, max_window_layers=layers)
+    d.update(changes)
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
@@ -104,7 +105,8 @@ def _saved_bytes(fn, exclude) -> int:
     return total
 
 
-def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cpu")) -> dict:
+def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cpu"), dtype=torch.bfloat16,
+                     **changes) -> dict:
     """Measured bytes per trained token at the real width: `layer`, what one decoder layer saves for its backward
     (with gradient checkpointing each layer keeps only its input, `layer_input`, and the layer being recomputed
     holds `layer` again); `head`, the peak of grpo.token_logprobs's forward and backward per token (up to
@@ -112,7 +114,7 @@ def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cp
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(path, 1), dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_config(hf_config(path, 1, **changes), dtype=dtype,
                                              attn_implementation="sdpa").to(device)
     d, V = model.config.hidden_size, model.config.vocab_size
     ids = torch.randint(0, 1000, (1, tokens), device=device)
@@ -124,15 +126,15 @@ def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cp
     with torch.no_grad():
         prefill = _peak(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), device)
     T = min(tokens, chunk)
-    h = torch.randn(T, d, dtype=torch.bfloat16, device=device, requires_grad=True)
-    w = (torch.randn(V, d, device=device) * 0.02).to(torch.bfloat16)  # its dense (V, d) gradient is counted with the root's
+    h = torch.randn(T, d, dtype=dtype, device=device, requires_grad=True)
+    w = (torch.randn(V, d, device=device) * 0.02).to(dtype)  # its dense (V, d) gradient is counted with the root's
     y = torch.randint(0, V, (T,), device=device)
 
     def head():
         logp, _ = grpo.token_logprobs(h, w, y, 1.0, chunk)
         logp.sum().backward()
 
-    return {"layer": layer / tokens, "layer_input": 2 * d, "head": _peak(head, device) / T, "prefill": prefill / tokens}
+    return {"layer": layer / tokens, "layer_input": dtype.itemsize * d, "head": _peak(head, device) / T, "prefill": prefill / tokens}
 
 
 def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float,
@@ -163,6 +165,73 @@ def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, pro
             "train_static": train_static, "fit": fit}
 
 
+def update_peak(cfg, world: int, act: dict, tokens: int, resp_tokens: int, chunk: int, dtype, gen_dtype,
+                checkpointing: bool, kl: bool = True) -> dict:
+    """Predicted bytes on one rank while the update runs a micro-batch of `tokens` positions (`resp_tokens` of
+    them trained): the static terms of `table` in the run's dtypes, the activations (with checkpointing the L
+    layer inputs plus the layer being recomputed, without it L layers' saved tensors) and the log-prob head
+    over min(chunk, resp_tokens) tokens."""
+    params, local, root, layer = shard_elements(cfg, world)
+    L = cfg.num_hidden_layers
+    b = {"master fp32": 4 * local, "grads fp32": 4 * local, "AdamW fp32 x2": 8 * local,
+         "KL reference fp32": 4 * local if kl else 0, "generation copy": gen_dtype.itemsize * params,
+         "FSDP2 unsharded (gather, fp32 root grad)": dtype.itemsize * (root + 2 * layer) + 4 * root,
+         "activations": tokens * (L * act["layer_input"] + act["layer"] if checkpointing else L * act["layer"]),
+         "log-prob head": min(chunk, resp_tokens) * act["head"]}
+    b["total"] = sum(b.values())
+    return b
+
+
+def check(args) -> int:
+    """Predicted against measured: the rehearsal shape (bench/rehearsal.py: Qwen2.5-Math-1.5B cut to
+    --layers at --hidden width, full vocabulary, tied, 2 gloo ranks, FSDP2, fp32 on CPU) trained through
+    train.main with torch's FSDP2 memory tracker around every update_policy call (tests/dist_worker.py), with
+    gradient checkpointing on and off. 0 when every prediction is within --tolerance of its measurement."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import rehearsal
+
+    work = tempfile.mkdtemp(prefix="memory_check_")
+    args.micro_batch_tokens = args.micro_batch_tokens or 16384
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                 num_key_value_heads=2)
+    rehearsal.build_model(f"{work}/model", args.hidden, args.layers, args.heads, 2, args.intermediate)
+    rehearsal.write_rows(f"{work}/math.jsonl", 2 * args.prompts)
+    cfg = hf_config(CONFIGS["1.5b"], args.layers, **shape)
+    act = activation_bytes(CONFIGS["1.5b"], args.tokens, args.chunk, torch.device("cpu"), torch.float32, **shape)
+    print(f"{platform.node()}: torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, vocabulary "
+          f"{cfg.vocab_size:,} (tied), 2 ranks, fp32 (CPU); {args.prompts} prompts x {args.n} rollouts x "
+          f"{args.new_tokens} new tokens; micro_batch_tokens {args.micro_batch_tokens:,}")
+    print("| checkpointing | largest micro-batch (trained tokens) | predicted | measured (rank 0, 1) | "
+          "measured / predicted |\n|---|---|---|---|---|")
+    worst = 0.0
+    for ckpt in (True, False):
+        out = f"{work}/run_{ckpt}"
+        run = rehearsal.overrides(f"{work}/model", f"{work}/math.jsonl", out, args.new_tokens, steps=2)
+        run = [a for a in run if not a.startswith(("--cures.sigma", "--run.save_every"))] + [
+            "--data.num_subsets=1", f"--rollout.prompts_per_step={args.prompts}",
+            f"--rollout.rollouts_per_step={args.prompts * args.n}", f"--train.mini_batch_prompts={args.prompts}",
+            f"--train.micro_batch_tokens={args.micro_batch_tokens}", f"--train.logprob_chunk={args.chunk}",
+            f"--model.gradient_checkpointing={str(ckpt).lower()}", "--run.save_every=0"]
+        os.environ["TRACK_UPDATE_MEMORY"] = "1"
+        rehearsal.torchrun(run)
+        measured, predicted, sizes = [], [], ""
+        for rank in (0, 1):
+            with open(f"{out}/update_memory_rank{rank}.json") as f:
+                last = json.load(f)[-1]  # the second step's update: AdamW's state exists
+            measured.append(last["peak"]["cpu"]["Total"])
+            predicted.append(update_peak(cfg, 2, act, last["tokens"], last["resp_tokens"], args.chunk, torch.float32,
+                                         torch.float32, ckpt)["total"])
+            sizes += f"{', ' if sizes else ''}{last['tokens']:,} ({last['resp_tokens']:,})"
+        ratios = [m / p for m, p in zip(measured, predicted)]
+        worst = max(worst, *(abs(r - 1) for r in ratios))
+        print(f"| {'on' if ckpt else 'off'} | {sizes} | {predicted[0] / GB:.2f} GB | "
+              f"{measured[0] / GB:.2f}, {measured[1] / GB:.2f} GB | {ratios[0]:.2f}, {ratios[1]:.2f} |")
+    print(f"largest disagreement {100 * worst:.0f} % (tolerance {100 * args.tolerance:.0f} %)")
+    return 0 if worst <= args.tolerance else 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["1.5b", "7b"])
@@ -174,7 +243,18 @@ def main():
                     help="also predict the update phase's peak at a micro-batch of this many tokens")
     ap.add_argument("--device", default="cpu", help="where to measure the activations (cuda: the real kernels)")
     ap.add_argument("--json", default="", help="also write the numbers here")
+    ap.add_argument("--check", action="store_true", help="predicted against measured at the rehearsal shape")
+    ap.add_argument("--hidden", type=int, default=1536, help="--check: width")
+    ap.add_argument("--intermediate", type=int, default=8960, help="--check: MLP width")
+    ap.add_argument("--heads", type=int, default=12, help="--check: attention heads")
+    ap.add_argument("--layers", type=int, default=2, help="--check: decoder layers")
+    ap.add_argument("--prompts", type=int, default=8, help="--check: prompts per step")
+    ap.add_argument("--n", type=int, default=8, help="--check: rollouts per prompt")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--check: response length")
+    ap.add_argument("--tolerance", type=float, default=0.2, help="--check: largest accepted |measured/predicted - 1|")
     args = ap.parse_args()
+    if args.check:
+        sys.exit(check(args))
     # a generate row reserves prompt + max_new_tokens of KV; its prompt share (1,024 of 1,024 + 3,072) is prefilled
     prompt_frac = train.DataConfig.max_prompt_len / (train.DataConfig.max_prompt_len + train.RolloutConfig.max_new_tokens)
     print(f"{platform.node()}: torch {torch.__version__}; activations measured on {args.device} in bf16 over {args.tokens} "

@@ -70,6 +70,40 @@ def run_grad(model_dir, out_file, overrides=()):
         torch.distributed.destroy_process_group()
 
 
+def track_update_memory() -> list:
+    """Wrap train.update_policy in torch's FSDP2 memory tracker (every tensor allocated on the CPU, by category:
+    parameters, gradients, optimizer states, activations, temporaries, FSDP2's all-gather and reduce-scatter
+    buffers), plus the bytes the KL reference and the generation copy hold at the time. Each call appends
+    its peak ({device: {category: bytes}}) and its largest micro-batch (bench/memory.py --check)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    update, build, others, peaks = train.update_policy, train.build_models, [], []
+
+    def build_models(cfg, device, world):
+        policy, ref, gen = build(cfg, device, world)
+        others[:] = [m for m in (ref, gen) if m is not None and m is not policy.hf]
+        return policy, ref, gen
+
+    def update_policy(policy, optimizer, *args, **kwargs):
+        tracker = FSDPMemTracker(policy, optimizer)
+        with tracker:
+            result = update(policy, optimizer, *args, **kwargs)
+        peak = tracker.get_tracker_snapshot("peak")
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in others
+                    for t in (p.to_local() if hasattr(p, "to_local") else p for p in m.parameters())}
+        for d in peak.values():  # the reference and generation copies as they are (sharded or not): static
+            d["Total"] += sum(storages.values())
+            d["EXTERNAL"] = sum(storages.values())
+        batches = args[5] if len(args) > 5 else kwargs["batches"]  # update_policy(..., scheduler, batches)
+        peaks.append({"peak": {str(dev): {str(k).split(".")[-1]: v for k, v in d.items()} for dev, d in peak.items()},
+                      "tokens": max(b["ids"].numel() for b in batches),  # the largest micro-batch, padding included
+                      "resp_tokens": max(len(b["tgt"]) for b in batches)})
+        return result
+
+    train.build_models, train.update_policy = build_models, update_policy
+    return peaks
+
+
 def run_rehearsal(argv):
     import json
     import resource
@@ -86,9 +120,13 @@ def run_rehearsal(argv):
         return forced
 
     reward.score_batch = score_batch
+    peaks = track_update_memory() if os.environ.get("TRACK_UPDATE_MEMORY") else []
     state, cur = train.main(argv)
     cfg = train.load_config(argv)
     rank = int(os.environ.get("RANK", 0))
+    if peaks:
+        with open(os.path.join(cfg.run.out_dir, f"update_memory_rank{rank}.json"), "w") as f:
+            json.dump(peaks, f)
     np.savez(os.path.join(cfg.run.out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,
              grad_stats=cur.grad_stats, step=state["step"])
     with open(os.path.join(cfg.run.out_dir, f"memory_rank{rank}.json"), "w") as f:

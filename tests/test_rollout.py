@@ -161,3 +161,26 @@ def test_paged_cache_is_sized_from_the_work():
     assert cb.num_blocks == 1 + 1 + 2 and cb.max_batch_tokens == 4 * 256
     cb = rollout.paged_cache_config([1000] * 100, max_new_tokens=3072, max_batch_tokens=1 << 18)
     assert cb.num_blocks * 256 == 1 << 18 and cb.max_batch_tokens == 8192
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "paged"])
+def test_stop_request_acted_on_within_one_batch(tiny_model_dir, cache, monkeypatch, capsys):
+    """A stop request (should_stop) is acted on before the next batch: with the paged cache too, which is fed
+    to generate_batch in chunks of PAGED_CHUNK KV budgets (a preempted job must not finish a whole cold start
+    first), with the same progress display as the other caches."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok(f"What is {k}+{k}?").input_ids for k in range(12)]
+    kw = dict(max_new_tokens=6, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=0, max_batch_tokens=64,
+              cache=cache)
+    name = "generate_batch" if cache == "paged" else "generate"
+    calls, original = [], getattr(model, name)
+    monkeypatch.setattr(model, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    done = rollout.generate(model, prompts, 4, progress="rollouts", **kw)
+    batches = len(calls)
+    assert batches >= 3 and done.response_ids.shape[0] == 48
+    assert "rollouts: 100%" in capsys.readouterr().err
+    calls.clear()
+    asked = []
+    with pytest.raises(rollout.Interrupted):
+        rollout.generate(model, prompts, 4, should_stop=lambda: asked.append(1) or len(asked) > 1, **kw)
+    assert len(calls) == 1  # one batch (paged: one chunk), then the stop; not the whole phase
