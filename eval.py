@@ -192,11 +192,22 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str
 # Evaluation (also called by train.py for periodic validation)
 
 
+def stop_setting(model_path: str, stop_at_im_end: bool | None = None) -> bool:
+    """Whether responses also stop at <|im_end|>: the flag if given, else what the model was trained with (its
+    prompt.json, written by train.py from rollout.stop_at_im_end), else False: the tokenizer's EOS only, as the
+    released pipeline's rollouts (PAPER.md section 8.4). One rule for training, its evaluations and Table 1."""
+    path = os.path.join(model_path, PROMPT_FILE)
+    if stop_at_im_end is None and os.path.isfile(path):
+        with open(path) as f:
+            stop_at_im_end = json.load(f).get("stop_at_im_end")
+    return bool(stop_at_im_end)
+
+
 def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tokens: int, temperature: float,
                       top_p: float, seed: int = 0, max_batch_tokens: int = 1 << 20, rank: int = 0,
                       world_size: int = 1, workers: int = 0, timeout: float = 10.0,
                       system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE,
-                      stop_at_im_end: bool = True, should_stop=None, progress: str = ""):
+                      stop_at_im_end: bool = False, should_stop=None, progress: str = ""):
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
     them. Returns a list of per-problem records {"id", "answer", "responses", "scores"} for the shard."""
     import rollout
@@ -240,6 +251,9 @@ def main():
     ap.add_argument("--system-prompt", default=None,
                     help="default: the model's prompt.json (written by train.py), else the paper's")
     ap.add_argument("--user-template", default=None, help="with {problem}; default as --system-prompt")
+    ap.add_argument("--stop-at-im-end", action=argparse.BooleanOptionalAction, default=None,
+                    help="also stop at <|im_end|>; default: as the model was trained (its prompt.json), else no "
+                    "(EOS only, as the released pipeline and train.py's rollout.stop_at_im_end)")
     args = ap.parse_args()
     names = list(BENCHMARKS) if args.benchmarks == "all" else args.benchmarks.split(",")
     loaded = {}
@@ -247,6 +261,7 @@ def main():
         problems, no_gold = load_benchmark(name)
         loaded[name] = (problems[:args.max_problems] if args.max_problems else problems, no_gold)
     system_prompt, user_template = prompt_settings(args.model, args.system_prompt, args.user_template)
+    stop_at_im_end = stop_setting(args.model, args.stop_at_im_end)
 
     import torch
     import torch.distributed as dist
@@ -276,14 +291,15 @@ def main():
         temperature = 0.0 if (n == 1 and args.greedy_single) else args.temperature
         settings = {"model": args.model, "max_problems": args.max_problems, "samples": n, "temperature": temperature,
                     "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                    "system_prompt": system_prompt, "user_template": user_template}
+                    "system_prompt": system_prompt, "user_template": user_template, "stop_at_im_end": stop_at_im_end}
         if results.get(key, {}).get("settings") == settings:
             bar.update(len(problems))
             continue  # finished earlier with exactly these settings: resume
         records = evaluate_problems(model, tokenizer, problems, n_samples=n, max_new_tokens=args.max_new_tokens,
                                     temperature=temperature, top_p=args.top_p, seed=args.seed, rank=rank,
                                     world_size=world, max_batch_tokens=args.max_batch_tokens, timeout=args.timeout,
-                                    system_prompt=system_prompt, user_template=user_template)
+                                    system_prompt=system_prompt, user_template=user_template,
+                                    stop_at_im_end=stop_at_im_end)
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, records)

@@ -976,7 +976,8 @@ def save_hf(policy: Policy, tokenizer, path: str, rank: int, cfg: Config):
         policy.hf.save_pretrained(path, state_dict={k.removeprefix("hf."): v for k, v in full.items()})
         tokenizer.save_pretrained(path)
         with open(os.path.join(path, evaluation.PROMPT_FILE), "w") as f:  # eval.py prompts it the same way
-            json.dump({"system_prompt": cfg.data.system_prompt, "user_template": cfg.data.user_template}, f, indent=1)
+            json.dump({"system_prompt": cfg.data.system_prompt, "user_template": cfg.data.user_template,
+                       "stop_at_im_end": cfg.rollout.stop_at_im_end}, f, indent=1)
     barrier()
 
 

@@ -115,3 +115,31 @@ def test_eval_uses_the_prompt_the_model_was_trained_with(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / "ev" / "summary.json"))[model]["test"]["pass@1"] > 0.2
+
+
+def test_one_stopping_rule_for_training_and_evaluation(tmp_path):
+    """eval.py stops where the model's training rollouts stopped (its prompt.json, from rollout.stop_at_im_end;
+    EOS only without one, as released), a flag overrides it, and the setting is part of the result cache's
+    key: a finished benchmark is evaluated again when it changes."""
+    model = tmp_path / "m"
+    model.mkdir()
+    assert evaluation.stop_setting(str(model)) is False  # no prompt.json: the released pipeline's EOS only
+    (model / evaluation.PROMPT_FILE).write_text(json.dumps({"stop_at_im_end": True}))
+    assert evaluation.stop_setting(str(model)) is True
+    assert evaluation.stop_setting(str(model), False) is False
+    tiny = os.path.join(ROOT, "models", "tiny")
+    data = os.path.join(ROOT, "data", "tiny", "test.jsonl")
+    out = tmp_path / "ev"
+
+    def run(*flags):
+        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny, "--benchmarks", data, "--max-problems",
+               "3", "--max-new-tokens", "4", "--out", str(out), *flags]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return os.stat(out / "test.jsonl").st_mtime_ns, json.load(open(out / "summary.json"))[tiny]["test"]
+
+    first, stats = run()
+    assert stats["settings"]["stop_at_im_end"] is False  # models/tiny's prompt.json has no setting: EOS only
+    assert run()[0] == first  # same settings: taken from the cache
+    again, stats = run("--stop-at-im-end")
+    assert again != first and stats["settings"]["stop_at_im_end"] is True

@@ -184,7 +184,7 @@ def test_assign_groups_balanced_and_whole():
 @pytest.mark.slow
 def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3"))
+    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--rollout.stop_at_im_end=true"))
     assert state["step"] == 3 and state["rollouts_train"] == 60 and state["rollouts_cold"] == 2 * 30 * 2
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [0, 1, 2, 3]
@@ -196,6 +196,9 @@ def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(out / "final")
     assert (out / "config.yaml").exists()
+    import eval as evaluation  # eval.py evaluates the final model as it was trained: prompt and stopping rule
+
+    assert evaluation.stop_setting(str(out / "final")) is True
 
 
 def _weights(path):
@@ -774,3 +777,29 @@ def test_train_mode_adds_no_dropout(tmp_path):
     assert not policy.training
     torch.testing.assert_close(train_logp, eval_logp, rtol=0, atol=0)
     assert model.config.attention_dropout == 0.5  # the test model does have dropout
+
+
+def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
+    """What resume promises with rollout.cache=paged, whose scheduler is not bitwise reproducible: the saved
+    state comes back exactly, so two runs resumed from one checkpoint draw the same prompts and allocate the
+    same rollouts in the step after it (their sampled tokens may differ; with dynamic and static caches they
+    do not, test_resume_equals_uninterrupted_run)."""
+    import shutil
+
+    draws, sample_and_allocate = [], train.sample_and_allocate
+
+    def recording(cur, subset_id, step, cfg, world):
+        out = sample_and_allocate(cur, subset_id, step, cfg, world)
+        draws.append((step, out[0].tolist(), out[1].tolist()))
+        return out
+    monkeypatch.setattr(train, "sample_and_allocate", recording)
+    paged = ("--rollout.cache=paged", "--rollout.max_batch_tokens=4096")
+    train.main(small_run(tiny_model_dir, str(tmp_path / "a"), "--run.max_steps=3", *paged))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = []
+    for run in ("a", "b"):
+        draws.clear()
+        train.main(small_run(tiny_model_dir, str(tmp_path / run), "--run.max_steps=4", "--run.resume=auto", *paged))
+        resumed.append(list(draws))
+    assert [d[0] for d in resumed[0]] == [3]  # only the step after the checkpoint ran
+    assert resumed[0] == resumed[1]
