@@ -221,7 +221,7 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                            seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens, should_stop=should_stop,
                            progress=progress)
-    texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
+    texts = out.texts(tokenizer)
     golds = [shard[i]["answer"] for i in out.prompt_index.tolist()]
     scores = reward.score_batch(texts, golds, workers=workers, timeout=timeout)
     records = []

@@ -40,6 +40,12 @@ class Rollouts:
     def responses(self) -> list[list[int]]:
         return [ids[:n].tolist() for ids, n in zip(self.response_ids, self.lengths.tolist())]
 
+    def texts(self, tokenizer) -> list[str]:
+        """The decoded responses, special tokens skipped; none for no rollouts (a rank without prompts:
+        transformers < 5.24 decodes an empty batch as [''])."""
+        responses = self.responses()
+        return tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
+
 
 def stop_token_ids(tokenizer, model=None, im_end: bool = True) -> list[int]:
     """Tokens that end a response: the tokenizer's EOS and the model's generation_config EOS ids (what the

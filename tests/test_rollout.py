@@ -184,3 +184,14 @@ def test_stop_request_acted_on_within_one_batch(tiny_model_dir, cache, monkeypat
     with pytest.raises(rollout.Interrupted):
         rollout.generate(model, prompts, 4, should_stop=lambda: asked.append(1) or len(asked) > 1, **kw)
     assert len(calls) == 1  # one batch (paged: one chunk), then the stop; not the whole phase
+
+
+def test_no_rollouts_decode_to_no_texts(tiny_model_dir):
+    """A rank that owns no prompt this step gets no rollouts and no texts (transformers < 5.24 decodes an empty
+    batch as [''], which once failed a two-rank run: '1 responses but 0 gold answers')."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    out = rollout.generate(model, [], [], max_new_tokens=4, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    assert out.response_ids.shape[0] == 0 and out.texts(tok) == []
+    one = rollout.generate(model, [tok("Hi").input_ids], 1, max_new_tokens=4, eos_ids=[tok.eos_token_id],
+                           pad_id=tok.pad_token_id)
+    assert one.texts(tok) == tok.batch_decode(one.responses(), skip_special_tokens=True)

@@ -61,7 +61,7 @@ def accuracy_by_level(model, tok, rows, temperature=0.0, n=1):
     prompts = [build_prompt(tok, r["problem"], SYSTEM_PROMPT, USER_TEMPLATE) for r in rows]
     out = rollout.generate(model, prompts, n, max_new_tokens=16, eos_ids=[tok.eos_token_id],
                            pad_id=tok.pad_token_id, temperature=temperature)
-    texts = tok.batch_decode(out.responses(), skip_special_tokens=True)
+    texts = out.texts(tok)
     acc = {}
     for r, t in zip([r for r in rows for _ in range(n)], texts):
         acc.setdefault(r["level"], []).append(reward.score(t, r["answer"]))
