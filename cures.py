@@ -19,6 +19,8 @@ Choices the paper leaves open (also in the README's deviation table):
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +339,23 @@ def stats_from_gram(gram, correct) -> tuple[float, float, float]:
     return sq_c, sq_w, max(float(u @ gram @ u), 0.0)
 
 
+GRAM_LOGP_CHUNK = 512  # tokens per log-prob chunk in gradient_stats: (512, V) fp32 temporaries, not (2048, V)
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Every parameter without requires_grad while the block runs (restored after): a backward for input
+    gradients only then saves no layer input for a weight gradient."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def gradient_stats(model, prompt_ids, responses, correct, param: str = "lm_head", temperature: float = 1.0):
     """Eq. 21's statistics for one prompt: (E_c||g||^2, E_w||g||^2, ||E_c[g] - E_w[g]||^2), with
     g(y) = d/d theta sum_t log pi(y_t | x, y_<t) restricted to a parameter subset.
@@ -366,18 +385,26 @@ def gradient_stats(model, prompt_ids, responses, correct, param: str = "lm_head"
                 hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (R, T, d)
             gram = lm_head_gram(hidden[rows, cols], W.detach(), targets, rows, len(responses), temperature)
             return stats_from_gram(gram, correct)
-        # tied (Qwen2.5-Math-1.5B): also the input part, delta_t = d log pi(y_a) / d embedding at t, for all
-        # responses in one backward (row a's embeddings reach only row a's log-prob)
+        # tied (Qwen2.5-Math-1.5B): also the input part, delta_t = d log pi(y_a) / d embedding at t. One response
+        # at a time (row a's embeddings reach only row a's log-prob) with the parameters frozen (no layer keeps
+        # its input for a weight gradient) and a small log-prob chunk: the pass holds one response's
+        # activations, not N' responses' (measured: bench/results/grad_stats_memory.md)
         import grpo
 
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (R, T, d)
-        hidden = model.model(inputs_embeds=emb, attention_mask=attn).last_hidden_state  # (R, T, d)
-        logp, _ = grpo.token_logprobs(hidden[rows, cols], W.detach(), targets, temperature)  # (L,)
-        (delta,) = torch.autograd.grad(logp.sum(), emb)  # (R, T, d)
-        a, t = attn.nonzero(as_tuple=True)  # (K,) every input position of every response
+        hid, extra = [], ([], [], [])
+        with _frozen(model):
+            for a, r in enumerate(responses):
+                x = ids[a:a + 1, :len(seqs[a])]  # (1, T_a) no padding
+                emb = model.get_input_embeddings()(x).detach().requires_grad_(True)  # (1, T_a, d)
+                h = model.model(inputs_embeds=emb).last_hidden_state[0, P - 1:P - 1 + len(r)]  # (n_a, d)
+                logp, _ = grpo.token_logprobs(h, W.detach(), x[0, P:], temperature, chunk=GRAM_LOGP_CHUNK)
+                (delta,) = torch.autograd.grad(logp.sum(), emb)  # (1, T_a, d)
+                hid.append(h.detach())
+                for part, value in zip(extra, (x[0], torch.full_like(x[0], a), delta[0])):
+                    part.append(value)
         with torch.no_grad():
-            gram = lm_head_gram(hidden[rows, cols].detach(), W.detach(), targets, rows, len(responses),
-                                temperature, extra=(ids[a, t], a, delta[a, t]))
+            gram = lm_head_gram(torch.cat(hid), W.detach(), targets, rows, len(responses), temperature,
+                                extra=tuple(torch.cat(part) for part in extra))
         return stats_from_gram(gram, correct)
     params = [p for name, p in model.named_parameters() if param in name]
     if not params:

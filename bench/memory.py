@@ -139,6 +139,9 @@ def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cp
 
 def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float,
           micro_batch_tokens: int = 0) -> dict:
+    """The per-rank numbers of one model and world size on a GPU (bf16 compute and generation copy, gradient
+    checkpointing, responses longer than the log-prob chunk): the largest rollout.max_batch_tokens and
+    train.micro_batch_tokens that fit 80 and 40 GB cards, and update_peak at micro_batch_tokens."""
     cfg = hf_config(CONFIGS[name])
     params, local, root, layer = shard_elements(cfg, world)
     L, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -148,37 +151,58 @@ def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, pro
     act_per_token = L * act["layer_input"] + act["layer"]  # checkpointed inputs + the layer being recomputed
     sampling = 3 * max_batch_size * cfg.vocab_size * 4
     gen_static = b["master fp32"] + b["AdamW fp32 x2"] + b["KL reference fp32"] + b["generation copy bf16"]
-    train_static = sum(b.values())
-    head = chunk * act["head"]
+
+    def peak(tokens):  # the update phase, several micro-batches of `tokens`, responses of at least a chunk
+        return update_peak(cfg, world, act, tokens, tokens, chunk, torch.bfloat16, torch.bfloat16, True)
+
     fit = {}
     for cap in (80, 40):
         usable = (cap - HEADROOM_GB) * GB
         # a generate batch: KV for every token of its rows + the prefill of its prompt tokens (a fraction of them)
         per_gen_token = kv_per_token + prompt_frac * act["prefill"]
-        fit[cap] = (max(0, int((usable - gen_static - sampling) // per_gen_token)),
-                    max(0, int((usable - train_static - head) // act_per_token)))
-    # the update phase's peak at one micro-batch of M tokens (train.py's perf/peak_gb/update measures it)
-    update_peak = train_static + head + act_per_token * micro_batch_tokens if micro_batch_tokens else None
+        lo, hi = 0, 1 << 24  # the largest micro-batch whose predicted peak fits (the peak grows with tokens)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if peak(mid)["total"] <= usable else (lo, mid - 1)
+        fit[cap] = (max(0, int((usable - gen_static - sampling) // per_gen_token)), lo if peak(lo)["total"] <= usable else 0)
+    zero = peak(0)
     return {"model": name, "world": world, "params": params, "bytes": b, "kv_per_token": kv_per_token,
-            "micro_batch_tokens": micro_batch_tokens, "update_peak": update_peak,
-            "act_per_token": act_per_token, "head": head, "sampling": sampling, "gen_static": gen_static,
-            "train_static": train_static, "fit": fit}
+            "micro_batch_tokens": micro_batch_tokens,
+            "update_peak": peak(micro_batch_tokens)["total"] if micro_batch_tokens else None,
+            "act_per_token": act_per_token, "head": chunk * act["head"], "sampling": sampling,
+            "gen_static": gen_static, "train_static": zero["total"] - max(zero["head phase"], zero["backward phase"]),
+            "fit": fit}
 
 
 def update_peak(cfg, world: int, act: dict, tokens: int, resp_tokens: int, chunk: int, dtype, gen_dtype,
-                checkpointing: bool, kl: bool = True) -> dict:
+                checkpointing: bool, kl: bool = True, micro_batches: int = 2,
+                accumulate_unsharded: bool = False) -> dict:
     """Predicted bytes on one rank while the update runs a micro-batch of `tokens` positions (`resp_tokens` of
-    them trained): the static terms of `table` in the run's dtypes, the activations (with checkpointing the L
-    layer inputs plus the layer being recomputed, without it L layers' saved tensors) and the log-prob head
-    over min(chunk, resp_tokens) tokens."""
+    them trained), as phases, not as a sum of everything (checked against FSDP2's memory tracker by --check):
+
+    - always: fp32 master shards, AdamW's two moments, the KL reference's shards, the generation copy, and the
+      root module (embeddings, lm_head) gathered in the compute dtype for the whole forward and backward;
+    - the head phase (the log-prob head's forward and backward over min(chunk, resp_tokens) tokens): its
+      temporaries, one prefetched decoder layer, and the activations alive then (with checkpointing the L
+      layer inputs, without it all L layers' saved tensors);
+    - the layers' backward: two gathered layers, the L inputs plus the recomputed layer's saved tensors (or
+      all L layers' without checkpointing) and the root's fp32 gradient;
+    - the sharded fp32 gradients: in the backward phase of a single micro-batch, throughout from the second;
+    - `accumulate_unsharded`: had train.update_policy skipped the reduce-scatter until the last of several
+      micro-batches (FSDP2's set_requires_gradient_sync), every layer's gradient would stay unsharded in fp32
+      in between: 4 bytes a parameter on top of both phases (measured; it no longer does)."""
     params, local, root, layer = shard_elements(cfg, world)
-    L = cfg.num_hidden_layers
-    b = {"master fp32": 4 * local, "grads fp32": 4 * local, "AdamW fp32 x2": 8 * local,
-         "KL reference fp32": 4 * local if kl else 0, "generation copy": gen_dtype.itemsize * params,
-         "FSDP2 unsharded (gather, fp32 root grad)": dtype.itemsize * (root + 2 * layer) + 4 * root,
-         "activations": tokens * (L * act["layer_input"] + act["layer"] if checkpointing else L * act["layer"]),
-         "log-prob head": min(chunk, resp_tokens) * act["head"]}
-    b["total"] = sum(b.values())
+    L, size = cfg.num_hidden_layers, dtype.itemsize
+    saved = tokens * (L * act["layer_input"] if checkpointing else L * act["layer"])  # alive in the head phase
+    b = {"master fp32": 4 * local, "AdamW fp32 x2": 8 * local, "KL reference fp32": 4 * local if kl else 0,
+         "generation copy": gen_dtype.itemsize * params, "root gathered": size * root,
+         "grads fp32 (from micro-batch 2)": 4 * local if micro_batches > 1 else 0,
+         "unsharded gradients": 4 * params if accumulate_unsharded else 0}
+    head = min(chunk, resp_tokens) * act["head"] + size * layer + saved
+    backward = (2 * size * layer + saved + (tokens * act["layer"] if checkpointing else 0) + 4 * root
+                + (4 * local if micro_batches == 1 else 0))
+    b["head phase"], b["backward phase"] = head, backward
+    b["total"] = sum(v for k, v in b.items() if "phase" not in k) + max(head, backward)
     return b
 
 
@@ -203,7 +227,7 @@ def check(args) -> int:
     print(f"{platform.node()}: torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, vocabulary "
           f"{cfg.vocab_size:,} (tied), 2 ranks, fp32 (CPU); {args.prompts} prompts x {args.n} rollouts x "
           f"{args.new_tokens} new tokens; micro_batch_tokens {args.micro_batch_tokens:,}")
-    print("| checkpointing | largest micro-batch (trained tokens) | predicted | measured (rank 0, 1) | "
+    print("| checkpointing | largest micro-batch (trained tokens), per rank | predicted | measured (rank 0, 1) | "
           "measured / predicted |\n|---|---|---|---|---|")
     worst = 0.0
     for ckpt in (True, False):
@@ -222,7 +246,9 @@ def check(args) -> int:
                 last = json.load(f)[-1]  # the second step's update: AdamW's state exists
             measured.append(last["peak"]["cpu"]["Total"])
             predicted.append(update_peak(cfg, 2, act, last["tokens"], last["resp_tokens"], args.chunk, torch.float32,
-                                         torch.float32, ckpt)["total"])
+                                         torch.float32, ckpt, micro_batches=last["micro_batches"])["total"])
+            if args.verbose:
+                print(rank, {k: round(v / GB, 3) for k, v in last["peak"]["cpu"].items()}, last["micro_batches"])
             sizes += f"{', ' if sizes else ''}{last['tokens']:,} ({last['resp_tokens']:,})"
         ratios = [m / p for m, p in zip(measured, predicted)]
         worst = max(worst, *(abs(r - 1) for r in ratios))
@@ -251,6 +277,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8, help="--check: prompts per step")
     ap.add_argument("--n", type=int, default=8, help="--check: rollouts per prompt")
     ap.add_argument("--new-tokens", type=int, default=64, help="--check: response length")
+    ap.add_argument("--verbose", action="store_true", help="--check: print the measured peak by category")
     ap.add_argument("--tolerance", type=float, default=0.2, help="--check: largest accepted |measured/predicted - 1|")
     args = ap.parse_args()
     if args.check:

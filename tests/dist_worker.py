@@ -85,9 +85,17 @@ def track_update_memory() -> list:
         return policy, ref, gen
 
     def update_policy(policy, optimizer, *args, **kwargs):
-        tracker = FSDPMemTracker(policy, optimizer)
-        with tracker:
-            result = update(policy, optimizer, *args, **kwargs)
+        tracker, forward_batch = FSDPMemTracker(policy, optimizer), train.forward_batch
+
+        def each_micro_batch(*a, **k):  # the tracker's per-module statistics take one forward at a time
+            tracker.reset_mod_stats()
+            return forward_batch(*a, **k)
+        train.forward_batch = each_micro_batch
+        try:
+            with tracker:
+                result = update(policy, optimizer, *args, **kwargs)
+        finally:
+            train.forward_batch = forward_batch
         peak = tracker.get_tracker_snapshot("peak")
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in others
                     for t in (p.to_local() if hasattr(p, "to_local") else p for p in m.parameters())}
@@ -97,7 +105,7 @@ def track_update_memory() -> list:
         batches = args[5] if len(args) > 5 else kwargs["batches"]  # update_policy(..., scheduler, batches)
         peaks.append({"peak": {str(dev): {str(k).split(".")[-1]: v for k, v in d.items()} for dev, d in peak.items()},
                       "tokens": max(b["ids"].numel() for b in batches),  # the largest micro-batch, padding included
-                      "resp_tokens": max(len(b["tgt"]) for b in batches)})
+                      "resp_tokens": max(len(b["tgt"]) for b in batches), "micro_batches": len(batches)})
         return result
 
     train.build_models, train.update_policy = build_models, update_policy
