@@ -2,7 +2,7 @@
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/
 # if present, see README "GPU smoke test"): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
 #   1. two full train.py steps as configs/1.5b.yaml runs them (FSDP2 on one rank, bf16 generation copy, gradient
-#      checkpointing, 64 prompts x 8 rollouts, 1,024 new tokens) at a micro-batch of 65,536 tokens, with the update
+#      checkpointing, 32 prompts x 8 rollouts, 512 new tokens) at a micro-batch of 65,536 tokens, with the update
 #      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
 #   2. rollout tokens/s: rollout.generate against plain generate; 3. the paged cache (continuous batching).
 # Exits non-zero if any part fails. Budget: under 8 minutes on one H100/H200.   bash bench/gpu_smoke.sh
@@ -22,14 +22,15 @@ ATTN=sdpa; $PY -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
 CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged  # configs/1.5b.yaml's paged cache wants flash-attention
 MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
-# a shorter run: SMOKE_PROMPTS=32 SMOKE_N=8 SMOKE_NEW_TOKENS=512 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
-P=${SMOKE_PROMPTS:-64} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-1024} STEPS=${SMOKE_STEPS:-2} PARTS=${SMOKE_PARTS:-steps,rollout}
+# other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
+# (2026-11-28, H200, sdpa: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s a step)
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-2} PARTS=${SMOKE_PARTS:-steps,rollout}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 step 120 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-480} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-300} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \

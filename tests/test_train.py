@@ -803,3 +803,17 @@ def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
         resumed.append(list(draws))
     assert [d[0] for d in resumed[0]] == [3]  # only the step after the checkpoint ran
     assert resumed[0] == resumed[1]
+
+
+@pytest.mark.slow
+def test_memory_model_matches_the_real_update():
+    """bench/memory.py's update model (what the GPU configs' micro_batch_tokens are sized from) against the
+    real update_policy under FSDP2's memory tracker, 2 gloo ranks, with and without gradient checkpointing,
+    one micro-batch and several: within 20 % (the full-width figures: bench/results/memory_check.md)."""
+    for micro_batch_tokens in ("16384", "1024"):
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "memory.py"), "--check", "--hidden", "128",
+               "--intermediate", "256", "--heads", "4", "--tokens", "256", "--new-tokens", "8",
+               "--micro-batch-tokens", micro_batch_tokens]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        assert "largest disagreement" in res.stdout
