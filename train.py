@@ -487,12 +487,17 @@ def load_subsets(cfg: Config, tokenizer):
         part, before = [], dict(skipped)
         for fname, line, row in group[:cfg.data.max_prompts or None]:
             problem, answer = row.get(cfg.data.problem_key), row.get(cfg.data.answer_key)
-            if problem is None or answer is None or not str(problem).strip() or not str(answer).strip():
-                missing = cfg.data.problem_key if problem is None or not str(problem).strip() else cfg.data.answer_key
-                raise ValueError(f"{fname}:{line}: row has no {missing!r}")
-            answer = gold_answer(str(answer), cfg.data.answer_format)
-            if answer is None:
+            for key in (cfg.data.problem_key, cfg.data.answer_key):
+                if key not in row:  # a wrong *_key or a malformed row
+                    raise ValueError(f"{fname}:{line}: row has no {key!r} (fields: {sorted(row)[:8]})")
+            if problem is None or not str(problem).strip():
+                raise ValueError(f"{fname}:{line}: row has an empty {cfg.data.problem_key!r}")
+            answer = gold_answer(str(answer), cfg.data.answer_format) if answer is not None else None
+            if answer is None or not answer.strip():  # an empty or null answer, a solution without \boxed{}
                 skipped["no_answer"] += 1
+                if skipped["no_answer"] <= 5:
+                    print0(f"skipped {fname}:{line}: no gold answer in {cfg.data.answer_key!r}"
+                           + (" (and more, counted as data/skipped_no_answer)" if skipped["no_answer"] == 5 else ""))
                 continue
             ids = build_prompt(tokenizer, str(problem), cfg.data.system_prompt, cfg.data.user_template)
             if len(ids) > cfg.data.max_prompt_len:
@@ -512,7 +517,10 @@ def load_subsets(cfg: Config, tokenizer):
                              f"set data.num_subsets={len(items)} (or 0)")
     else:
         flat = items[0]
-        if len(flat) < max(T, 1):
+        if T < 1:  # a directory holding one file gets here past validate_config
+            raise ValueError(f"{groups[0][0][0]}: one data source and data.num_subsets={T}: a single source needs "
+                             ">= 1 subsets")
+        if len(flat) < T:
             raise ValueError(f"{len(flat)} prompts cannot make {T} subsets")
         bounds = np.linspace(0, len(flat), T + 1).astype(int)
         items = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -1235,7 +1243,10 @@ def check_out_dir(cfg: Config):
 
 
 # keys a resumed run must share with its checkpoint (they define which subset and step come next)
-RESUME_MUST_MATCH = {"data": ("train", "num_subsets", "max_prompts", "max_prompt_len"),
+RESUME_MUST_MATCH = {"model": ("tokenizer",),
+                     "data": ("train", "split", "problem_key", "answer_key", "answer_format", "num_subsets",
+                              "max_prompts", "max_prompt_len", "system_prompt", "user_template"),
+                     "cures": ("sampling", "allocation", "sigma", "tau", "n_min", "n_max", "cold_start_rollouts"),
                      "train": ("steps_per_subset", "restart_each_subset", "group_by"),
                      "rollout": ("prompts_per_step", "rollouts_per_step"), "run": ("seed",)}
 
@@ -1274,7 +1285,10 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
         state.update({k: meta.get(k, state[k]) for k in state})
         scheduler.load_state_dict(meta["scheduler"])
         print0(f"resumed from {path} at step {state['step']}")
-        break
+        return state
+    if any(candidates):  # never a fresh start (or half-loaded weights) over checkpoints that exist
+        raise RuntimeError(f"checkpoints exist but none could be loaded completely: {', '.join(filter(None, candidates))}; "
+                           "move them away to start afresh, or name a good one with --run.resume=PATH")
     return state
 
 
@@ -1314,6 +1328,9 @@ def main(argv=None):
     M, T = cfg.train.steps_per_subset, len(subsets)
     total_steps = min(T * M, cfg.run.max_steps or T * M)
     state = resume_state(cfg, policy, optimizer, scheduler, cur, saved_ref)
+    if 0 <= state["subset"] < T and len(cur.alpha) != len(subsets[state["subset"]]):
+        raise ValueError(f"cannot resume: the checkpoint's curriculum covers {len(cur.alpha)} prompts, subset "
+                         f"{state['subset']} now has {len(subsets[state['subset']])}: the data or its filtering changed")
     logger = Logger(cfg, rank, state["step"])
     stop = {"requested": False}
     for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the next safe point, then exit
@@ -1379,7 +1396,7 @@ def main(argv=None):
         if stopped:
             print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
     bar.close()
-    if state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps):
+    if state["step"] > 0 and (state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps)):
         save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank, cfg)
         print0(f"done: {cfg.run.out_dir}/final (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/")
     if dist.is_initialized():

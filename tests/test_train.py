@@ -817,3 +817,77 @@ def test_memory_model_matches_the_real_update():
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         assert "largest disagreement" in res.stdout
+
+
+def test_no_readable_checkpoint_fails_and_names_them(tiny_model_dir, tmp_path):
+    """Checkpoints exist but none loads completely (metadata unreadable, or weights failing half-way over an
+    unreadable older one): the run fails and names them, never restarting at step 0 over them (which emptied
+    metrics.jsonl and let pruning delete its own new checkpoints) nor going on with half-loaded weights."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.keep_checkpoints=2"))
+    old, new = train.checkpoint_dirs(str(out))
+    metrics = open(out / "metrics.jsonl").read()
+    with open(os.path.join(old, "meta.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    weights = [f for f in os.listdir(new) if f.endswith(".distcp")]
+    assert weights
+    with open(os.path.join(new, weights[0]), "wb") as f:  # metadata fine, weights broken
+        f.write(b"\0" * 16)
+    with pytest.raises(RuntimeError, match="none could be loaded") as e:
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert "step_000001" in str(e.value) and "step_000002" in str(e.value)
+    assert open(out / "metrics.jsonl").read() == metrics and train.checkpoint_dirs(str(out)) == [old, new]
+
+
+@pytest.mark.parametrize("change", ["--data.user_template=Q: {problem}", "--cures.tau=0.5", "--cures.n_min=3",
+                                    "--data.system_prompt=Be brief.", "--cures.cold_start_rollouts=3"])
+def test_resume_refuses_a_config_that_changes_the_subsets_or_the_method(tiny_model_dir, tmp_path, change):
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    with pytest.raises(ValueError, match=change.split("=")[0].removeprefix("--")):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto", change))
+
+
+def test_resume_checks_the_curriculum_against_the_subset(tiny_model_dir, tmp_path, monkeypatch):
+    """A subset that changed size under the same config (the data file was edited) is refused by name, not
+    sampled over stale posteriors; Curriculum.load_state_dict checks its own arrays."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    load_subsets = train.load_subsets
+    monkeypatch.setattr(train, "load_subsets", lambda cfg, tok: (lambda s, k: ([s[0][:-1], *s[1:]], k))(
+        *load_subsets(cfg, tok)))
+    with pytest.raises(ValueError, match="curriculum covers 30 prompts, subset 0 now has 29"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
+    cur = cures.Curriculum(3)
+    with pytest.raises(ValueError, match="grad_stats"):
+        cur.load_state_dict({"alpha": np.ones(3), "beta": np.ones(3), "grad_stats": np.ones((2, 3))})
+
+
+def test_zero_subsets_fail_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """A directory with one data file and data.num_subsets=0 once gave zero subsets, trained zero steps and saved
+    the untrained model as final/."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part.jsonl").write_text(open(TRAIN_DATA).read())
+    monkeypatch.setattr(train, "build_models", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="num_subsets=0"):
+        train.main(small_run(tiny_model_dir, tmp_path / "r", f"--data.train={data}", "--data.num_subsets=0"))
+    assert not (tmp_path / "r" / "final").exists()
+
+
+def test_empty_or_null_answers_are_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
+    rows = [json.loads(l) for l in open(TRAIN_DATA)][:40]
+    rows[3]["answer"], rows[7]["answer"] = "", None
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = train.load_config(small_run(tiny_model_dir, tmp_path / "r", f"--data.train={path}", "--data.num_subsets=1"))
+    from transformers import AutoTokenizer
+
+    subsets, skipped = train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert skipped["no_answer"] == 2 and sum(map(len, subsets)) == 38
+    out = capsys.readouterr().out
+    assert f"{path}:4" in out and f"{path}:8" in out
+    del rows[5]["answer"]  # the key itself missing: a wrong data.answer_key or a malformed row
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"{path}:6: row has no 'answer'"):
+        train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
