@@ -220,6 +220,14 @@ def test_resume_equals_uninterrupted_run(tmp_path, stop):
     assert train.checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stop:06d}")
     state, cur = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=4", "--run.resume=auto"))
     assert state == full_state
+    # step by step, including what only the KL reference and the optimizer state decide
+    keys = ("actor/kl", "actor/pg_loss", "actor/grad_norm", "train/reward", "cures/acc_mean")
+    rows = {run: [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl") if '"actor/kl"' in l] for run in "ab"}
+    assert [r["step"] for r in rows["b"]] == [1, 2, 3, 4]
+    assert any(r["actor/kl"] > 0 for r in rows["a"])  # the reference moved away from the policy: not vacuous
+    for ra, rb in zip(rows["a"], rows["b"]):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-12), (ra["step"], k)
     np.testing.assert_array_equal(cur.alpha, full_cur.alpha)
     np.testing.assert_array_equal(cur.beta, full_cur.beta)
     wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
