@@ -13,7 +13,9 @@ Rules that decide correctness (`score`), the paper's setting through verl's math
 
 `score_batch` runs `score` in worker processes, each item under a hard deadline: a worker stuck in sympy
 is killed, replaced, and the item scores 0; the number of such timeouts comes back for logging. Workers
-are fresh interpreters that import only this module (not the trainer, torch or CUDA).
+are fresh interpreters that import only this module (not the trainer, torch or CUDA), in their own session
+and deaf to SIGINT and SIGTERM (a stop is the trainer's to handle), ending with the trainer; an item whose
+worker is lost otherwise is scored again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from multiprocessing.connection import wait
 
 _GOLD_CFG = None
 _PRED_CFG = None
+_PARENT = None  # a worker's trainer (its pid), set on the worker's command line
+RETRIES = 2  # a worker lost without reaching its deadline: its item is scored again up to this many times
 
 
 class _TimeoutLog(logging.Filter):
@@ -115,9 +119,21 @@ def extract_all_boxed(text: str) -> list[str]:
 
 
 def _serve():
-    """Worker process main: (index, response, gold) in on stdin, (index, score) out on the saved stdout."""
+    """Worker process main: (index, response, gold) in on stdin, (index, score) out on the saved stdout.
+    Deaf to the stop signals meant for the trainer (Ctrl-C, a SIGTERM sent to every process of a job step):
+    the trainer decides what a stop means; a worker ends with its trainer (PR_SET_PDEATHSIG on Linux, and
+    the end of its stdin)."""
+    import signal
     from multiprocessing.connection import Connection
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the parent dies
+        if os.getppid() != _PARENT:  # the parent died before prctl took effect
+            return
     out = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # anything the checker prints goes to stderr, not into the protocol
     inp = Connection(os.dup(0), writable=False)
@@ -146,8 +162,11 @@ class _Worker:
         from multiprocessing.connection import Connection
 
         here = os.path.dirname(os.path.abspath(__file__))
-        code = f"import sys; sys.path.insert(0, {here!r}); import reward; reward._serve()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        code = (f"import sys; sys.path.insert(0, {here!r}); import reward; reward._PARENT = {os.getpid()}; "
+                "reward._serve()")
+        # its own session: a terminal's Ctrl-C and a signal to the trainer's process group do not reach it
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=True)
         self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
         self.recv_conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
         self.proc.stdin.close()
@@ -169,19 +188,34 @@ class ScorePool:
         self.workers = [_Worker() for _ in range(max(1, workers))]
 
     def map(self, responses, golds, timeout: float) -> Scores:
+        """Scores in input order. An item whose worker dies before the deadline (killed from outside, out of
+        memory) is scored again by another worker, up to RETRIES times, then counts as a timeout and scores
+        0: a lost worker never turns an unscored item into a 0 silently."""
         out = Scores([0.0] * len(responses))
         todo = list(range(len(responses)))[::-1]
+        lost = [0] * len(responses)
+
+        def again(w):  # the worker died with its item unscored
+            if w.item is not None:
+                i = w.item[0]
+                lost[i] += 1
+                if lost[i] <= RETRIES:
+                    todo.append(i)
+                else:
+                    out.timeouts += 1
+            self._replace(w)
+
         while todo or any(w.item for w in self.workers):
             for w in self.workers:
                 if w.ready and w.item is None and todo:
                     i = todo.pop()
+                    w.item = (i, time.monotonic() + timeout)
                     try:
                         # math-verify's own timeout (half the deadline) fires first where it can, which
                         # keeps the worker; the deadline kills a worker stuck where it cannot
                         w.send_conn.send((i, str(responses[i]), str(golds[i]), max(1, int(timeout / 2))))
-                        w.item = (i, time.monotonic() + timeout)
-                    except OSError:  # died between items: replace it, the item stays 0
-                        self._replace(w)
+                    except OSError:  # died between items
+                        again(w)
             deadlines = [w.item[1] for w in self.workers if w.item]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
             ready = wait([w.recv_conn for w in self.workers], timeout=wait_s)
@@ -189,8 +223,8 @@ class ScorePool:
                 if w.recv_conn in ready:
                     try:
                         msg = w.recv_conn.recv()
-                    except (EOFError, OSError):  # the worker died: its item scores 0
-                        self._replace(w)
+                    except (EOFError, OSError):  # the worker died
+                        again(w)
                         continue
                     if msg == "ready":
                         w.ready = True

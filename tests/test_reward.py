@@ -2,12 +2,16 @@
 eight benchmarks in ../shared/benchmarks."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 import reward
 from eval import BENCHMARKS, load_benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EQUIVALENT = [
     ("so the answer is \\boxed{\\frac{1}{2}}", "0.5"),
@@ -116,3 +120,63 @@ def test_gold_answers_of_real_benchmarks(name, monkeypatch):
     same = [s for a, b, s in zip(shifted, golds, cross) if a.replace(" ", "") == b.replace(" ", "")]
     assert all(s == 1.0 for s in same)  # identical answers of neighbouring problems do match
     assert sum(cross) - len(same) <= 0.1 * len(golds), f"{name}: {sum(cross)} cross matches"
+
+
+def test_workers_survive_stop_signals_and_lost_items_are_scored_again():
+    """The scoring workers live in their own session and ignore SIGINT and SIGTERM (Ctrl-C in a terminal, or
+    Slurm signalling every process of a job step, once killed them and their items scored 0 in a step that
+    was then kept); an item whose worker is killed outright is scored again, not zero-filled."""
+    import signal
+    import threading
+    import time
+
+    pool = reward.ScorePool(2)
+    try:
+        responses = [f"The answer is \\boxed{{{k}}}" for k in range(200)]
+        golds = [str(k) for k in range(200)]
+        assert all(os.getsid(w.proc.pid) != os.getsid(0) for w in pool.workers)  # not our process group
+        for _ in range(100):  # until both have started (a signal before that is the interpreter's to handle)
+            if all(w.ready for w in pool.workers):
+                break
+            pool.map(["1"] * 8, ["1"] * 8, timeout=30)
+        pids = [w.proc.pid for w in pool.workers]
+
+        def disturb():
+            time.sleep(0.05)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(pool.workers[0].proc.pid, signal.SIGKILL)  # lost mid-batch for a reason of its own
+        t = threading.Thread(target=disturb)
+        t.start()
+        got = pool.map(responses, golds, timeout=30)
+        t.join()
+        assert list(got) == [1.0] * 200 and got.timeouts == 0
+        assert pool.workers[1].proc.pid == pids[1]  # SIGTERM and SIGINT did not kill it
+    finally:
+        pool.close()
+
+
+def test_workers_end_with_their_trainer(tmp_path):
+    """A trainer killed outright (SIGKILL: no cleanup) leaves no scoring worker behind."""
+    import time
+
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import reward; p = reward.ScorePool(2); "
+            "p.map(['1'], ['1'], 30); print(' '.join(str(w.proc.pid) for w in p.workers), flush=True); "
+            "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    pids = [int(p) for p in res.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
