@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/
 # if present, see README "GPU smoke test"): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-#   1. two full train.py steps as configs/1.5b.yaml runs them (FSDP2 on one rank, bf16 generation copy, gradient
+#   1. a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy, gradient
 #      checkpointing, 32 prompts x 8 rollouts, 512 new tokens) at a micro-batch of 65,536 tokens, with the update
 #      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
-#   2. rollout tokens/s: rollout.generate against plain generate; 3. the paged cache (continuous batching).
+#   2. rollout tokens/s with the dynamic (against plain generate), static and paged caches.
 # Exits non-zero if any part fails. Budget: under 8 minutes on one H100/H200.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,20 +24,26 @@ MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s a step)
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-2} PARTS=${SMOKE_PARTS:-steps,rollout}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-steps,rollout}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 step 120 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-300} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-200} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \
   --rollout.max_batch_tokens=600000 --train.mini_batch_prompts=$P --train.steps_per_subset=$STEPS \
   --train.micro_batch_tokens=$MB --run.reward_workers=16 --model.gradient_checkpointing=true
-[[ $PARTS == *rollout* ]] && step 90 $PY bench/rollout.py --model $MODEL --prompts 64 --n 4 --max-new-tokens 512 --max-batch-tokens 600000
-[[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 --max-batch-tokens 600000 --cache paged
+# generation alone, 32 prompts x 4 rollouts x 256 tokens with each cache: the dynamic one once against plain
+# generate, the static one twice (the first call compiles), the paged one once
+[[ $PARTS == *rollout* ]] && step 90 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
+  --max-batch-tokens 600000 --cache dynamic --repeats 1
+[[ $PARTS == *rollout* ]] && step 120 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
+  --max-batch-tokens 600000 --cache static --no-plain
+[[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
+  --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
 echo "decode bound for reference: about 81k tokens/s for Qwen2.5-1.5B at batch 256, context 1024 on an H100 (issue 7)"
 [ $fail -eq 0 ] && echo "gpu_smoke: all parts passed" || echo "gpu_smoke: FAILED"
 exit $fail

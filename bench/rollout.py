@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 16)
     ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static | paged")
     ap.add_argument("--no-share-prefill", action="store_true", help="prefill every rollout (rollout.share_prefill=false)")
+    ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the plain-generate baseline")
+    ap.add_argument("--repeats", type=int, default=2, help="timings of each; the last (warm) one is kept")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +62,7 @@ def main():
           f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens, rollout cache {args.cache}, "
           f"share_prefill {not args.no_share_prefill}")
     results = {}
-    for label in ("plain", "rollout", "plain", "rollout"):  # alternate, keep the second (warm) timing
+    for label in (("plain", "rollout") if args.plain else ("rollout",)) * args.repeats:  # alternate, keep the last
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -78,8 +81,9 @@ def main():
     print("| generator | tokens | seconds | tokens/s |\n|---|---|---|---|")
     for label, (tokens, dt) in results.items():
         print(f"| {label} | {tokens} | {dt:.2f} | {tokens / dt:.0f} |")
-    ratio = (results["rollout"][0] / results["rollout"][1]) / (results["plain"][0] / results["plain"][1])
-    print(f"rollout.generate / plain generate tokens/s: {ratio:.2f}x")
+    if "plain" in results:
+        ratio = (results["rollout"][0] / results["rollout"][1]) / (results["plain"][0] / results["plain"][1])
+        print(f"rollout.generate / plain generate tokens/s: {ratio:.2f}x")
     print(json.dumps({k: {"tokens": v[0], "seconds": round(v[1], 3)} for k, v in results.items()}))
 
 
