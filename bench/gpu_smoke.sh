@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/
-# if present, see README "GPU smoke test"): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
+# if present, see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
 #   1. a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy, gradient
 #      checkpointing, 32 prompts x 8 rollouts, 512 new tokens) at a micro-batch of 65,536 tokens, with the update
 #      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
