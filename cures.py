@@ -267,8 +267,8 @@ class Curriculum:
             raise ValueError("alpha and beta must be 1-D arrays of equal length")
         self.alpha, self.beta = alpha.copy(), beta.copy()
         gs = state.get("grad_stats")
-        if gs is not None and len(gs) != len(alpha):
-            raise ValueError(f"grad_stats has {len(gs)} rows for {len(alpha)} prompts")
+        if gs is not None and np.shape(gs) != (3, len(alpha)):
+            raise ValueError(f"grad_stats has shape {np.shape(gs)}, not (3, {len(alpha)}): one column per prompt")
         self.grad_stats = None if gs is None else np.asarray(gs, dtype=np.float64).copy()
 
 

@@ -1086,12 +1086,12 @@ def timed(metrics: dict, key: str):
 def sample_and_allocate(cur: cures.Curriculum, subset_id: int, step: int, cfg: Config, world: int):
     """Draw m prompts with replacement from rho* (Eq. 14), allocate N rollouts over the draws (Eq. 20), form
     the GRPO groups and give each a mini-batch and a rank. Identical on every rank (one random stream per
-    step). Returns (prompt (g,), rollouts (g,), mini-batch (g,), rank (g,), rollouts per draw (m,))."""
+    step). Returns (prompt (g,), rollouts (g,), mini-batch (g,), rank (g,), rollouts per draw (m,), draws (m,))."""
     rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step))
     draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
     n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
     idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
-    return idx, n, mb, assign_groups(n, mb, world), n_draws
+    return idx, n, mb, assign_groups(n, mb, world), n_draws, draws
 
 
 def observe_rollouts(cur: cures.Curriculum, prompts: np.ndarray, n: np.ndarray, group: torch.Tensor,
@@ -1117,6 +1117,28 @@ def compute_advantages(rewards: torch.Tensor, group: torch.Tensor, lengths: torc
         mask_all = (torch.arange(int(l_all.max()))[None] < l_all[:, None]).float()  # (B_all, T)
         return grpo.rpp_advantages(r_all, mask_all)[torch.tensor([k == rank for k, _, _ in everything])]
     raise ValueError(f"unknown advantage {cfg.train.advantage!r}")
+
+
+P_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # posterior-accuracy bins of the difficulty metrics
+
+
+def difficulty_shares(p: np.ndarray) -> dict:
+    """The share of the step's draws in each bin of posterior accuracy p (Eq. 22) at draw time: where the
+    curriculum spends its prompts (uniform sampling spends them as the data lies)."""
+    counts, _ = np.histogram(p, bins=np.array(P_BINS[:-1] + (1.0 + 1e-9,)))
+    return {f"draws/p_{a:.1f}-{b:.1f}": float(c) / max(len(p), 1) for a, b, c in zip(P_BINS, P_BINS[1:], counts)}
+
+
+def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """What the paper argues a curriculum changes: rollouts in groups with mixed rewards (a non-zero GRPO
+    advantage: where the gradient is) and response tokens in groups whose rollouts all score the same
+    (zero advantage: generated, scored and trained on for no gradient). rewards, group, lengths: (B,);
+    sums over this rank's groups (every group lies whole on one rank), reduced over ranks by name."""
+    G = int(group.max()) + 1 if len(group) else 0
+    lo = torch.full((G,), float("inf")).scatter_reduce(0, group, rewards, "amin")  # (G,)
+    hi = torch.full((G,), float("-inf")).scatter_reduce(0, group, rewards, "amax")  # (G,)
+    uniform = (lo == hi)[group]  # (B,)
+    return {"mixed_rollouts": float((~uniform).sum()), "zero_adv_tokens": float(lengths[uniform].sum())}
 
 
 def mini_batch_sequences(subset: list[dict], prompts: np.ndarray, mb: np.ndarray, out, adv: torch.Tensor,
@@ -1178,8 +1200,9 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     with timed(metrics, "time/sync"):  # the policy that samples: one all-gather per phase, not per token
         sync_generation_weights(policy, gen)
     with timed(metrics, "time/curriculum"):  # draw m prompts (Eq. 14, Alg. 1 l. 12), allocate N rollouts (Eq. 20)
-        idx, n, mb, owner, n_draws = sample_and_allocate(cur, subset_id, step, cfg, world)
+        idx, n, mb, owner, n_draws, draws = sample_and_allocate(cur, subset_id, step, cfg, world)
         mine = np.flatnonzero(owner == rank)  # this rank's groups
+        metrics.update(difficulty_shares(cur.accuracy()[draws]))  # what was drawn, by its difficulty then
     with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
         out, rewards, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
@@ -1199,10 +1222,14 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     tok = reduce_sums({"reward": rewards.sum(), "responses": len(rewards), "response_tokens": out.lengths.sum(),
                        "truncated": (~out.finished).sum(), "timeouts": timeouts,
                        "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
-                       "update_tokens": sum(len(s["ids"]) for p in parts for s in p), **sums})
+                       "update_tokens": sum(len(s["ids"]) for p in parts for s in p),
+                       **mechanism_sums(rewards, out.prompt_index, out.lengths), **sums})
     B, ntok = tok["responses"], tok["trained_tokens"] * max(1, cfg.train.epochs)
     metrics.update({"train/reward": tok["reward"] / B, "train/response_len": tok["response_tokens"] / B,
                     "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
+                    "mech/mixed_rollouts": tok["mixed_rollouts"] / B,  # share in groups with mixed rewards
+                    "mech/zero_adv_tokens": tok["zero_adv_tokens"],  # response tokens spent for no gradient
+                    "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok["response_tokens"], 1),
                     "actor/grad_norm": float(np.mean(norms)), "actor/lr": scheduler.get_last_lr()[0]})
     for k in sorted(sums):  # losses: mean over optimiser steps; the rest: per trained token
         metrics[k] = tok[k] / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)

@@ -189,8 +189,10 @@ def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [0, 1, 2, 3]
     assert lines[0] == {"step": 0, "data/prompts": 60, "data/skipped_too_long": 0, "data/skipped_no_answer": 0}
-    for key in ("train/reward", "actor/grad_norm", "cures/eff_prompts", "time/rollout_and_reward", "rollouts/total"):
+    for key in ("train/reward", "actor/grad_norm", "cures/eff_prompts", "time/rollout_and_reward", "rollouts/total",
+                "mech/mixed_rollouts", "mech/zero_adv_token_share", "draws/p_0.4-0.6"):
         assert key in lines[-1]
+    assert sum(v for k, v in lines[-1].items() if k.startswith("draws/p_")) == pytest.approx(1.0)
     assert lines[-1]["subset"] == 1 and "cold/acc" in lines[-1]  # step 3 starts subset 1 with a cold start
     from transformers import AutoModelForCausalLM
 
@@ -868,7 +870,7 @@ def test_resume_checks_the_curriculum_against_the_subset(tiny_model_dir, tmp_pat
         train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
     cur = cures.Curriculum(3)
     with pytest.raises(ValueError, match="grad_stats"):
-        cur.load_state_dict({"alpha": np.ones(3), "beta": np.ones(3), "grad_stats": np.ones((2, 3))})
+        cur.load_state_dict({"alpha": np.ones(3), "beta": np.ones(3), "grad_stats": np.ones((3, 2))})
 
 
 def test_zero_subsets_fail_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
@@ -899,3 +901,20 @@ def test_empty_or_null_answers_are_skipped_and_counted(tiny_model_dir, tmp_path,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=f"{path}:6: row has no 'answer'"):
         train.load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_mechanism_metrics_on_a_constructed_batch():
+    """The rollouts in groups with mixed rewards (non-zero GRPO advantage) and the response tokens spent on
+    groups that all score the same, against the advantages themselves; draw shares by difficulty."""
+    import grpo
+
+    rewards = torch.tensor([1.0, 1, 0, 0, 1, 1, 0, 1, 0, 0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    lengths = torch.tensor([5, 6, 7, 8, 3, 4, 1, 2, 3, 9])
+    got = train.mechanism_sums(rewards, group, lengths)
+    zero = grpo.group_advantages(rewards, group) == 0
+    assert got == {"mixed_rollouts": 7.0, "zero_adv_tokens": 16.0}
+    assert got["mixed_rollouts"] == float((~zero).sum()) and got["zero_adv_tokens"] == float(lengths[zero].sum())
+    shares = train.difficulty_shares(np.array([0.1, 0.5, 0.5, 1.0, 0.0, 0.8, 0.79, 0.2]))
+    assert shares == {"draws/p_0.0-0.2": 0.25, "draws/p_0.2-0.4": 0.125, "draws/p_0.4-0.6": 0.25,
+                      "draws/p_0.6-0.8": 0.125, "draws/p_0.8-1.0": 0.25}
