@@ -12,6 +12,7 @@ with mean and spread, and the speed-up in the paper's sense for every variant ag
 the rollouts, it needs to reach the best mean accuracy GRPO reaches.
 
     python bench/convergence.py --seeds 0 1 2 --out bench/results/convergence
+    python bench/convergence.py --seeds 0 1 2 3 --jobs 2 ...      # two runs at once, one thread each
     python bench/convergence.py --variants cures --taus 0.05 0.1 0.2 0.5 --out bench/results/tau   # tau sweep
 """
 
@@ -35,7 +36,7 @@ VARIANTS = {
 }
 
 
-def run(name, seed, extra, out, config):
+def run(name, seed, extra, out, config, threads: int = 0):
     run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(os.path.join(run_dir, "final", "config.json")):  # resume the benchmark itself
@@ -43,7 +44,8 @@ def run(name, seed, extra, out, config):
                f"--run.seed={seed}", "--run.save_every=0", "--run.overwrite=true", *extra]
         if os.path.exists(metrics):
             os.remove(metrics)
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"{name} seed {seed} failed:\n{res.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(metrics)]
@@ -67,6 +69,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--taus", type=float, nargs="+", default=[])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads (a run's "
+                    "figures then differ from a one-job run's by float summation order only)")
     ap.add_argument("extra", nargs="*", help="train.py overrides, after --")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -74,7 +78,13 @@ def main():
     if args.taus:
         jobs = [(f"{v}_tau{t}", VARIANTS[v] + [f"--cures.tau={t}"] + args.extra) for v in args.variants for t in args.taus]
     t0 = time.time()
-    curves = {name: [run(name, s, extra, args.out, args.config) for s in args.seeds] for name, extra in jobs}
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each job is a train.py process
+        futures = {name: [pool.submit(run, name, s, extra, args.out, args.config, threads) for s in args.seeds]
+                   for name, extra in jobs}
+        curves = {name: [f.result() for f in fs] for name, fs in futures.items()}
     elapsed = f"{time.time() - t0:.0f} s" if time.time() - t0 > 60 else "tables from runs made earlier"
     steps = np.array([p[0] for p in next(iter(curves.values()))[0]])
     table = {}
