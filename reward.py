@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -62,21 +61,7 @@ def _configs():
 
 def score(response: str, gold: str, timeout: int = 5) -> float:
     """1.0 if the response's final answer equals `gold` (see the rules above), else 0.0."""
-    plain = plain_integer_score(response, gold)
-    return plain if plain is not None else _score(response, gold, timeout)[0]
-
-
-_INTEGER = re.compile(r"-?[0-9]{1,60}")
-
-
-def plain_integer_score(response: str, gold: str) -> float | None:
-    """The verdict without parsing when the response and the gold are each one bare integer (what the tiny
-    model answers): integer equality, which is what math-verify says for them (tested on every integer gold of
-    the shared benchmarks and the tiny data, leading zeros and signs included). None otherwise."""
-    r, g = str(response).strip(), str(gold).strip()
-    if _INTEGER.fullmatch(r) and _INTEGER.fullmatch(g):
-        return float(int(r) == int(g))
-    return None
+    return _score(response, gold, timeout)[0]
 
 
 def _score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
@@ -273,17 +258,9 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
     global _POOL
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-    out = Scores(plain_integer_score(r, g) for r, g in zip(responses, golds))  # bare integers: no worker needed
-    rest = [i for i, v in enumerate(out) if v is None]
-    if not rest:
-        return out
     workers = workers or min(32, os.cpu_count() or 1)
     if _POOL is None or len(_POOL.workers) != workers:
         if _POOL is not None:
             _POOL.close()
         _POOL = ScorePool(workers)
-    checked = _POOL.map([responses[i] for i in rest], [golds[i] for i in rest], timeout)
-    for i, v in zip(rest, checked):
-        out[i] = v
-    out.timeouts = checked.timeouts
-    return out
+    return _POOL.map(responses, golds, timeout)
