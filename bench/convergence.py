@@ -36,7 +36,17 @@ VARIANTS = {
 }
 
 
+MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total")
+
+
 def run(name, seed, extra, out, config, threads: int = 0):
+    """One train.py run (skipped when its per-seed file exists): its evaluation curve [(step, rollouts, acc)].
+    Writes <out>/seeds/<name>_seed<seed>.json, small enough to commit: the curve and, per step, the reward,
+    the mechanism metrics and the draw shares by difficulty, so tables and plots regenerate without runs."""
+    summary = os.path.join(out, "seeds", f"{name}_seed{seed}.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            return [tuple(p) for p in json.load(f)["curve"]]
     run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(os.path.join(run_dir, "final", "config.json")):  # resume the benchmark itself
@@ -54,7 +64,50 @@ def run(name, seed, extra, out, config, threads: int = 0):
         rollouts = r.get("rollouts/total", rollouts)
         if "eval/acc" in r:
             curve.append((r["step"], rollouts, r["eval/acc"]))
+    per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/p_")}}
+                for r in rows if "time/step" in r]
+    os.makedirs(os.path.dirname(summary), exist_ok=True)
+    with open(summary, "w") as f:
+        json.dump({"variant": name, "seed": seed, "extra": extra, "curve": curve, "steps": per_step}, f)
     return curve
+
+
+def primary_metric(curve) -> float:
+    """Declared before the runs (README, Results): held-out accuracy averaged over the evaluations of the second
+    half of training (steps > half the last), one number per run that no single noisy evaluation decides."""
+    last = curve[-1][0]
+    return float(np.mean([acc for step, _, acc in curve if step > last / 2]))
+
+
+def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, seed: int = 0) -> list[dict]:
+    """Each variant against `base`, paired by seed: the difference in the primary metric, at equal steps (the
+    last evaluation) and at equal rollouts (the variant's accuracy interpolated at the rollouts of the base's
+    last evaluation, when the variant got that far), each with a 95 % bootstrap interval over seeds, and a
+    verdict from the primary metric's interval."""
+    rng, out = np.random.default_rng(seed), []
+    for name, runs in curves.items():
+        if name == base:
+            continue
+        diffs = {"primary": [], "equal steps": [], "equal rollouts": []}
+        for c, b in zip(runs, curves[base]):
+            diffs["primary"].append(primary_metric(c) - primary_metric(b))
+            diffs["equal steps"].append(c[-1][2] - b[-1][2])
+            roll, acc = np.array([p[1] for p in c]), np.array([p[2] for p in c])
+            if roll[-1] >= b[-1][1]:
+                diffs["equal rollouts"].append(float(np.interp(b[-1][1], roll, acc)) - b[-1][2])
+        row = {"variant": name, "seeds": len(diffs["primary"])}
+        for k, d in diffs.items():
+            d = np.array(d)
+            if len(d) < 2:
+                row[k] = None
+                continue
+            boot = d[rng.integers(0, len(d), (draws, len(d)))].mean(1)
+            row[k] = (float(d.mean()), *np.percentile(boot, [2.5, 97.5]).tolist(), float(d.std(ddof=1)))
+        p = row["primary"]
+        row["verdict"] = ("not enough seeds" if p is None else "better" if p[1] > 0 else "worse" if p[2] < 0
+                          else "no difference detected")
+        out.append(row)
+    return out
 
 
 def first_reaching(steps, values, target):
@@ -119,6 +172,19 @@ def main():
             else:
                 lines.append(f"| {name} | {c_step} | {int(c_roll)} | {g_step / max(c_step, 1):.2f}x | "
                              f"{g_roll / max(c_roll, 1):.2f}x |")
+    if "grpo" in curves and len(curves) > 1:
+        lines += ["", "Against GRPO, paired by seed (difference in points, mean [95 % bootstrap interval]; the primary "
+                  "metric is the held-out accuracy averaged over the second half of training):", "",
+                  "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict |",
+                  "|---|---|---|---|---|---|"]
+        fmt = lambda d: "n/a" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"  # noqa: E731
+        for r in paired_differences(curves):
+            lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['primary'])} | {fmt(r['equal steps'])} | "
+                         f"{fmt(r['equal rollouts'])} | {r['verdict']} |")
+            if r["primary"] is not None:  # seeds for a +-2.5-point interval at this spread (normal approximation)
+                need = int(np.ceil((1.96 * r["primary"][3] / 0.025) ** 2))
+                lines.append(f"| | | seed-to-seed sd of the difference {100 * r['primary'][3]:.1f} points: "
+                             f"about {need} seeds for a +-2.5-point interval | | | |")
     report = "\n".join(lines) + "\n"
     print(report)
     with open(os.path.join(args.out, "results.md"), "w") as f:
