@@ -386,7 +386,11 @@ def build_models(cfg: Config, device, world: int):
     sharded = dist.is_initialized()
     policy = Policy(load(torch.float32)).eval()
     if cfg.model.gradient_checkpointing:  # active in train mode only, i.e. in update_policy's passes
-        policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(policy.hf, "activation_checkpointing_enable", None)  # the name from transformers 5.24
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = Policy(load(torch.float32)).requires_grad_(False).eval() if cfg.train.kl_coef > 0 else None
     if sharded:
         for m in (policy, ref):
