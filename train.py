@@ -370,9 +370,7 @@ class Policy(torch.nn.Module):
 def build_models(cfg: Config, device, world: int):
     """Policy (FSDP2-sharded when distributed), frozen reference (only if kl_coef > 0) and the plain
     model used for generation (the policy itself when not sharded)."""
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     for key, value in vars(hf_config).items():  # train mode must not mean dropout: logp and old_logp comparable
@@ -1129,7 +1127,7 @@ P_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # posterior-accuracy bins of the diffic
 def difficulty_shares(p: np.ndarray) -> dict:
     """The share of the step's draws in each bin of posterior accuracy p (Eq. 22) at draw time: where the
     curriculum spends its prompts (uniform sampling spends them as the data lies)."""
-    counts, _ = np.histogram(p, bins=np.array(P_BINS[:-1] + (1.0 + 1e-9,)))
+    counts, _ = np.histogram(p, bins=P_BINS)  # the last bin includes 1.0
     return {f"draws/p_{a:.1f}-{b:.1f}": float(c) / max(len(p), 1) for a, b, c in zip(P_BINS, P_BINS[1:], counts)}
 
 
