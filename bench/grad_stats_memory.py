@@ -13,10 +13,12 @@ layers of 1.5B in bf16 at the paper's lengths.
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,7 @@ def main():
     import rehearsal
 
     work, got = tempfile.mkdtemp(prefix="grad_stats_"), {}
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # benches leave nothing behind in /tmp
     for layers in (1, 2):  # each in its own process: a clean peak RSS
         rehearsal.build_model(f"{work}/m{layers}", 1536, layers, 12, 2, 8960)
         subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--responses", str(args.responses),

@@ -27,9 +27,11 @@ Usable memory: the card's capacity less HEADROOM_GB (CUDA context, NCCL buffers,
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 
 import torch
@@ -217,6 +219,7 @@ def check(args) -> int:
     import rehearsal
 
     work = tempfile.mkdtemp(prefix="memory_check_")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # benches leave nothing behind in /tmp
     args.micro_batch_tokens = args.micro_batch_tokens or 16384
     shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
                  num_key_value_heads=2)

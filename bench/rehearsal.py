@@ -13,9 +13,11 @@ memory per rank. tests/test_train.py runs the same at a narrow width.
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +96,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="rehearsal_")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # benches leave nothing behind in /tmp
     params = build_model(f"{work}/model", args.hidden, args.layers, args.heads, 2, args.intermediate)
     write_rows(f"{work}/math.jsonl", args.rows)
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

@@ -8,9 +8,11 @@ architecture is built first (no network), with the bundled byte-level tokenizer.
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,7 @@ def main():
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     out = tempfile.mkdtemp(prefix="bench_step_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # benches leave nothing behind in /tmp
     overrides = [f"--run.out_dir={out}/run", f"--run.max_steps={args.steps}", "--run.save_every=0", "--eval.data="]
     params = None
     if args.model_config:

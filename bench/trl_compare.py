@@ -16,9 +16,11 @@ suppressed until then), so each generates and trains on the same number of token
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +112,7 @@ def main():
     import trl as trl_pkg
 
     out = tempfile.mkdtemp(prefix="trl_compare_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # benches leave nothing behind in /tmp
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, trl {trl_pkg.__version__}")
     print(f"{M} prompts x {G} rollouts, {args.steps - 1} timed steps each; seconds per step")
