@@ -40,6 +40,18 @@ class Rollouts:
     def responses(self) -> list[list[int]]:
         return [ids[:n].tolist() for ids, n in zip(self.response_ids, self.lengths.tolist())]
 
+    @classmethod
+    def from_responses(cls, responses: list[list[int]], prompt_index: list[int], finished: list[bool],
+                       pad_id: int) -> Rollouts:
+        """Rollouts from token lists (each response up to and including its EOS when finished), right-padded."""
+        T = max([len(r) for r in responses] + [1])
+        ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(responses), T), dtype=torch.long)
+        for b, r in enumerate(responses):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = 1
+        return cls(torch.tensor(prompt_index, dtype=torch.long), ids, mask, torch.tensor(finished, dtype=torch.bool))
+
     def texts(self, tokenizer) -> list[str]:
         """The decoded responses, special tokens skipped; none for no rollouts (a rank without prompts:
         transformers < 5.24 decodes an empty batch as [''])."""

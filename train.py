@@ -109,6 +109,12 @@ class RolloutConfig:
     cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs) | paged (continuous batching)
     share_prefill: bool = True  # dynamic cache: prefill each distinct prompt once for all its rollouts
     stop_at_im_end: bool = False  # also stop at <|im_end|> (released: the tokenizer's EOS only)
+    # Beyond the paper, DAPO's dynamic sampling (the baseline curricula are compared against): groups whose
+    # rollouts all score the same are dropped, and m more prompts are drawn, allocated and generated until
+    # the step holds m groups with mixed rewards (at most max_rounds rounds; then the uniform groups fill it).
+    # Every generated rollout is charged (rollouts/total) and observed by the posteriors.
+    dynamic_sampling: bool = False
+    max_rounds: int = 10
 
 
 @dataclass
@@ -289,7 +295,7 @@ def validate_config(cfg: Config):
         raise ValueError(f"rollout.rollouts_per_step={N} cannot give each of rollout.prompts_per_step={m} prompts "
                          f"cures.n_min={n_min} rollouts: need rollouts_per_step >= {max(m, 1) * n_min}")
     for key in ("train.steps_per_subset", "train.mini_batch_prompts", "train.epochs", "train.micro_batch_tokens",
-                "rollout.max_new_tokens", "data.max_prompt_len"):
+                "rollout.max_new_tokens", "rollout.max_rounds", "data.max_prompt_len"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ValueError(f"{key} must be >= 1")
@@ -482,7 +488,7 @@ def load_subsets(cfg: Config, tokenizer):
     """The training prompts as the T subsets of Algorithm 1. Several sources (the entries of
     `data.train`, a directory's files) give one subset each, in order, as the released pipeline trains on
     `numina_math_1` ... `_15`; a single source is cut into `data.num_subsets` contiguous parts. Each item:
-    {"prompt_ids", "answer"}. Returns (subsets, {"too_long": n, "no_answer": n}), the rows skipped."""
+    {"prompt_ids", "answer", "level"} (the row's difficulty level if it has one). Returns (subsets, {"too_long": n, "no_answer": n}), the rows skipped."""
     groups = [g for source in cfg.data.train for g in read_source(source, cfg.data.split)]
     items, skipped = [], {"too_long": 0, "no_answer": 0}
     for group in groups:
@@ -505,7 +511,7 @@ def load_subsets(cfg: Config, tokenizer):
             if len(ids) > cfg.data.max_prompt_len:
                 skipped["too_long"] += 1
                 continue
-            part.append({"prompt_ids": ids, "answer": answer})
+            part.append({"prompt_ids": ids, "answer": answer, "level": row.get("level")})  # level: metrics only
         if not part:
             name = group[0][0] if group else "a data source"
             raise ValueError(f"{name}: no usable prompt in {len(group)} rows ({skipped['too_long'] - before['too_long']} "
@@ -569,11 +575,11 @@ def assign_groups(n: np.ndarray, mb: np.ndarray, world: int) -> np.ndarray:
 SEED_PURPOSES = ("cold_start", "sample", "rollout", "eval")
 
 
-def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0) -> int:
+def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0, rnd: int = 0) -> int:
     """The seed of one random stream, derived from the run's seed by np.random.SeedSequence keyed by
-    (purpose, subset, step, rank): no two purposes, subsets, steps or ranks share a stream, and a resumed
-    run draws what the uninterrupted run drew."""
-    key = [seed, SEED_PURPOSES.index(purpose), subset, step, rank]
+    (purpose, subset, step, rank, and the dynamic-sampling round rnd when > 0): no two purposes, subsets,
+    steps, ranks or rounds share a stream, and a resumed run draws what the uninterrupted run drew."""
+    key = [seed, SEED_PURPOSES.index(purpose), subset, step, rank] + ([rnd] if rnd else [])
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
@@ -1081,15 +1087,17 @@ def timed(metrics: dict, key: str):
     yield
     if cuda:
         torch.cuda.synchronize()
-        metrics["perf/peak_gb/" + key.split("/", 1)[1]] = torch.cuda.max_memory_allocated() / 2**30
-    metrics[key] = time.time() - t0
+        peak = "perf/peak_gb/" + key.split("/", 1)[1]
+        metrics[peak] = max(metrics.get(peak, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    metrics[key] = metrics.get(key, 0.0) + time.time() - t0  # a phase run several times (rounds) adds up
 
 
-def sample_and_allocate(cur: cures.Curriculum, subset_id: int, step: int, cfg: Config, world: int):
+def sample_and_allocate(cur: cures.Curriculum, subset_id: int, step: int, cfg: Config, world: int, rnd: int = 0):
     """Draw m prompts with replacement from rho* (Eq. 14), allocate N rollouts over the draws (Eq. 20), form
     the GRPO groups and give each a mini-batch and a rank. Identical on every rank (one random stream per
-    step). Returns (prompt (g,), rollouts (g,), mini-batch (g,), rank (g,), rollouts per draw (m,), draws (m,))."""
-    rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step))
+    step and round). Returns (prompt (g,), rollouts (g,), mini-batch (g,), rank (g,), rollouts per draw (m,),
+    draws (m,))."""
+    rng = np.random.default_rng(stream_seed(cfg.run.seed, "sample", subset_id, step, rnd=rnd))
     draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
     n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
     idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
@@ -1129,6 +1137,13 @@ def difficulty_shares(p: np.ndarray) -> dict:
     curriculum spends its prompts (uniform sampling spends them as the data lies)."""
     counts, _ = np.histogram(p, bins=P_BINS)  # the last bin includes 1.0
     return {f"draws/p_{a:.1f}-{b:.1f}": float(c) / max(len(p), 1) for a, b, c in zip(P_BINS, P_BINS[1:], counts)}
+
+
+def level_shares(levels: list) -> dict:
+    """The share of the step's draws at each difficulty level of the data (a row's "level", when it has one:
+    MATH's "Level 1-5", the tiny task's digit count), a difficulty the curriculum does not see."""
+    known = [str(x) for x in levels if x is not None]
+    return {f"draws/level_{v}": known.count(v) / len(known) for v in sorted(set(known))}
 
 
 def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor) -> dict:
@@ -1193,6 +1208,75 @@ def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys])).tolist()))
 
 
+def draw_and_generate(subset, subset_id: int, step: int, cur: cures.Curriculum, gen, tokenizer, cfg: Config,
+                      rank: int, world: int, metrics: dict, stop=None, rnd: int = 0) -> dict:
+    """One round of a step: draw m prompts and allocate N rollouts (Eq. 14, Eq. 20), generate and score this
+    rank's groups, update the posteriors with every rank's rollouts (Eq. 23). A step has one round, or
+    several with rollout.dynamic_sampling. Returns the round: the draw (idx, n, mb, owner: (g,), draws,
+    n_draws, p_draws: (m,)), this rank's groups `mine`, their Rollouts, rewards (B,), checker timeouts."""
+    with timed(metrics, "time/curriculum"):  # draw m prompts (Eq. 14, Alg. 1 l. 12), allocate N rollouts (Eq. 20)
+        idx, n, mb, owner, n_draws, draws = sample_and_allocate(cur, subset_id, step, cfg, world, rnd)
+        mine = np.flatnonzero(owner == rank)  # this rank's groups
+        p_draws = cur.accuracy()[draws]  # what was drawn, by its difficulty then
+    with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
+        out, rewards, timeouts = generate_and_score(
+            gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank, rnd), stop,
+            "rollouts" if rank == 0 else "")
+    observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
+    return {"idx": idx, "n": n, "mb": mb, "owner": owner, "draws": draws, "n_draws": n_draws, "p_draws": p_draws,
+            "mine": mine, "out": out, "rewards": rewards, "timeouts": timeouts,
+            "mixed": group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))}
+
+
+def group_mixed(rewards: torch.Tensor, group: torch.Tensor, g_rank: int, mine: np.ndarray, g: int) -> np.ndarray:
+    """Which of the round's g groups have mixed rewards (a non-zero GRPO advantage), known on every rank.
+    rewards, group: (B,) this rank's rollouts and their group among its g_rank groups `mine`."""
+    lo = torch.full((g_rank,), float("inf")).scatter_reduce(0, group, rewards, "amin")
+    hi = torch.full((g_rank,), float("-inf")).scatter_reduce(0, group, rewards, "amax")
+    mixed = np.zeros(g, dtype=bool)
+    for j, is_mixed in all_gather_list(list(zip(mine.tolist(), (lo < hi).tolist()))):
+        mixed[j] = is_mixed
+    return mixed
+
+
+def count_mixed(rounds: list[dict]) -> int:
+    return int(sum(r["mixed"].sum() for r in rounds))
+
+
+def keep_mixed_groups(rounds: list[dict], cfg: Config, rank: int, world: int, pad_id: int):
+    """DAPO's dynamic sampling filter: of every round's groups in the order generated, the first m with mixed
+    rewards (then, after rollout.max_rounds rounds short of m, the uniform ones in order), cut into mini-batches
+    of train.mini_batch_prompts groups and spread over ranks afresh; each kept group's rollouts move to its new
+    rank. Returns (prompt (k,), mini-batch (k,), this rank's kept groups, their Rollouts, rewards) like one round."""
+    groups = [(r, j) for mixed_first in (True, False) for r, R in enumerate(rounds)
+              for j in np.flatnonzero(R["mixed"] == mixed_first)][:cfg.rollout.prompts_per_step]
+    idx = np.array([rounds[r]["idx"][j] for r, j in groups], dtype=np.int64)
+    n = np.array([rounds[r]["n"][j] for r, j in groups], dtype=np.int64)
+    mb = np.arange(len(groups)) // max(1, cfg.train.mini_batch_prompts)
+    owner = assign_groups(n, mb, world)
+    new_slot = {key: k for k, key in enumerate(groups)}
+    payload = []  # (kept position, responses, rewards, finished) of the kept groups this rank generated
+    for r, R in enumerate(rounds):
+        responses, group = R["out"].responses(), R["out"].prompt_index
+        for local, j in enumerate(R["mine"].tolist()):
+            if (r, j) in new_slot:
+                rows = torch.nonzero(group == local).flatten().tolist()
+                payload.append((new_slot[(r, j)], [responses[b] for b in rows], R["rewards"][rows].tolist(),
+                                R["out"].finished[rows].tolist()))
+    mine = np.flatnonzero(owner == rank)
+    got = {k: rest for k, *rest in all_gather_list(payload) if owner[k] == rank}
+    responses, rewards, finished, prompt_index = [], [], [], []
+    for local, k in enumerate(mine.tolist()):
+        rs, rw, fin = got[k]
+        responses += rs
+        rewards += rw
+        finished += fin
+        prompt_index += [local] * len(rs)
+    out = rollout.Rollouts.from_responses(responses, prompt_index, finished, pad_id)
+    return idx, mb, mine, out, torch.tensor(rewards, dtype=torch.float32)
+
+
 def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy: Policy, ref, gen, tokenizer,
                optimizer, scheduler, state: dict, cfg: Config, rank: int, world: int, device, stop=None) -> dict:
     """One step of Algorithm 1 on this rank, in the paper's order. Advances the counters in `state`
@@ -1201,16 +1285,18 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     step, metrics, t_step = state["step"], {}, time.time()
     with timed(metrics, "time/sync"):  # the policy that samples: one all-gather per phase, not per token
         sync_generation_weights(policy, gen)
-    with timed(metrics, "time/curriculum"):  # draw m prompts (Eq. 14, Alg. 1 l. 12), allocate N rollouts (Eq. 20)
-        idx, n, mb, owner, n_draws, draws = sample_and_allocate(cur, subset_id, step, cfg, world)
-        mine = np.flatnonzero(owner == rank)  # this rank's groups
-        metrics.update(difficulty_shares(cur.accuracy()[draws]))  # what was drawn, by its difficulty then
-    with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
-        out, rewards, timeouts = generate_and_score(
-            gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank), stop,
-            "rollouts" if rank == 0 else "")
-    observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
+    rounds = [draw_and_generate(subset, subset_id, step, cur, gen, tokenizer, cfg, rank, world, metrics, stop)]
+    if cfg.rollout.dynamic_sampling:  # DAPO (beyond the paper): more rounds until m groups have mixed rewards
+        while count_mixed(rounds) < cfg.rollout.prompts_per_step and len(rounds) < cfg.rollout.max_rounds:
+            rounds.append(draw_and_generate(subset, subset_id, step, cur, gen, tokenizer, cfg, rank, world, metrics,
+                                            stop, rnd=len(rounds)))
+        idx, mb, mine, out, rewards = keep_mixed_groups(rounds, cfg, rank, world, tokenizer.pad_token_id)
+        metrics.update({"dynamic/rounds": len(rounds), "dynamic/mixed_groups": count_mixed(rounds)})
+    else:
+        idx, mb, mine, out, rewards = (rounds[0][k] for k in ("idx", "mb", "mine", "out", "rewards"))
+    draws = np.concatenate([r["draws"] for r in rounds])
+    metrics.update(difficulty_shares(np.concatenate([r["p_draws"] for r in rounds])))  # by difficulty at draw time
+    metrics.update(level_shares([subset[i]["level"] for i in draws]))
     adv = compute_advantages(rewards, out.prompt_index, out.lengths, cfg, rank)  # (B,) GRPO or REINFORCE++
     num_mb = int(mb.max()) + 1
     parts = mini_batch_sequences(subset, idx[mine], mb[mine], out, adv, num_mb)
@@ -1221,11 +1307,15 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
         sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world)
 
     # one metrics dict, reduced over ranks by name
-    tok = reduce_sums({"reward": rewards.sum(), "responses": len(rewards), "response_tokens": out.lengths.sum(),
-                       "truncated": (~out.finished).sum(), "timeouts": timeouts,
-                       "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
-                       "update_tokens": sum(len(s["ids"]) for p in parts for s in p),
-                       **mechanism_sums(rewards, out.prompt_index, out.lengths), **sums})
+    generated = {}  # every rollout of every round (what was paid for), on this rank
+    for r in rounds:
+        o, rw = r["out"], r["rewards"]
+        for k, v in {"reward": rw.sum(), "responses": len(rw), "response_tokens": o.lengths.sum(),
+                     "truncated": (~o.finished).sum(), "timeouts": r["timeouts"],
+                     **mechanism_sums(rw, o.prompt_index, o.lengths)}.items():
+            generated[k] = generated.get(k, 0.0) + float(v)
+    tok = reduce_sums({**generated, "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
+                       "update_tokens": sum(len(s["ids"]) for p in parts for s in p), **sums})
     B, ntok = tok["responses"], tok["trained_tokens"] * max(1, cfg.train.epochs)
     metrics.update({"train/reward": tok["reward"] / B, "train/response_len": tok["response_tokens"] / B,
                     "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
@@ -1235,11 +1325,12 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
                     "actor/grad_norm": float(np.mean(norms)), "actor/lr": scheduler.get_last_lr()[0]})
     for k in sorted(sums):  # losses: mean over optimiser steps; the rest: per trained token
         metrics[k] = tok[k] / (num_mb * cfg.train.epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)
-    state["rollouts_train"] += int(n.sum())
+    state["rollouts_train"] += int(sum(r["n"].sum() for r in rounds))
     state["tokens_train"] += int(tok["response_tokens"])
     metrics.update(cur.stats())
+    n_draws = np.concatenate([r["n_draws"] for r in rounds])
     metrics.update({"cures/n_min": int(n_draws.min()), "cures/n_max": int(n_draws.max()),
-                    "cures/unique_prompts": len(idx), "rollouts/train": state["rollouts_train"],
+                    "cures/unique_prompts": len(np.unique(draws)), "rollouts/train": state["rollouts_train"],
                     "rollouts/cold_start": state["rollouts_cold"],
                     "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
                     "tokens/train": state["tokens_train"], "subset": subset_id, "time/step": time.time() - t_step,

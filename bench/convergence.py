@@ -6,6 +6,8 @@ Variants (same config, same budget N per step):
     sampling_only  sampling=cures   allocation=uniform
     alloc_only     sampling=uniform allocation=cures
     cures_lazy     CurES with cold_start_rollouts=0: unseen prompts read p = 0.5 (Eq. 14 favours them)
+    dapo           GRPO with DAPO's dynamic sampling (beyond the paper): rounds of m prompts until m groups have
+                   mixed rewards, every generated rollout charged; compare it on the rollout axis
 For each, several seeds: held-out accuracy against training steps and against the rollouts each run really
 generated (its cold starts included, none for GRPO), a PNG plot (when matplotlib is installed), a markdown table
 with mean and spread, and the speed-up in the paper's sense for every variant against GRPO: the steps, and
@@ -33,10 +35,11 @@ VARIANTS = {
     "sampling_only": ["--cures.sampling=cures", "--cures.allocation=uniform"],
     "alloc_only": ["--cures.sampling=uniform", "--cures.allocation=cures"],
     "cures_lazy": ["--cures.sampling=cures", "--cures.allocation=cures", "--cures.cold_start_rollouts=0"],
+    "dapo": ["--cures.sampling=uniform", "--cures.allocation=uniform", "--rollout.dynamic_sampling=true"],
 }
 
 
-MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total")
+MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total", "dynamic/rounds")
 
 
 def run(name, seed, extra, out, config, threads: int = 0):
@@ -64,7 +67,7 @@ def run(name, seed, extra, out, config, threads: int = 0):
         rollouts = r.get("rollouts/total", rollouts)
         if "eval/acc" in r:
             curve.append((r["step"], rollouts, r["eval/acc"]))
-    per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/p_")}}
+    per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/")}}
                 for r in rows if "time/step" in r]
     os.makedirs(os.path.dirname(summary), exist_ok=True)
     with open(summary, "w") as f:
@@ -104,10 +107,26 @@ def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, se
             boot = d[rng.integers(0, len(d), (draws, len(d)))].mean(1)
             row[k] = (float(d.mean()), *np.percentile(boot, [2.5, 97.5]).tolist(), float(d.std(ddof=1)))
         p = row["primary"]
-        row["verdict"] = ("not enough seeds" if p is None else "better" if p[1] > 0 else "worse" if p[2] < 0
-                          else "no difference detected")
+        row["verdict"] = verdict(p)
+        row["verdict at equal rollouts"] = verdict(row["equal rollouts"])
         out.append(row)
     return out
+
+
+def verdict(d) -> str:
+    """better / worse when the 95 % interval of the paired difference excludes 0."""
+    return ("not enough seeds" if d is None else "better" if d[1] > 0 else "worse" if d[2] < 0
+            else "no difference detected")
+
+
+def mechanism(out: str, name: str, seeds) -> dict:
+    """Per step, mean over seeds, from the per-seed files: the share of training rollouts in groups with mixed
+    rewards, of response tokens in groups with none, and of the draws in each posterior-accuracy bin."""
+    rows = [json.load(open(os.path.join(out, "seeds", f"{name}_seed{s}.json")))["steps"] for s in seeds]
+    keys = sorted({k for r in rows for step in r for k in step if k != "step"})
+    steps = [step["step"] for step in rows[0]]
+    return {"step": np.array(steps), **{k: np.array([[step.get(k, np.nan) for step in r] for r in rows]).mean(0)
+                                         for k in keys}}
 
 
 def first_reaching(steps, values, target):
@@ -175,16 +194,31 @@ def main():
     if "grpo" in curves and len(curves) > 1:
         lines += ["", "Against GRPO, paired by seed (difference in points, mean [95 % bootstrap interval]; the primary "
                   "metric is the held-out accuracy averaged over the second half of training):", "",
-                  "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict (primary) | "
+                  "verdict at equal rollouts |", "|---|---|---|---|---|---|---|"]
         fmt = lambda d: "n/a" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"  # noqa: E731
         for r in paired_differences(curves):
             lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['primary'])} | {fmt(r['equal steps'])} | "
-                         f"{fmt(r['equal rollouts'])} | {r['verdict']} |")
+                         f"{fmt(r['equal rollouts'])} | {r['verdict']} | {r['verdict at equal rollouts']} |")
             if r["primary"] is not None:  # seeds for a +-2.5-point interval at this spread (normal approximation)
                 need = int(np.ceil((1.96 * r["primary"][3] / 0.025) ** 2))
                 lines.append(f"| | | seed-to-seed sd of the difference {100 * r['primary'][3]:.1f} points: "
-                             f"about {need} seeds for a +-2.5-point interval | | | |")
+                             f"about {need} seeds for a +-2.5-point interval | | | | |")
+    mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
+    bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]
+    levels = sorted({k for m in mech.values() for k in m if k.startswith("draws/level_")})
+    lines += ["", "The mechanism, mean over steps and seeds: the share of training rollouts in groups with mixed rewards "
+              "(where GRPO's gradient is), of response tokens in groups with none, and of the draws by the drawn "
+              "prompt's posterior accuracy p at draw time (rollouts per step: dynamic sampling generates several "
+              "rounds):", "",
+              "| variant | mixed-reward rollouts | zero-advantage tokens | rollouts per step (cold starts included) | "
+              + " | ".join(f"draws {k[len('draws/'):]}" for k in bins + levels) + " |",
+              "|---|---|---|---|" + "---|" * len(bins + levels)]
+    for name, m in mech.items():
+        per_step = np.diff(np.concatenate([[0], m["rollouts/total"]])).mean()
+        lines.append(f"| {name} | {100 * np.nanmean(m['mech/mixed_rollouts']):.1f} % | "
+                     f"{100 * np.nanmean(m['mech/zero_adv_token_share']):.1f} % | {per_step:.0f} | "
+                     + " | ".join(f"{100 * np.nanmean(m.get(k, np.nan)):.1f} %" for k in bins + levels) + " |")
     report = "\n".join(lines) + "\n"
     print(report)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -208,6 +242,22 @@ def main():
         axes[0].legend()
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "convergence.png"), dpi=120)
+        # the curriculum over time: where each variant spends its draws (stacked shares by difficulty), and the
+        # share of its rollouts that carry a gradient
+        by = [("posterior p at draw time", bins)] + ([("data level", levels)] if levels else [])
+        fig, axes = plt.subplots(len(by), len(mech), figsize=(3.6 * len(mech), 3.4 * len(by)), sharey=True,
+                                 squeeze=False)
+        for row, (what, keys) in zip(axes, by):
+            for ax, (name, m) in zip(row, mech.items()):
+                ax.stackplot(m["step"], *[100 * np.nan_to_num(m.get(k, np.zeros_like(m["step"]))) for k in keys],
+                             labels=[k[len("draws/"):] for k in keys], alpha=0.8)
+                ax.plot(m["step"], 100 * m["mech/mixed_rollouts"], color="black", lw=1.5, label="mixed-reward rollouts")
+                ax.set_title(name)
+                ax.set_xlabel("training step")
+            row[0].set_ylabel(f"draws by {what} (%)")
+            row[-1].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "curriculum.png"), dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot")
 

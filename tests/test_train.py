@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cures
+import rollout
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -798,8 +799,8 @@ def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
 
     draws, sample_and_allocate = [], train.sample_and_allocate
 
-    def recording(cur, subset_id, step, cfg, world):
-        out = sample_and_allocate(cur, subset_id, step, cfg, world)
+    def recording(cur, subset_id, step, cfg, world, rnd=0):
+        out = sample_and_allocate(cur, subset_id, step, cfg, world, rnd)
         draws.append((step, out[0].tolist(), out[1].tolist()))
         return out
     monkeypatch.setattr(train, "sample_and_allocate", recording)
@@ -918,3 +919,115 @@ def test_mechanism_metrics_on_a_constructed_batch():
     shares = train.difficulty_shares(np.array([0.1, 0.5, 0.5, 1.0, 0.0, 0.8, 0.79, 0.2]))
     assert shares == {"draws/p_0.0-0.2": 0.25, "draws/p_0.2-0.4": 0.125, "draws/p_0.4-0.6": 0.25,
                       "draws/p_0.6-0.8": 0.125, "draws/p_0.8-1.0": 0.25}
+    assert train.level_shares([1, 2, 2, None, "Level 5"]) == {"draws/level_1": 0.25, "draws/level_2": 0.5,
+                                                              "draws/level_Level 5": 0.25}
+    assert train.level_shares([None, None]) == {}
+
+
+def _rounds_for_rank(spec, rank, world, mini_batch_prompts):
+    """Rounds as draw_and_generate leaves them on `rank`, from spec: per round, per group (prompt, rewards);
+    each rollout's response is the single token 100 * prompt + its position, so it can be traced."""
+    rounds = []
+    for groups in spec:
+        idx = np.array([p for p, _ in groups])
+        n = np.array([len(r) for _, r in groups])
+        mb = np.arange(len(groups)) // mini_batch_prompts
+        owner = train.assign_groups(n, mb, world)
+        mine = np.flatnonzero(owner == rank)
+        responses = [[100 * int(idx[j]) + b] for j in mine for b in range(n[j])]
+        prompt_index = [k for k, j in enumerate(mine) for _ in range(n[j])]
+        rewards = torch.tensor([float(x) for j in mine for x in groups[j][1]])
+        out = rollout.Rollouts.from_responses(responses, prompt_index, [True] * len(responses), pad_id=0)
+        rounds.append({"idx": idx, "n": n, "mb": mb, "owner": owner, "mine": mine, "out": out, "rewards": rewards,
+                       "mixed": train.group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))})
+    return rounds
+
+
+def _on_ranks(world, fn, monkeypatch):
+    """fn(rank) on `world` threads whose all_gather_list meets like torch.distributed's (rank order)."""
+    import threading
+
+    barrier, slots, results = threading.Barrier(world), [None] * world, [None] * world
+    local = threading.local()
+
+    def gather(items):
+        slots[local.rank] = list(items)
+        barrier.wait()
+        got = [x for part in slots for x in part]
+        barrier.wait()
+        return got
+
+    monkeypatch.setattr(train, "all_gather_list", gather)
+
+    def run(rank):
+        local.rank = rank
+        results[rank] = fn(rank)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("m", [3, 5])
+def test_dynamic_sampling_keeps_the_first_mixed_groups(monkeypatch, world, m):
+    """DAPO's filter (rollout.dynamic_sampling) against the obvious reading: of every round's groups in the order
+    generated, the first m whose rewards are mixed, then (rounds exhausted) uniform ones in order; each kept
+    group with its own rollouts and rewards, whole, on some rank, in mini-batches of train.mini_batch_prompts;
+    the same groups whatever the number of ranks."""
+    spec = [[(10, [1, 0, 1]), (11, [1, 1]), (12, [0, 0, 0, 0]), (13, [0, 1])],
+            [(14, [0, 0]), (10, [0, 0, 1]), (15, [1, 1, 1])],
+            [(16, [0, 0, 0])]]  # 3 mixed groups: 10, 13, then 10 again (round 2, its own group)
+    cfg = train.Config()
+    cfg.rollout.prompts_per_step, cfg.train.mini_batch_prompts = m, 2
+    ordered = [(p, r) for mixed in (True, False) for groups in spec for p, r in groups
+               if (0 < sum(r) < len(r)) == mixed][:m]  # the reference
+    results = _on_ranks(world, lambda rank: train.keep_mixed_groups(
+        _rounds_for_rank(spec, rank, world, 2), cfg, rank, world, pad_id=0), monkeypatch)
+    kept = {}
+    for idx, mb, mine, out, rewards in results:
+        np.testing.assert_array_equal(idx, [p for p, _ in ordered])  # every rank knows the whole plan
+        np.testing.assert_array_equal(mb, np.arange(len(ordered)) // 2)
+        for local, k in enumerate(mine.tolist()):
+            rows = torch.nonzero(out.prompt_index == local).flatten()
+            kept[k] = ([r[0] for r in out.responses()[rows[0]:rows[-1] + 1]], rewards[rows].tolist())
+    assert sorted(kept) == list(range(len(ordered)))  # each kept group on exactly one rank
+    for k, (p, r) in enumerate(ordered):
+        responses, rewards = kept[k]
+        assert responses == [100 * p + b for b in range(len(r))] and rewards == [float(x) for x in r]
+    first_mixed_round2 = kept[2] if m >= 3 else None  # prompt 10 drawn again: a group of its own (round 2's)
+    assert first_mixed_round2 is None or first_mixed_round2[1] == [0.0, 0.0, 1.0]
+
+
+def test_dynamic_sampling_run_charges_every_round(tiny_model_dir, tmp_path):
+    """Through train.main: rounds until m groups have mixed rewards; every generated rollout charged and
+    observed by the posteriors; the update sees only the kept groups."""
+    out = tmp_path / "dyn"
+    trained = []
+    real = train.mini_batch_sequences
+
+    def spy(subset, prompts, mb, rollouts, adv, num_mb):
+        trained.append(adv)
+        return real(subset, prompts, mb, rollouts, adv, num_mb)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(train, "mini_batch_sequences", spy):
+        state, cur = train.main(tiny_default_run(out, "--rollout.dynamic_sampling=true", "--rollout.max_rounds=6",
+                                                 "--cures.sampling=uniform", "--cures.allocation=uniform",
+                                                 "--run.max_steps=2", "--eval.data=", "--train.kl_coef=0"))
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "dynamic/rounds" in l]
+    assert len(rows) == 2
+    total = 0
+    for row, adv in zip(rows, trained):
+        total += 20 * row["dynamic/rounds"]  # N = 20 per round
+        assert row["rollouts/total"] == total
+        assert 1 <= row["dynamic/rounds"] <= 6
+        if row["dynamic/mixed_groups"] >= 6:  # m = 6 groups reached: every trained rollout has an advantage
+            assert bool((adv != 0).all())
+        else:
+            assert row["dynamic/rounds"] == 6
+    assert cur.alpha.sum() + cur.beta.sum() == total  # every generated rollout observed (prior 0, no cold start)
