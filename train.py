@@ -1413,7 +1413,7 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv, t_start = sys.argv[1:] if argv is None else argv, time.time()
     if "--help" in argv or "-h" in argv:
         print(usage())
         return None
@@ -1457,11 +1457,12 @@ def main(argv=None):
         signal.signal(sig, lambda *_: stop.update(requested=True))
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
-                 "data/skipped_no_answer": skipped["no_answer"]}
+                 "data/skipped_no_answer": skipped["no_answer"], "time/startup": time.time() - t_start}  # load, shard
         if eval_problems:
-            sync_generation_weights(policy, gen)
-            first["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                         stream_seed(cfg.run.seed, "eval", 0, 0))  # not interrupted: no step yet
+            with timed(first, "time/eval"):
+                sync_generation_weights(policy, gen)
+                first["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                             stream_seed(cfg.run.seed, "eval", 0, 0))  # not interrupted: no step yet
         logger.log(first, 0)
     # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
     estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
@@ -1497,9 +1498,10 @@ def main(argv=None):
                 last = state["step"] == total_steps
                 try:
                     if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
-                        sync_generation_weights(policy, gen)
-                        metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                                       stream_seed(cfg.run.seed, "eval", 0, state["step"]), stop)
+                        with timed(metrics, "time/eval"):
+                            sync_generation_weights(policy, gen)
+                            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                                           stream_seed(cfg.run.seed, "eval", 0, state["step"]), stop)
                 finally:  # an interrupted evaluation still logs its finished step
                     log_step(logger, bar, metrics, state["step"])
                 due = rank == 0 and 0 < 60 * cfg.run.save_every_minutes < time.time() - last_save  # rank 0's clock

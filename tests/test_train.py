@@ -265,6 +265,24 @@ def test_two_ranks_keep_identical_curriculum(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_dynamic_sampling(tmp_path):
+    """DAPO's dynamic sampling on two FSDP2 ranks: rounds, the kept groups' move to their new ranks, and the
+    posteriors of every generated rollout, identical on both ranks."""
+    out = tmp_path / "dyn"
+    _torchrun(["train", str(out), *tiny_default_run(out, "--run.max_steps=3", "--rollout.dynamic_sampling=true",
+                                                    "--rollout.max_rounds=4")])
+    r0, r1 = np.load(out / "curriculum_rank0.npz"), np.load(out / "curriculum_rank1.npz")
+    np.testing.assert_array_equal(r0["alpha"], r1["alpha"])
+    np.testing.assert_array_equal(r0["beta"], r1["beta"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "dynamic/rounds" in l]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert max(r["dynamic/rounds"] for r in rows) > 1  # (4, 3, 3 here) groups did move between rounds and ranks
+    in_subset_1 = sum(20 * r["dynamic/rounds"] for r in rows if r["step"] > 2)  # subset 1 began after step 2
+    assert r0["alpha"].sum() + r0["beta"].sum() == 30 * 2 + in_subset_1  # its cold start, then every round
+    assert rows[-1]["rollouts/total"] == 2 * 30 * 2 + sum(20 * r["dynamic/rounds"] for r in rows)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("two_rank_options", [[], ["--train.cpu_offload=true"]])
 def test_gradient_same_with_one_and_two_ranks(tiny_model_dir, tmp_path, two_rank_options):
     """One process against two FSDP2 ranks (optionally with CPU offload of the shards): same gradient."""
