@@ -189,6 +189,7 @@ def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
     assert state["step"] == 3 and state["rollouts_train"] == 60 and state["rollouts_cold"] == 2 * 30 * 2
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [0, 1, 2, 3]
+    assert lines[0].pop("time/startup") > 0
     assert lines[0] == {"step": 0, "data/prompts": 60, "data/skipped_too_long": 0, "data/skipped_no_answer": 0}
     for key in ("train/reward", "actor/grad_norm", "cures/eff_prompts", "time/rollout_and_reward", "rollouts/total",
                 "mech/mixed_rollouts", "mech/zero_adv_token_share", "draws/p_0.4-0.6"):
