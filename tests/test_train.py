@@ -387,17 +387,17 @@ def test_checkpoint_every_few_minutes(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_default_learns(tmp_path):
-    """The bundled default learns: configs/tiny.yaml as shipped (model, data, seed), its first 32 steps (two
-    subsets, cold starts included); held-out accuracy at temperature 1 (avg@16 on the 46 test problems) must
-    rise by more than 6 points (seed 0 gives about +13 here, the full 64 steps about +22). Seeded, so the run
-    is the same on every run of this machine type."""
+    """The bundled default learns: configs/tiny.yaml as shipped (model, data, seed), the README's main command
+    (all 64 steps, cold starts included); held-out accuracy at temperature 1 (avg@16 on the 46 test problems)
+    must rise by more than 8 points (seed 0 gives 37.4 -> 49.9 on the 2-core CI machine). Seeded, so the run is
+    the same on every run of this machine type up to the summation order of multi-threaded kernels."""
     out = tmp_path / "tiny"
-    train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}", "--run.max_steps=32",
-                "--eval.every=32", "--run.save_every=0"])
+    train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
+                "--eval.every=64", "--run.save_every=0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
-    assert sorted(evals) == [0, 32]
-    assert evals[32] > evals[0] + 0.06, evals
+    assert sorted(evals) == [0, 64]
+    assert evals[64] > evals[0] + 0.08, evals
 
 
 # --- the released pipeline where the paper is silent (PAPER.md section 8) --------------------------------
