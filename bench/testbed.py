@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))
 from convergence import primary_metric  # noqa: E402
 
 COLLAPSE = 0.08  # a fall of this much below the run's own best, in the second half of training
