@@ -1146,15 +1146,19 @@ def level_shares(levels: list) -> dict:
     return {f"draws/level_{v}": known.count(v) / len(known) for v in sorted(set(known))}
 
 
+def group_uniform(rewards: torch.Tensor, group: torch.Tensor, G: int) -> torch.Tensor:
+    """(G,) True for each group whose rollouts all score the same (zero GRPO advantage). rewards, group: (B,)."""
+    lo = torch.full((G,), float("inf")).scatter_reduce(0, group, rewards, "amin")
+    hi = torch.full((G,), float("-inf")).scatter_reduce(0, group, rewards, "amax")
+    return lo == hi
+
+
 def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor) -> dict:
     """What the paper argues a curriculum changes: rollouts in groups with mixed rewards (a non-zero GRPO
     advantage: where the gradient is) and response tokens in groups whose rollouts all score the same
     (zero advantage: generated, scored and trained on for no gradient). rewards, group, lengths: (B,);
     sums over this rank's groups (every group lies whole on one rank), reduced over ranks by name."""
-    G = int(group.max()) + 1 if len(group) else 0
-    lo = torch.full((G,), float("inf")).scatter_reduce(0, group, rewards, "amin")  # (G,)
-    hi = torch.full((G,), float("-inf")).scatter_reduce(0, group, rewards, "amax")  # (G,)
-    uniform = (lo == hi)[group]  # (B,)
+    uniform = group_uniform(rewards, group, int(group.max()) + 1 if len(group) else 0)[group]  # (B,)
     return {"mixed_rollouts": float((~uniform).sum()), "zero_adv_tokens": float(lengths[uniform].sum())}
 
 
@@ -1226,16 +1230,15 @@ def draw_and_generate(subset, subset_id: int, step: int, cur: cures.Curriculum, 
     observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
     return {"idx": idx, "n": n, "mb": mb, "owner": owner, "draws": draws, "n_draws": n_draws, "p_draws": p_draws,
             "mine": mine, "out": out, "rewards": rewards, "timeouts": timeouts,
-            "mixed": group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))}
+            "mixed": group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))
+            if cfg.rollout.dynamic_sampling else None}  # a collective: only where the filter needs it
 
 
 def group_mixed(rewards: torch.Tensor, group: torch.Tensor, g_rank: int, mine: np.ndarray, g: int) -> np.ndarray:
     """Which of the round's g groups have mixed rewards (a non-zero GRPO advantage), known on every rank.
     rewards, group: (B,) this rank's rollouts and their group among its g_rank groups `mine`."""
-    lo = torch.full((g_rank,), float("inf")).scatter_reduce(0, group, rewards, "amin")
-    hi = torch.full((g_rank,), float("-inf")).scatter_reduce(0, group, rewards, "amax")
     mixed = np.zeros(g, dtype=bool)
-    for j, is_mixed in all_gather_list(list(zip(mine.tolist(), (lo < hi).tolist()))):
+    for j, is_mixed in all_gather_list(list(zip(mine.tolist(), (~group_uniform(rewards, group, g_rank)).tolist()))):
         mixed[j] = is_mixed
     return mixed
 
