@@ -8,6 +8,8 @@ Variants (same config, same budget N per step):
     cures_lazy     CurES with cold_start_rollouts=0: unseen prompts read p = 0.5 (Eq. 14 favours them)
     dapo           GRPO with DAPO's dynamic sampling (beyond the paper): rounds of m prompts until m groups have
                    mixed rewards, every generated rollout charged; compare it on the rollout axis
+    cures_dapo     CurES with the same dynamic sampling (the two together: does the filter still pay on top of
+                   a curriculum that already draws mostly mixed groups?)
 For each, several seeds: held-out accuracy against training steps and against the rollouts each run really
 generated (its cold starts included, none for GRPO), a PNG plot (when matplotlib is installed), a markdown table
 with mean and spread, and the speed-up in the paper's sense for every variant against GRPO: the steps, and
@@ -36,7 +38,9 @@ VARIANTS = {
     "alloc_only": ["--cures.sampling=uniform", "--cures.allocation=cures"],
     "cures_lazy": ["--cures.sampling=cures", "--cures.allocation=cures", "--cures.cold_start_rollouts=0"],
     "dapo": ["--cures.sampling=uniform", "--cures.allocation=uniform", "--rollout.dynamic_sampling=true"],
+    "cures_dapo": ["--cures.sampling=cures", "--cures.allocation=cures", "--rollout.dynamic_sampling=true"],
 }
+CURES_PLUS = ("cures_lazy", "cures_dapo")  # changes to CurES: also compared against CurES itself
 
 
 MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total", "dynamic/rounds")
@@ -111,6 +115,23 @@ def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, se
         row["verdict at equal rollouts"] = verdict(row["equal rollouts"])
         out.append(row)
     return out
+
+
+def paired_table(curves: dict, base: str) -> list[str]:
+    """The markdown lines of paired_differences against `base`, with the seeds a +-2.5-point interval needs."""
+    lines = ["", f"Against {base}, paired by seed (difference in points, mean [95 % bootstrap interval]; the primary "
+             "metric is the held-out accuracy averaged over the second half of training):", "",
+             "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict (primary) | "
+             "verdict at equal rollouts |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda d: "n/a" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"  # noqa: E731
+    for r in paired_differences(curves, base):
+        lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['primary'])} | {fmt(r['equal steps'])} | "
+                     f"{fmt(r['equal rollouts'])} | {r['verdict']} | {r['verdict at equal rollouts']} |")
+        if r["primary"] is not None:  # seeds for a +-2.5-point interval at this spread (normal approximation)
+            need = int(np.ceil((1.96 * r["primary"][3] / 0.025) ** 2))
+            lines.append(f"| | | seed-to-seed sd of the difference {100 * r['primary'][3]:.1f} points: "
+                         f"about {need} seeds for a +-2.5-point interval | | | | |")
+    return lines
 
 
 def verdict(d) -> str:
@@ -192,18 +213,10 @@ def main():
                 lines.append(f"| {name} | {c_step} | {int(c_roll)} | {g_step / max(c_step, 1):.2f}x | "
                              f"{g_roll / max(c_roll, 1):.2f}x |")
     if "grpo" in curves and len(curves) > 1:
-        lines += ["", "Against GRPO, paired by seed (difference in points, mean [95 % bootstrap interval]; the primary "
-                  "metric is the held-out accuracy averaged over the second half of training):", "",
-                  "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict (primary) | "
-                  "verdict at equal rollouts |", "|---|---|---|---|---|---|---|"]
-        fmt = lambda d: "n/a" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"  # noqa: E731
-        for r in paired_differences(curves):
-            lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['primary'])} | {fmt(r['equal steps'])} | "
-                         f"{fmt(r['equal rollouts'])} | {r['verdict']} | {r['verdict at equal rollouts']} |")
-            if r["primary"] is not None:  # seeds for a +-2.5-point interval at this spread (normal approximation)
-                need = int(np.ceil((1.96 * r["primary"][3] / 0.025) ** 2))
-                lines.append(f"| | | seed-to-seed sd of the difference {100 * r['primary'][3]:.1f} points: "
-                             f"about {need} seeds for a +-2.5-point interval | | | | |")
+        lines += paired_table(curves, "grpo")
+    on_cures = {k: v for k, v in curves.items() if k in ("cures", *CURES_PLUS)}
+    if "cures" in on_cures and len(on_cures) > 1:  # what a change to CurES does to CurES itself
+        lines += paired_table(on_cures, "cures")
     mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
     bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]
     levels = sorted({k for m in mech.values() for k in m if k.startswith("draws/level_")})
