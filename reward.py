@@ -11,6 +11,13 @@ Rules that decide correctness (`score`), the paper's setting through verl's math
    `\\text{}` wrappers are normalised away; equal sets/tuples/intervals match element-wise.
 4. Anything else (no parsable answer, a parser error, a timeout) scores 0.0. Nothing ever raises.
 
+One form skips the parser (`fast_score`): a response that is only `\\boxed{n}` against a gold that is a plain
+integer, both of at most 9 ASCII digits with no leading zero, scores int(n) == int(gold). math-verify reads both
+as that integer and compares them exactly, so the score is the same (tests/test_reward.py checks agreement
+with math-verify on every gold of the shared benchmarks and the tiny data, on real tiny-model outputs, and on
+near misses). It is the tiny default's answer format (99.7 % of its rollouts): scoring them costs microseconds
+instead of a sympy parse in a worker process. Real responses (reasoning, then a box) always take math-verify.
+
 `score_batch` runs `score` in worker processes, each item under a hard deadline: a worker stuck in sympy
 is killed, replaced, and the item scores 0; the number of such timeouts comes back for logging. Workers
 are fresh interpreters that import only this module (not the trainer, torch or CUDA), in their own session
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,6 +67,20 @@ def _configs():
     return _GOLD_CFG, _PRED_CFG
 
 
+_INT = r"-?(?:0|[1-9][0-9]{0,8})"  # at most 9 digits: exact in sympy and in math-verify's float comparison
+_PLAIN_INT = re.compile(_INT, re.ASCII)
+_ONLY_BOXED_INT = re.compile(r"\s*\\boxed\{(" + _INT + r")\}\s*", re.ASCII)
+
+
+def fast_score(response: str, gold: str) -> float | None:
+    """math-verify's score for a response that is only `\\boxed{n}` (whitespace around it) and a gold that
+    is a plain integer, both of at most 9 digits without a leading zero; None for anything else."""
+    if not _PLAIN_INT.fullmatch(gold):
+        return None
+    m = _ONLY_BOXED_INT.fullmatch(response)
+    return None if m is None else float(int(m.group(1)) == int(gold))
+
+
 def score(response: str, gold: str, timeout: int = 5) -> float:
     """1.0 if the response's final answer equals `gold` (see the rules above), else 0.0."""
     return _score(response, gold, timeout)[0]
@@ -66,6 +88,12 @@ def score(response: str, gold: str, timeout: int = 5) -> float:
 
 def _score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
     """(score, whether math-verify's own timeout stopped it)."""
+    fast = fast_score(str(response), str(gold))
+    return (fast, False) if fast is not None else math_verify_score(response, gold, timeout)
+
+
+def math_verify_score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
+    """(score, whether math-verify's own timeout stopped it), always through math-verify's parser."""
     from math_verify import parse, verify
 
     before = _TimeoutLog.count
@@ -258,9 +286,16 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
     global _POOL
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-    workers = workers or min(32, os.cpu_count() or 1)
-    if _POOL is None or len(_POOL.workers) != workers:
-        if _POOL is not None:
-            _POOL.close()
-        _POOL = ScorePool(workers)
-    return _POOL.map(responses, golds, timeout)
+    out = Scores(fast_score(str(r), str(g)) for r, g in zip(responses, golds))
+    slow = [i for i, s in enumerate(out) if s is None]  # the rest go to math-verify in the workers
+    if slow:
+        workers = workers or min(32, os.cpu_count() or 1)
+        if _POOL is None or len(_POOL.workers) != workers:
+            if _POOL is not None:
+                _POOL.close()
+            _POOL = ScorePool(workers)
+        scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout)
+        for i, s in zip(slow, scored):
+            out[i] = s
+        out.timeouts = scored.timeouts
+    return out

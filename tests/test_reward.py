@@ -1,6 +1,7 @@
 """reward.py: equivalent and non-equivalent forms, adversarial outputs, and the gold answers of the
 eight benchmarks in ../shared/benchmarks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -180,3 +181,79 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path (reward.fast_score) gives math-verify's score wherever it answers
+
+
+def _agree(responses, golds, expect_fast: float = 0.0):
+    """fast_score equals math-verify's score on every pair it answers; it answers at least `expect_fast` of them.
+    Returns how many it answered."""
+    fast = [reward.fast_score(r, g) for r, g in zip(responses, golds)]
+    differ = [(r, g, f) for r, g, f in zip(responses, golds, fast)
+              if f is not None and f != reward.math_verify_score(r, g)[0]]
+    assert not differ, f"fast path disagrees with math-verify: {differ[:5]}"
+    answered = sum(f is not None for f in fast)
+    assert answered >= expect_fast * len(fast), f"fast path answered {answered} of {len(fast)}"
+    return answered
+
+
+def test_fast_path_agrees_with_math_verify_on_near_misses():
+    """Integers of every size it takes, their neighbours and negations, and the forms it must leave to
+    math-verify (leading zeros, a sign, decimals, text around the box, non-ASCII digits, 10 digits)."""
+    ints = ["0", "1", "-1", "7", "10", "99", "100", "123", "-45", "2024", "99999", "123456789", "999999999",
+            "-999999999"]
+    forms = ["\\boxed{%s}", " \\boxed{%s}\n", "\\boxed{0%s}", "\\boxed{+%s}", "\\boxed{%s.0}", "\\boxed{%s}.",
+             "x \\boxed{%s}", "\\boxed{ %s }", "\\boxed{%s}\\boxed{%s}", "The final answer is %s. \\boxed{%s}"]
+    responses, golds = [], []
+    for g in ints + ["05", "7.0", "+3", "1000000000", "١٢"]:
+        for n in ints + [str(int(g) + 1) if g.lstrip("-").isdigit() else "8", "1000000000", "١٢"]:
+            for form in forms:
+                responses.append(form.replace("%s", n))
+                golds.append(g)
+    answered = _agree(responses, golds)
+    assert answered == sum(1 for r, g in zip(responses, golds) if reward._PLAIN_INT.fullmatch(g)
+                           and reward._ONLY_BOXED_INT.fullmatch(r))
+    assert reward.fast_score("\\boxed{0123}", "123") is None and reward.fast_score("\\boxed{1000000000}", "1") is None
+    assert reward.fast_score("\\boxed{١٢}", "12") is None and reward.fast_score("\\boxed{12}", "12.0") is None
+    assert reward.fast_score(" \\boxed{-7}\n", "-7") == 1.0 and reward.fast_score("\\boxed{8}", "7") == 0.0
+
+
+def test_fast_path_agrees_on_real_tiny_model_outputs():
+    """Rollouts of the bundled tiny model on its training prompts (what the tiny default scores thousands of
+    times a step): the fast path answers almost all of them, each with math-verify's score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rollout
+    import train
+
+    cfg = train.load_config(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.path={ROOT}/models/tiny",
+                             f"--data.train={ROOT}/data/tiny/train.jsonl"])
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path).eval()
+    subsets, _ = train.load_subsets(cfg, tok)
+    items = [it for s in subsets for it in s[::40]]  # 100 prompts of every level
+    out = rollout.generate(model, [it["prompt_ids"] for it in items], 4, max_new_tokens=16,
+                           eos_ids=rollout.stop_token_ids(tok, model, True), pad_id=tok.pad_token_id,
+                           temperature=1.0, top_p=1.0, seed=0)
+    texts = out.texts(tok)
+    golds = [items[i]["answer"] for i in out.prompt_index.tolist()]
+    _agree(texts, golds, expect_fast=0.95)
+    assert 0 < sum(reward.score_batch(texts, golds, workers=1)) < len(texts)  # right and wrong ones both
+
+
+@pytest.mark.slow
+def test_fast_path_agrees_on_every_gold_answer(monkeypatch):
+    """Every gold answer of the tiny data and of the shared benchmarks, boxed alone, against itself and
+    against its neighbour's gold (a different answer), both ways."""
+    golds = [json.loads(line)["answer"] for f in ("train", "test") for line in open(os.path.join(ROOT, "data", "tiny", f"{f}.jsonl"))]
+    for name in BENCHMARKS:
+        if os.path.isdir(SHARED):
+            monkeypatch.setattr("eval.BENCH_DIR", SHARED)
+        golds += [p["answer"] for p in load_benchmark(name)[0] if p["answer"]]
+    golds = list(dict.fromkeys(golds))  # each distinct answer once
+    shifted = golds[1:] + golds[:1]
+    responses = [f"\\boxed{{{g}}}" for g in golds]
+    answered = _agree(responses + responses, golds + shifted)
+    assert answered > len(golds)  # the integers of all of them
