@@ -86,6 +86,19 @@ def primary_metric(curve) -> float:
     return float(np.mean([acc for step, _, acc in curve if step > last / 2]))
 
 
+COLLAPSE = 0.08  # a fall of this much below the run's own best, in the second half of training
+
+
+def collapsed(curve) -> bool:
+    """A late collapse: an evaluation in the second half COLLAPSE or more below the run's best so far."""
+    last, best = curve[-1][0], 0.0
+    for step, _, acc in curve:
+        best = max(best, acc)
+        if step > last / 2 and acc <= best - COLLAPSE:
+            return True
+    return False
+
+
 def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, seed: int = 0) -> list[dict]:
     """Each variant against `base`, paired by seed: the difference in the primary metric, at equal steps (the
     last evaluation) and at equal rollouts (the variant's accuracy interpolated at the rollouts of the base's
@@ -188,12 +201,12 @@ def main():
     lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; {elapsed}; seeds {args.seeds}; "
              f"config {os.path.relpath(args.config, ROOT)} {' '.join(args.extra)}", "",
              "Held-out accuracy (mean ± std over seeds) at each evaluation:", "",
-             "| variant | " + " | ".join(f"step {s}" for s in steps) + " | final | best |",
-             "|---|" + "---|" * (len(steps) + 2)]
+             "| variant | " + " | ".join(f"step {s}" for s in steps) + " | final | best | late collapses |",
+             "|---|" + "---|" * (len(steps) + 3)]
     for name, t in table.items():
         cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(t["mean"], t["std"])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * t['final'].mean():.1f} ± {100 * t['final'].std():.1f}"
-                     f" | {100 * t['best'].mean():.1f} |")
+                     f" | {100 * t['best'].mean():.1f} | {sum(map(collapsed, curves[name]))} of {len(curves[name])} |")
     lines += ["", "Rollouts generated (cold starts included) at each evaluation, mean over seeds:", ""]
     lines += [f"- {name}: {t['rollouts'].astype(int).tolist()}" for name, t in table.items()]
     if "grpo" in table:

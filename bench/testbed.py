@@ -19,19 +19,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))
-from convergence import primary_metric  # noqa: E402
-
-COLLAPSE = 0.08  # a fall of this much below the run's own best, in the second half of training
-
-
-def collapsed(curve) -> bool:
-    last, best = curve[-1][0], 0.0
-    for step, _, acc in curve:
-        best = max(best, acc)
-        if step > last / 2 and acc <= best - COLLAPSE:
-            return True
-    return False
-
+from convergence import collapsed, primary_metric  # noqa: E402
 
 def main():
     settings = {"current (configs/tiny.yaml)": os.path.join(ROOT, "bench", "results", "pilot")}

@@ -44,6 +44,6 @@ def test_paired_differences_and_verdicts():
 
 
 def test_late_collapse():
-    assert testbed.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.41, 0.45, 0.45]))  # 9 points below its best
-    assert not testbed.collapsed(curve([0.4, 0.5, 0.3, 0.4, 0.45, 0.45, 0.44, 0.45, 0.45]))  # first half only
-    assert not testbed.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.43, 0.45, 0.45]))  # 7 points
+    assert convergence.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.41, 0.45, 0.45]))  # 9 points below its best
+    assert not convergence.collapsed(curve([0.4, 0.5, 0.3, 0.4, 0.45, 0.45, 0.44, 0.45, 0.45]))  # first half only
+    assert not convergence.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.43, 0.45, 0.45]))  # 7 points
