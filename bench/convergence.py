@@ -40,7 +40,6 @@ VARIANTS = {
     "dapo": ["--cures.sampling=uniform", "--cures.allocation=uniform", "--rollout.dynamic_sampling=true"],
     "cures_dapo": ["--cures.sampling=cures", "--cures.allocation=cures", "--rollout.dynamic_sampling=true"],
 }
-CURES_PLUS = ("cures_lazy", "cures_dapo")  # changes to CurES: also compared against CurES itself
 
 
 MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total", "dynamic/rounds")
@@ -101,8 +100,8 @@ def collapsed(curve) -> bool:
 
 def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, seed: int = 0) -> list[dict]:
     """Each variant against `base`, paired by seed: the difference in the primary metric, at equal steps (the
-    last evaluation) and at equal rollouts (the variant's accuracy interpolated at the rollouts of the base's
-    last evaluation, when the variant got that far), each with a 95 % bootstrap interval over seeds, and a
+    last evaluation) and at equal rollouts (both curves interpolated at the smaller of the two runs' final rollout
+    counts: the base's, when the variant generated more), each with a 95 % bootstrap interval over seeds, and a
     verdict from the primary metric's interval."""
     rng, out = np.random.default_rng(seed), []
     for name, runs in curves.items():
@@ -112,9 +111,9 @@ def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, se
         for c, b in zip(runs, curves[base]):
             diffs["primary"].append(primary_metric(c) - primary_metric(b))
             diffs["equal steps"].append(c[-1][2] - b[-1][2])
-            roll, acc = np.array([p[1] for p in c]), np.array([p[2] for p in c])
-            if roll[-1] >= b[-1][1]:
-                diffs["equal rollouts"].append(float(np.interp(b[-1][1], roll, acc)) - b[-1][2])
+            (roll, acc), (b_roll, b_acc) = (np.array([(p[1], p[2]) for p in x]).T for x in (c, b))
+            at = min(roll[-1], b_roll[-1])  # the rollouts both runs generated
+            diffs["equal rollouts"].append(float(np.interp(at, roll, acc) - np.interp(at, b_roll, b_acc)))
         row = {"variant": name, "seeds": len(diffs["primary"])}
         for k, d in diffs.items():
             d = np.array(d)
@@ -227,8 +226,8 @@ def main():
                              f"{g_roll / max(c_roll, 1):.2f}x |")
     if "grpo" in curves and len(curves) > 1:
         lines += paired_table(curves, "grpo")
-    on_cures = {k: v for k, v in curves.items() if k in ("cures", *CURES_PLUS)}
-    if "cures" in on_cures and len(on_cures) > 1:  # what a change to CurES does to CurES itself
+    on_cures = {k: v for k, v in curves.items() if k != "grpo"}
+    if "cures" in on_cures and len(on_cures) > 1:  # ablations and additions against the whole of CurES
         lines += paired_table(on_cures, "cures")
     mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
     bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]

@@ -40,6 +40,9 @@ def test_paired_differences_and_verdicts():
     expected = np.mean([c[4][2] - c[-1][2] for c in base])  # costly at step 32 against base at step 64
     assert rows["costly"]["equal rollouts"][0] == pytest.approx(expected)
     assert rows["costly"]["equal steps"][0] == pytest.approx(0.0)
+    # the other way round (the base generated more): both compared at the variant's final count, 32,768
+    rows = {r["variant"]: r for r in convergence.paired_differences({"costly": costly, "grpo": base}, base="costly")}
+    assert rows["grpo"]["equal rollouts"][0] == pytest.approx(-expected)
     assert convergence.verdict(None) == "not enough seeds"
 
 
