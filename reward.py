@@ -83,13 +83,8 @@ def fast_score(response: str, gold: str) -> float | None:
 
 def score(response: str, gold: str, timeout: int = 5) -> float:
     """1.0 if the response's final answer equals `gold` (see the rules above), else 0.0."""
-    return _score(response, gold, timeout)[0]
-
-
-def _score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
-    """(score, whether math-verify's own timeout stopped it)."""
     fast = fast_score(str(response), str(gold))
-    return (fast, False) if fast is not None else math_verify_score(response, gold, timeout)
+    return fast if fast is not None else math_verify_score(response, gold, timeout)[0]
 
 
 def math_verify_score(response: str, gold: str, timeout: int = 5) -> tuple[float, bool]:
@@ -175,7 +170,7 @@ def _serve():
         if item is None:
             return
         i, response, gold, timeout = item
-        out.send((i, *_score(response, gold, timeout)))
+        out.send((i, *math_verify_score(response, gold, timeout)))  # score_batch tried fast_score already
 
 
 class Scores(list):

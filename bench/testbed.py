@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))
 from convergence import collapsed, primary_metric  # noqa: E402
 
+
 def main():
     settings = {"current (configs/tiny.yaml)": os.path.join(ROOT, "bench", "results", "pilot")}
     for d in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "testbed", "*", "seeds"))):

@@ -248,9 +248,9 @@ def test_fast_path_agrees_on_every_gold_answer(monkeypatch):
     """Every gold answer of the tiny data and of the shared benchmarks, boxed alone, against itself and
     against its neighbour's gold (a different answer), both ways."""
     golds = [json.loads(line)["answer"] for f in ("train", "test") for line in open(os.path.join(ROOT, "data", "tiny", f"{f}.jsonl"))]
+    if os.path.isdir(SHARED):
+        monkeypatch.setattr("eval.BENCH_DIR", SHARED)
     for name in BENCHMARKS:
-        if os.path.isdir(SHARED):
-            monkeypatch.setattr("eval.BENCH_DIR", SHARED)
         golds += [p["answer"] for p in load_benchmark(name)[0] if p["answer"]]
     golds = list(dict.fromkeys(golds))  # each distinct answer once
     shifted = golds[1:] + golds[:1]
