@@ -1012,7 +1012,7 @@ class Logger:
     """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
 
     def __init__(self, cfg: Config, rank: int, step: int = 0):
-        self.rank, self.sinks = rank, []
+        self.rank, self.sinks, self.closers = rank, [], []
         if rank != 0:
             return
         os.makedirs(cfg.run.out_dir, exist_ok=True)
@@ -1028,6 +1028,7 @@ class Logger:
 
                 wandb.init(project=cfg.run.wandb_project, config=config_dict(cfg))
                 self.sinks.append(lambda m, s: wandb.log(m, step=s))
+                self.closers.append(wandb.finish)
             except ImportError:
                 print0("wandb is not installed: logging to metrics.jsonl only")
         if cfg.run.tensorboard:
@@ -1036,6 +1037,7 @@ class Logger:
 
                 tb = SummaryWriter(os.path.join(cfg.run.out_dir, "tb"))
                 self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()])
+                self.closers.append(tb.close)
             except ImportError:
                 print0("tensorboard is not installed: logging to metrics.jsonl only")
 
@@ -1046,6 +1048,13 @@ class Logger:
         self.file.flush()
         for sink in self.sinks:
             sink(metrics, step)
+
+    def close(self):
+        """Flush and close every sink (the run may end with `leave`, which runs no exit hooks)."""
+        if self.rank == 0:
+            self.file.close()
+            for close in self.closers:
+                close()
 
 
 def log_step(logger: Logger, bar, metrics: dict, step: int):
@@ -1521,6 +1530,7 @@ def main(argv=None):
         if stopped:
             print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
     bar.close()
+    logger.close()
     if state["step"] > 0 and (state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps)):
         save_hf(policy, tokenizer, os.path.join(cfg.run.out_dir, "final"), rank, cfg)
         print0(f"done: {cfg.run.out_dir}/final (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/")
@@ -1529,5 +1539,18 @@ def main(argv=None):
     return state, cur
 
 
+def leave(code: int = 0):
+    """End a torchrun rank whose work is written and closed, without the interpreter's teardown. Under FSDP2
+    the DTensor parameters keep the device mesh, and with it the gloo process group, alive past
+    destroy_process_group: its worker threads outlive the interpreter and, rarely, release a Python object
+    while it is torn down, and torch aborts the rank ("terminate called without an active exception",
+    pytorch/pytorch#190489): torchrun then reports a finished run as failed (seen once in CI, a 2-rank test)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:  # a process group was set up (torchrun, or plain python on a GPU)
+        leave()

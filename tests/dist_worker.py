@@ -148,3 +148,5 @@ if __name__ == "__main__":
         run_rehearsal(sys.argv[2:])
     else:
         run_grad(sys.argv[2], sys.argv[3], sys.argv[4:])
+    if "RANK" in os.environ:  # under torchrun: end as train.py does (train.leave)
+        train.leave()

@@ -244,9 +244,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, stop):
 
 # --- two processes (gloo) ------------------------------------------------------------------------------
 
-def _torchrun(args, nproc=2):
+def _torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py")):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
-           os.path.join(ROOT, "tests", "dist_worker.py"), *args]
+           os.path.join(ROOT, script), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
@@ -263,6 +263,18 @@ def test_two_ranks_keep_identical_curriculum(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+@pytest.mark.slow
+def test_torchrun_train_py_ends_cleanly(tiny_model_dir, tmp_path):
+    """The users' command itself, `torchrun --nproc_per_node=2 train.py ...`: every rank leaves with 0 through
+    train.leave (no interpreter teardown for torch's gloo threads to abort), after everything is written."""
+    out = tmp_path / "entry"
+    _torchrun(small_run(tiny_model_dir, out, "--run.max_steps=3"), script="train.py")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "time/step" in r] == [1, 2, 3]
+    assert (out / "config.yaml").exists() and (out / "final" / "config.json").exists()
+    assert sorted(os.listdir(out / "checkpoints"))  # the last checkpoint, for a resume
 
 
 @pytest.mark.slow
