@@ -74,7 +74,9 @@ def run(name, seed, extra, out, config, threads: int = 0):
                 for r in rows if "time/step" in r]
     os.makedirs(os.path.dirname(summary), exist_ok=True)
     with open(summary, "w") as f:
-        json.dump({"variant": name, "seed": seed, "extra": extra, "curve": curve, "steps": per_step}, f)
+        # a run's trajectory (not its statistics) depends on its intra-op threads: float reduction order
+        json.dump({"variant": name, "seed": seed, "extra": extra, "threads": threads or "default", "curve": curve,
+                   "steps": per_step}, f)
     return curve
 
 
