@@ -1062,3 +1062,22 @@ def test_dynamic_sampling_run_charges_every_round(tiny_model_dir, tmp_path):
         else:
             assert row["dynamic/rounds"] == 6
     assert cur.alpha.sum() + cur.beta.sum() == total  # every generated rollout observed (prior 0, no cold start)
+
+
+def test_logger_close_finishes_every_sink(tmp_path, monkeypatch):
+    """A torchrun rank ends with os._exit (train.leave), which runs no exit hooks: Logger.close must finish the
+    sinks that rely on them (wandb here, a stand-in module) and leave metrics.jsonl complete."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append("init"), log=lambda m, step: calls.append(step),
+                                 finish=lambda: calls.append("finish"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = train.load_config([f"--run.out_dir={tmp_path}", "--run.wandb_project=p"])
+    logger = train.Logger(cfg, rank=0)
+    logger.log({"train/reward": 0.5}, 1)
+    logger.close()
+    assert calls == ["init", 1, "finish"]
+    assert logger.file.closed
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 1, "train/reward": 0.5}]
+    train.Logger(cfg, rank=1).close()  # other ranks hold no sinks
