@@ -61,9 +61,12 @@ def run(name, seed, extra, out, config, threads: int = 0):
         if os.path.exists(metrics):
             os.remove(metrics)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"{name} seed {seed} failed:\n{res.stderr[-3000:]}")
+        with open(os.path.join(run_dir, "wall_s"), "w") as f:
+            f.write(f"{time.time() - t0:.1f}\n")
     rows = [json.loads(line) for line in open(metrics)]
     curve, rollouts = [], 0
     for r in rows:
@@ -72,11 +75,13 @@ def run(name, seed, extra, out, config, threads: int = 0):
             curve.append((r["step"], rollouts, r["eval/acc"]))
     per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/")}}
                 for r in rows if "time/step" in r]
+    wall = os.path.join(run_dir, "wall_s")  # the process's wall time, start-up included (absent: run elsewhere)
+    wall_s = float(open(wall).read()) if os.path.exists(wall) else None
     os.makedirs(os.path.dirname(summary), exist_ok=True)
     with open(summary, "w") as f:
         # a run's trajectory (not its statistics) depends on its intra-op threads: float reduction order
-        json.dump({"variant": name, "seed": seed, "extra": extra, "threads": threads or "default", "curve": curve,
-                   "steps": per_step}, f)
+        json.dump({"variant": name, "seed": seed, "extra": extra, "threads": threads or "default", "wall_s": wall_s,
+                   "curve": curve, "steps": per_step}, f)
     return curve
 
 
@@ -164,6 +169,35 @@ def mechanism(out: str, name: str, seeds) -> dict:
                                          for k in keys}}
 
 
+def schedule(jobs, seeds) -> list[tuple]:
+    """(name, extra, seed) in the order to start them: the longest runs first (dynamic sampling generates several
+    rounds a step), so that a table made with --jobs > 1 does not end on one long run alone on the machine;
+    otherwise the order asked for. The results keep the order asked for whatever the order of the runs."""
+    runs = [(name, extra, s) for name, extra in jobs for s in seeds]
+    return sorted(runs, key=lambda job: "--rollout.dynamic_sampling=true" not in job[1])
+
+
+def run_times(out: str, names, seeds) -> list[str]:
+    """Markdown lines: each variant's run time, summed over its seeds' processes (start-up included), from the
+    per-seed files that recorded one; with --jobs J the table's wall time is about the total over J."""
+    lines = ["", "Run time per variant, from the per-seed files (each process's wall time, start-up included; "
+             "threads a run):", "", "| variant | runs timed | threads | mean per run | sum over runs |",
+             "|---|---|---|---|---|"]
+    total = 0.0
+    for name in names:
+        files = [json.load(open(os.path.join(out, "seeds", f"{name}_seed{s}.json"))) for s in seeds]
+        walls = [f["wall_s"] for f in files if f.get("wall_s") is not None]
+        if walls:
+            total += sum(walls)
+            threads = sorted({str(f.get("threads")) for f in files if f.get("wall_s") is not None})
+            lines.append(f"| {name} | {len(walls)} of {len(files)} | {', '.join(threads)} | "
+                         f"{np.mean(walls):.0f} s | {sum(walls) / 60:.1f} min |")
+        else:
+            lines.append(f"| {name} | 0 of {len(files)} | | | |")
+    lines.append(f"| all | | | | {total / 60:.1f} min |")
+    return lines
+
+
 def first_reaching(steps, values, target):
     hit = np.flatnonzero(np.asarray(values) >= target - 1e-12)
     return steps[hit[0]] if hit.size else None
@@ -188,10 +222,11 @@ def main():
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    order = schedule(jobs, args.seeds)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each job is a train.py process
-        futures = {name: [pool.submit(run, name, s, extra, args.out, args.config, threads) for s in args.seeds]
-                   for name, extra in jobs}
-        curves = {name: [f.result() for f in fs] for name, fs in futures.items()}
+        futures = {(name, s): pool.submit(run, name, s, extra, args.out, args.config, threads)
+                   for name, extra, s in order}
+        curves = {name: [futures[name, s].result() for s in args.seeds] for name, _ in jobs}
     elapsed = f"{time.time() - t0:.0f} s" if time.time() - t0 > 60 else "tables from runs made earlier"
     steps = np.array([p[0] for p in next(iter(curves.values()))[0]])
     table = {}
@@ -246,6 +281,7 @@ def main():
         lines.append(f"| {name} | {100 * np.nanmean(m['mech/mixed_rollouts']):.1f} % | "
                      f"{100 * np.nanmean(m['mech/zero_adv_token_share']):.1f} % | {per_step:.0f} | "
                      + " | ".join(f"{100 * np.nanmean(m.get(k, np.nan)):.1f} %" for k in bins + levels) + " |")
+    lines += run_times(args.out, list(curves), args.seeds)
     report = "\n".join(lines) + "\n"
     print(report)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -1,5 +1,6 @@
 """The comparison benchmark's statistics (bench/convergence.py, bench/testbed.py) on constructed curves."""
 
+import json
 import os
 import sys
 
@@ -50,3 +51,24 @@ def test_late_collapse():
     assert convergence.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.41, 0.45, 0.45]))  # 9 points below its best
     assert not convergence.collapsed(curve([0.4, 0.5, 0.3, 0.4, 0.45, 0.45, 0.44, 0.45, 0.45]))  # first half only
     assert not convergence.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.43, 0.45, 0.45]))  # 7 points
+
+
+def test_schedule_starts_the_longest_runs_first_and_keeps_each_variants_seeds():
+    jobs = [(name, convergence.VARIANTS[name]) for name in ("grpo", "cures", "dapo", "cures_dapo")]
+    order = convergence.schedule(jobs, [0, 1, 2])
+    assert [(n, s) for n, _, s in order] == [("dapo", 0), ("dapo", 1), ("dapo", 2), ("cures_dapo", 0),
+                                             ("cures_dapo", 1), ("cures_dapo", 2), ("grpo", 0), ("grpo", 1),
+                                             ("grpo", 2), ("cures", 0), ("cures", 1), ("cures", 2)]
+    assert sorted(order, key=lambda j: (j[0], j[2])) == sorted((n, e, s) for n, e in jobs for s in [0, 1, 2])
+
+
+def test_run_times_sum_the_timed_seed_files(tmp_path):
+    os.makedirs(tmp_path / "seeds")
+    for name, walls in {"grpo": [100.0, 140.0], "cures": [None, 150.0]}.items():
+        for seed, wall in enumerate(walls):
+            with open(tmp_path / "seeds" / f"{name}_seed{seed}.json", "w") as f:
+                json.dump({"threads": 1, "wall_s": wall}, f)
+    lines = convergence.run_times(str(tmp_path), ["grpo", "cures"], [0, 1])
+    assert "| grpo | 2 of 2 | 1 | 120 s | 4.0 min |" in lines
+    assert "| cures | 1 of 2 | 1 | 150 s | 2.5 min |" in lines
+    assert lines[-1] == "| all | | | | 6.5 min |"
