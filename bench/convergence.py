@@ -55,6 +55,7 @@ def run(name, seed, extra, out, config, threads: int = 0):
             return [tuple(p) for p in json.load(f)["curve"]]
     run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    wall = os.path.join(run_dir, "wall_s")  # the process's wall time, start-up included (absent: run elsewhere)
     if not os.path.exists(os.path.join(run_dir, "final", "config.json")):  # resume the benchmark itself
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, f"--run.out_dir={run_dir}",
                f"--run.seed={seed}", "--run.save_every=0", "--run.overwrite=true", *extra]
@@ -65,7 +66,7 @@ def run(name, seed, extra, out, config, threads: int = 0):
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"{name} seed {seed} failed:\n{res.stderr[-3000:]}")
-        with open(os.path.join(run_dir, "wall_s"), "w") as f:
+        with open(wall, "w") as f:
             f.write(f"{time.time() - t0:.1f}\n")
     rows = [json.loads(line) for line in open(metrics)]
     curve, rollouts = [], 0
@@ -75,7 +76,6 @@ def run(name, seed, extra, out, config, threads: int = 0):
             curve.append((r["step"], rollouts, r["eval/acc"]))
     per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/")}}
                 for r in rows if "time/step" in r]
-    wall = os.path.join(run_dir, "wall_s")  # the process's wall time, start-up included (absent: run elsewhere)
     wall_s = float(open(wall).read()) if os.path.exists(wall) else None
     os.makedirs(os.path.dirname(summary), exist_ok=True)
     with open(summary, "w") as f:
@@ -186,10 +186,11 @@ def run_times(out: str, names, seeds) -> list[str]:
     total = 0.0
     for name in names:
         files = [json.load(open(os.path.join(out, "seeds", f"{name}_seed{s}.json"))) for s in seeds]
-        walls = [f["wall_s"] for f in files if f.get("wall_s") is not None]
+        timed = [f for f in files if f.get("wall_s") is not None]
+        walls = [f["wall_s"] for f in timed]
         if walls:
             total += sum(walls)
-            threads = sorted({str(f.get("threads")) for f in files if f.get("wall_s") is not None})
+            threads = sorted({str(f.get("threads")) for f in timed})
             lines.append(f"| {name} | {len(walls)} of {len(files)} | {', '.join(threads)} | "
                          f"{np.mean(walls):.0f} s | {sum(walls) / 60:.1f} min |")
         else:
