@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rollout  # noqa: E402
-import train  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 
 def lengths(n: int, rng, median: float, sigma: float, runaway: float, limit: int) -> np.ndarray:
@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    cfg = train.load_config(["--config", args.config])
+    cfg = load_config(["--config", args.config])
     N, limit = cfg.rollout.rollouts_per_step // args.ranks, cfg.rollout.max_new_tokens
     print(f"{args.config}: {N} rollouts per rank per step, max_new_tokens {limit}, max_batch_tokens "
           f"{cfg.rollout.max_batch_tokens:,}, max_batch_size {cfg.rollout.max_batch_size}; lengths lognormal(median "

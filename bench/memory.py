@@ -5,10 +5,10 @@
 
 What is measured, and how:
 - FSDP2 shards: the real model (bench/qwen2.5-*/config.json) built on the meta device and sharded by
-  train.shard_model under a fake process group of world size W; the bytes are those of rank 0's local shards
+  infra.models.shard_model under a fake process group of world size W; the bytes are those of rank 0's local shards
   (FSDP2 pads dim 0 to a multiple of W). fp32 master weights, fp32 gradients, AdamW's two fp32 moments, and
-  the KL reference (an fp32 shard, train.build_models) each take that many elements.
-- The bf16 generation copy: every parameter, unsharded, on every rank (train.build_models).
+  the KL reference (an fp32 shard, infra.models.build_models) each take that many elements.
+- The bf16 generation copy: every parameter, unsharded, on every rank (infra.models.build_models).
 - FSDP2's unsharded buffers: the root (embeddings, lm_head, final norm) and two decoder layers (the one
   computing and the one prefetched) gathered in bf16, and the root's gradient before its fp32 reduce-scatter.
 - KV cache per token: 2 (K, V) x layers x KV heads x head dim x 2 bytes (bf16), from the config.
@@ -39,7 +39,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo  # noqa: E402
-import train  # noqa: E402
+from infra.config import DataConfig, RolloutConfig, TrainConfig  # noqa: E402
+from infra.models import Policy, shard_model  # noqa: E402
 
 CONFIGS = {"1.5b": os.path.join(ROOT, "bench", "qwen2.5-1.5b", "config.json"),
            "7b": os.path.join(ROOT, "bench", "qwen2.5-7b", "config.json")}
@@ -60,7 +61,7 @@ def hf_config(path: str, layers: int | None = None, **changes):
 
 def shard_elements(cfg, world: int) -> tuple[int, int, int, int]:
     """(parameters, rank 0's sharded elements, root elements, largest decoder layer's elements) with
-    train.shard_model on the meta device under a fake process group of `world` ranks."""
+    infra.models.shard_model on the meta device under a fake process group of `world` ranks."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoModelForCausalLM
@@ -68,11 +69,11 @@ def shard_elements(cfg, world: int) -> tuple[int, int, int, int]:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         with torch.device("meta"):
-            policy = train.Policy(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+            policy = Policy(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
         layer = sum(p.numel() for p in policy.hf.model.layers[0].parameters())
         total = sum(p.numel() for p in policy.parameters())  # tied weights counted once
         root = total - sum(p.numel() for p in policy.hf.model.layers.parameters())
-        train.shard_model(policy, torch.device("meta"))
+        shard_model(policy, torch.device("meta"))
         local = sum(p.to_local().numel() for p in policy.parameters())
     finally:
         dist.destroy_process_group()
@@ -266,8 +267,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["1.5b", "7b"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[8, 4, 2])
     ap.add_argument("--tokens", type=int, default=512, help="tokens of the CPU activation measurement")
-    ap.add_argument("--chunk", type=int, default=train.TrainConfig.logprob_chunk)
-    ap.add_argument("--max-batch-size", type=int, default=train.RolloutConfig.max_batch_size)
+    ap.add_argument("--chunk", type=int, default=TrainConfig.logprob_chunk)
+    ap.add_argument("--max-batch-size", type=int, default=RolloutConfig.max_batch_size)
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
                     help="also predict the update phase's peak at a micro-batch of this many tokens")
     ap.add_argument("--device", default="cpu", help="where to measure the activations (cuda: the real kernels)")
@@ -286,7 +287,7 @@ def main():
     if args.check:
         sys.exit(check(args))
     # a generate row reserves prompt + max_new_tokens of KV; its prompt share (1,024 of 1,024 + 3,072) is prefilled
-    prompt_frac = train.DataConfig.max_prompt_len / (train.DataConfig.max_prompt_len + train.RolloutConfig.max_new_tokens)
+    prompt_frac = DataConfig.max_prompt_len / (DataConfig.max_prompt_len + RolloutConfig.max_new_tokens)
     print(f"{platform.node()}: torch {torch.__version__}; activations measured on {args.device} in bf16 over {args.tokens} "
           f"tokens (one decoder layer and the log-prob head, real width); usable = capacity - {HEADROOM_GB:.0f} GB")
     rows = []

@@ -18,6 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from infra.config import load_config  # noqa: E402
+from infra.distributed import leave, setup_distributed  # noqa: E402
+from infra.models import build_models, sync_generation_weights  # noqa: E402
 
 
 def run_train(out_dir, overrides):
@@ -43,10 +46,10 @@ class GradRecorder:
 
 
 def run_grad(model_dir, out_file, overrides=()):
-    cfg = train.load_config([f"--model.path={model_dir}", "--train.kl_coef=0", "--train.micro_batch_tokens=40",
+    cfg = load_config([f"--model.path={model_dir}", "--train.kl_coef=0", "--train.micro_batch_tokens=40",
                              "--train.grad_clip=1e9", *overrides])
-    rank, world, device = train.setup_distributed()
-    policy, _, gen_model = train.build_models(cfg, device, world)
+    rank, world, device = setup_distributed()
+    policy, _, gen_model = build_models(cfg, device, world)
     gen = torch.Generator().manual_seed(0)
     seqs = []
     for k in range(8):  # the same global mini-batch whatever the world size
@@ -61,7 +64,7 @@ def run_grad(model_dir, out_file, overrides=()):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01)
-    train.sync_generation_weights(policy, gen_model)
+    sync_generation_weights(policy, gen_model)
     full = {n.removeprefix("hf."): (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in policy.named_parameters()}
     gen_diff = max(float((dict(gen_model.named_parameters())[n] - v).abs().max()) for n, v in full.items())
     if rank == 0:
@@ -130,7 +133,7 @@ def run_rehearsal(argv):
     reward.score_batch = score_batch
     peaks = track_update_memory() if os.environ.get("TRACK_UPDATE_MEMORY") else []
     state, cur = train.main(argv)
-    cfg = train.load_config(argv)
+    cfg = load_config(argv)
     rank = int(os.environ.get("RANK", 0))
     if peaks:
         with open(os.path.join(cfg.run.out_dir, f"update_memory_rank{rank}.json"), "w") as f:
@@ -148,5 +151,5 @@ if __name__ == "__main__":
         run_rehearsal(sys.argv[2:])
     else:
         run_grad(sys.argv[2], sys.argv[3], sys.argv[4:])
-    if "RANK" in os.environ:  # under torchrun: end as train.py does (train.leave)
-        train.leave()
+    if "RANK" in os.environ:  # under torchrun: end as train.py does (infra.distributed.leave)
+        leave()

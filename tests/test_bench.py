@@ -1,6 +1,7 @@
 """The comparison benchmark's statistics (bench/convergence.py, bench/testbed.py) on constructed curves."""
 
 import json
+import subprocess
 import os
 import sys
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))  # after the root: bench/rollout.py must not shadow rollout.py
+from helpers import ROOT  # noqa: E402
 import convergence  # noqa: E402
-import testbed  # noqa: E402
 
 
 def curve(accs, rollouts_per_eval=4096, start=0):
@@ -72,3 +73,17 @@ def test_run_times_sum_the_timed_seed_files(tmp_path):
     assert "| grpo | 2 of 2 | 1 | 120 s | 4.0 min |" in lines
     assert "| cures | 1 of 2 | 1 | 150 s | 2.5 min |" in lines
     assert lines[-1] == "| all | | | | 6.5 min |"
+
+
+@pytest.mark.slow
+def test_memory_model_matches_the_real_update():
+    """bench/memory.py's update model (what the GPU configs' micro_batch_tokens are sized from) against the
+    real update_policy under FSDP2's memory tracker, 2 gloo ranks, with and without gradient checkpointing,
+    one micro-batch and several: within 20 % (the full-width figures: bench/results/memory_check.md)."""
+    for micro_batch_tokens in ("16384", "1024"):
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "memory.py"), "--check", "--hidden", "128",
+               "--intermediate", "256", "--heads", "4", "--tokens", "256", "--new-tokens", "8",
+               "--micro-batch-tokens", micro_batch_tokens]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        assert "largest disagreement" in res.stdout

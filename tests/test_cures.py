@@ -270,5 +270,6 @@ def test_gram_chunking_invariant():
     y, seg = torch.randint(0, 20, (50,)), torch.randint(0, 3, (50,))
     full = cures.lm_head_gram(h, w, y, seg, 3, chunk=1000)
     small = cures.lm_head_gram(h, w, y, seg, 3, chunk=7)
-    torch.testing.assert_close(full, small)
+    # float64 out, float32 inside: chunks change the float32 summation order (3.6e-7 relative on an AMD EPYC)
+    torch.testing.assert_close(full, small, rtol=1e-5, atol=1e-6)
     assert cures.stats_from_gram(full, [True, True, True])[2] == 0.0

@@ -11,6 +11,8 @@ import pytest
 
 import reward
 from eval import BENCHMARKS, load_benchmark
+from infra.config import load_config
+from infra.data import load_subsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,13 +228,12 @@ def test_fast_path_agrees_on_real_tiny_model_outputs():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import rollout
-    import train
 
-    cfg = train.load_config(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.path={ROOT}/models/tiny",
+    cfg = load_config(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.path={ROOT}/models/tiny",
                              f"--data.train={ROOT}/data/tiny/train.jsonl"])
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path).eval()
-    subsets, _ = train.load_subsets(cfg, tok)
+    subsets, _ = load_subsets(cfg, tok)
     items = [it for s in subsets for it in s[::40]]  # 100 prompts of every level
     out = rollout.generate(model, [it["prompt_ids"] for it in items], 4, max_new_tokens=16,
                            eos_ids=rollout.stop_token_ids(tok, model, True), pad_id=tok.pad_token_id,

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import rollout
+from infra.batching import make_micro_batches
+from infra.config import load_config
+from infra.models import Policy
 
 
 def test_plan_batches_respects_kv_budget_and_covers_everything():
@@ -124,8 +127,8 @@ def test_sampled_logprobs_match_training_forward(tiny_model_dir):
     import train
 
     model, tok = _model_and_tok(tiny_model_dir)
-    cfg = train.load_config([f"--model.path={tiny_model_dir}"])
-    policy = train.Policy(model)
+    cfg = load_config([f"--model.path={tiny_model_dir}"])
+    policy = Policy(model)
     prompts = [tok("What is 1+1?").input_ids, tok("What is 12+345?").input_ids]
     L = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
@@ -140,7 +143,7 @@ def test_sampled_logprobs_match_training_forward(tiny_model_dir):
         r = gen[i].tolist()
         n = r.index(tok.eos_token_id) + 1 if tok.eos_token_id in r else len(r)
         seqs = [{"ids": p + r[:n], "prompt_len": len(p), "resp_len": n}]
-        logp = train.score_logprobs(policy, train.make_micro_batches(seqs, 1, 0), torch.device("cpu"), cfg)[0]
+        logp = train.score_logprobs(policy, make_micro_batches(seqs, 1, 0), torch.device("cpu"), cfg)[0]
         torch.testing.assert_close(logp, sampled[i, :n], atol=1e-4, rtol=1e-4)
 
 

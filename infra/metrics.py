@@ -1,0 +1,161 @@
+"""Logging and metrics: metrics.jsonl on rank 0 (plus wandb / tensorboard when asked for), the printed line and
+progress bar, phase timers (and peak GPU memory), sums reduced over ranks by name, and the mechanism metrics
+(where the draws fall by difficulty, how many rollouts sit in groups with mixed rewards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from infra.config import Config, config_dict
+from infra.distributed import all_reduce, print0
+
+
+class Logger:
+    """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
+
+    def __init__(self, cfg: Config, rank: int, step: int = 0):
+        self.rank, self.sinks, self.closers = rank, [], []
+        if rank != 0:
+            return
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
+        if os.path.exists(path):  # resumed at `step`: rows written after that checkpoint are written again
+            rows = [line for line in open(path) if step > 0 and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(rows)
+        self.file = open(path, "a")
+        if cfg.run.wandb_project:
+            try:
+                import wandb
+
+                wandb.init(project=cfg.run.wandb_project, config=config_dict(cfg))
+                self.sinks.append(lambda m, s: wandb.log(m, step=s))
+                self.closers.append(wandb.finish)
+            except ImportError:
+                print0("wandb is not installed: logging to metrics.jsonl only")
+        if cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(os.path.join(cfg.run.out_dir, "tb"))
+                self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()])
+                self.closers.append(tb.close)
+            except ImportError:
+                print0("tensorboard is not installed: logging to metrics.jsonl only")
+
+    def log(self, metrics: dict, step: int):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for sink in self.sinks:
+            sink(metrics, step)
+
+    def close(self):
+        """Flush and close every sink (the run may end with `leave`, which runs no exit hooks)."""
+        if self.rank == 0:
+            self.file.close()
+            for close in self.closers:
+                close()
+
+
+def log_step(logger: Logger, bar, metrics: dict, step: int):
+    """metrics.jsonl (and wandb / tensorboard), the progress bar, and one printed line."""
+    logger.log(metrics, step)
+    bar.update(1)
+    bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", eval=metrics.get("eval/acc", ""))
+    print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                    if k.split("/")[0] in ("train", "eval", "actor", "cures", "time") and "hist" not in k))
+
+
+@contextlib.contextmanager
+def timed(metrics: dict, key: str):
+    """Seconds of a phase in metrics[key] ("time/<phase>"); on a GPU also the phase's peak allocated memory
+    in GiB ("perf/peak_gb/<phase>"), which bench/gpu_smoke.sh holds against bench/memory.py's prediction."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    yield
+    if cuda:
+        torch.cuda.synchronize()
+        peak = "perf/peak_gb/" + key.split("/", 1)[1]
+        metrics[peak] = max(metrics.get(peak, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    metrics[key] = metrics.get(key, 0.0) + time.time() - t0  # a phase run several times (rounds) adds up
+
+
+P_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # posterior-accuracy bins of the difficulty metrics
+
+
+def difficulty_shares(p: np.ndarray) -> dict:
+    """The share of the step's draws in each bin of posterior accuracy p (Eq. 22) at draw time: where the
+    curriculum spends its prompts (uniform sampling spends them as the data lies)."""
+    counts, _ = np.histogram(p, bins=P_BINS)  # the last bin includes 1.0
+    return {f"draws/p_{a:.1f}-{b:.1f}": float(c) / max(len(p), 1) for a, b, c in zip(P_BINS, P_BINS[1:], counts)}
+
+
+def level_shares(levels: list) -> dict:
+    """The share of the step's draws at each difficulty level of the data (a row's "level", when it has one:
+    MATH's "Level 1-5", the tiny task's digit count), a difficulty the curriculum does not see."""
+    known = [str(x) for x in levels if x is not None]
+    return {f"draws/level_{v}": known.count(v) / len(known) for v in sorted(set(known))}
+
+
+def group_uniform(rewards: torch.Tensor, group: torch.Tensor, G: int) -> torch.Tensor:
+    """(G,) True for each group whose rollouts all score the same (zero GRPO advantage). rewards, group: (B,)."""
+    lo = torch.full((G,), float("inf")).scatter_reduce(0, group, rewards, "amin")
+    hi = torch.full((G,), float("-inf")).scatter_reduce(0, group, rewards, "amax")
+    return lo == hi
+
+
+def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """What the paper argues a curriculum changes: rollouts in groups with mixed rewards (a non-zero GRPO
+    advantage: where the gradient is) and response tokens in groups whose rollouts all score the same
+    (zero advantage: generated, scored and trained on for no gradient). rewards, group, lengths: (B,);
+    sums over this rank's groups (every group lies whole on one rank), reduced over ranks by name."""
+    uniform = group_uniform(rewards, group, int(group.max()) + 1 if len(group) else 0)[group]  # (B,)
+    return {"mixed_rollouts": float((~uniform).sum()), "zero_adv_tokens": float(lengths[uniform].sum())}
+
+
+def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over ranks (every rank holds the same names)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys])).tolist()))
+
+
+def generated_sums(rounds: list[dict]) -> dict[str, float]:
+    """This rank's sums over every rollout of every round of a step (what was paid for): rewards, responses,
+    response tokens, truncated responses, checker timeouts and the mechanism sums."""
+    generated = {}
+    for r in rounds:
+        o, rw = r["out"], r["rewards"]
+        for k, v in {"reward": rw.sum(), "responses": len(rw), "response_tokens": o.lengths.sum(),
+                     "truncated": (~o.finished).sum(), "timeouts": r["timeouts"],
+                     **mechanism_sums(rw, o.prompt_index, o.lengths)}.items():
+            generated[k] = generated.get(k, 0.0) + float(v)
+    return generated
+
+
+def step_metrics(tok: dict[str, float], actor_keys: list[str], norms: list[float], num_mb: int, epochs: int,
+                 lr: float) -> dict:
+    """A step's reward, mechanism and actor metrics from its sums over ranks `tok` (generated_sums, the trained
+    and update tokens, and the actor sums named by actor_keys): per response, per trained token, or (losses) per
+    optimiser step (num_mb mini-batches x epochs). norms: the grad norm of each optimiser step."""
+    B, ntok = tok["responses"], tok["trained_tokens"] * max(1, epochs)
+    metrics = {"train/reward": tok["reward"] / B, "train/response_len": tok["response_tokens"] / B,
+               "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
+               "mech/mixed_rollouts": tok["mixed_rollouts"] / B,  # share in groups with mixed rewards
+               "mech/zero_adv_tokens": tok["zero_adv_tokens"],  # response tokens spent for no gradient
+               "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok["response_tokens"], 1),
+               "actor/grad_norm": float(np.mean(norms)), "actor/lr": lr}
+    for k in actor_keys:  # losses: mean over optimiser steps; the rest: per trained token
+        metrics[k] = tok[k] / (num_mb * epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)
+    return metrics

@@ -1,0 +1,53 @@
+"""Shared test helpers: the small and tiny-default run arguments, a torchrun launcher, data-file writers."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+TRAIN_DATA = os.path.join(ROOT, "data", "tiny", "train.jsonl")
+
+
+def small_run(model_dir, out_dir, *extra):
+    return [f"--model.path={model_dir}", f"--data.train={TRAIN_DATA}", "--data.max_prompts=60",
+            "--data.num_subsets=2", "--train.steps_per_subset=2", "--rollout.prompts_per_step=6",
+            "--rollout.rollouts_per_step=20", "--rollout.max_new_tokens=8", "--train.mini_batch_prompts=3",
+            "--train.lr=1e-3", "--cures.cold_start_rollouts=2", "--run.reward_workers=2", "--run.save_every=1",
+            "--train.micro_batch_tokens=400", f"--run.out_dir={out_dir}", *extra]
+
+
+def tiny_default_run(out_dir, *extra):
+    """small_run with the bundled pretrained tiny model and its prompt format: rewards are not all 0."""
+    return small_run(os.path.join(ROOT, "models", "tiny"), out_dir, "--data.system_prompt=",
+                     "--data.user_template={problem}", "--rollout.max_new_tokens=16", "--train.lr=3e-4", *extra)
+
+
+def final_weights(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
+           os.path.join(ROOT, script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+def write_rows(path, rows):
+    if str(path).endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def numina_rows(tag, n):  # the schema of ScaleML-RLHF/numina_math_k: problem + a ready answer
+    return [{"problem": f"{tag} problem {i}: what is {i}+1?", "answer": str(i + 1), "source": "stand-in"}
+            for i in range(n)]

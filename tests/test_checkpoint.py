@@ -1,0 +1,207 @@
+"""infra/checkpoint.py: resume equals the uninterrupted run, stops, half-written and corrupt checkpoints, the
+out_dir guard, config checks on resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cures
+import train
+from helpers import ROOT, final_weights, small_run, tiny_default_run
+from infra.checkpoint import checkpoint_dirs, save_checkpoint
+from infra.config import load_config
+from infra.data import load_subsets
+from infra.models import Policy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [2, 3])
+def test_resume_equals_uninterrupted_run(tmp_path, stop):
+    """Stopped at a subset boundary (2: the resumed run starts subset 1 with a fresh trainer and a cold
+    start) or inside a subset (3: the re-anchored KL reference and AdamW state come from the checkpoint)."""
+    full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", "--run.max_steps=4"))
+    train.main(tiny_default_run(tmp_path / "b", f"--run.max_steps={stop}"))
+    # a crashed later save leaves a half-written directory behind: it must be ignored
+    os.makedirs(tmp_path / "b" / "checkpoints" / f"step_{stop + 1:06d}.tmp")
+    os.makedirs(tmp_path / "b" / "checkpoints" / "step_000009")  # no meta.pt: incomplete
+    assert checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stop:06d}")
+    state, cur = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=4", "--run.resume=auto"))
+    assert state == full_state
+    # step by step, including what only the KL reference and the optimizer state decide
+    keys = ("actor/kl", "actor/pg_loss", "actor/grad_norm", "train/reward", "cures/acc_mean")
+    rows = {run: [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl") if '"actor/kl"' in l] for run in "ab"}
+    assert [r["step"] for r in rows["b"]] == [1, 2, 3, 4]
+    assert any(r["actor/kl"] > 0 for r in rows["a"])  # the reference moved away from the policy: not vacuous
+    for ra, rb in zip(rows["a"], rows["b"]):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-12), (ra["step"], k)
+    np.testing.assert_array_equal(cur.alpha, full_cur.alpha)
+    np.testing.assert_array_equal(cur.beta, full_cur.beta)
+    wa, wb = final_weights(tmp_path / "a" / "final"), final_weights(tmp_path / "b" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
+    # ...and training really moved the weights (the comparison is not vacuous)
+    w0 = final_weights(os.path.join(ROOT, "models", "tiny"))
+    assert any(not torch.allclose(w0[k], wa[k]) for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_signal_inside_a_long_step(tmp_path, sig):
+    """A step made long on purpose (one rollout per generate batch): the signal arrives while it generates,
+    the process drops the unfinished step, saves the last finished one within seconds and exits 0, and the
+    resumed run ends exactly where the uninterrupted one does."""
+    import signal
+    import time
+
+    slow = ["--rollout.max_batch_size=1", "--rollout.rollouts_per_step=120", "--rollout.prompts_per_step=6",
+            "--run.save_every=0", "--run.max_steps=3"]
+    full_state, _ = train.main(tiny_default_run(tmp_path / "full", *slow))
+    out = tmp_path / "stop"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *tiny_default_run(out, *slow)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    step_seconds = json.loads(metrics.read_text().splitlines()[1])["time/step"]
+    time.sleep(0.3 * step_seconds)  # well inside step 2's generation
+    sent = time.time()
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=120) == 0
+    waited = time.time() - sent
+    assert waited < max(0.5 * step_seconds, 3.0), (waited, step_seconds)  # not the rest of the step
+    assert [json.loads(l)["step"] for l in open(metrics)] == [0, 1]  # step 2 was dropped, not half-done
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(out))] == ["step_000001"]
+    state, _ = train.main(tiny_default_run(out, *slow, "--run.resume=auto"))
+    assert state == full_state
+    wa, wb = final_weights(tmp_path / "full" / "final"), final_weights(out / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+@pytest.mark.slow
+def test_checkpoint_every_few_minutes(tiny_model_dir, tmp_path):
+    train.main(small_run(tiny_model_dir, tmp_path / "m", "--run.max_steps=3", "--run.save_every=0",
+                         "--run.save_every_minutes=1e-6", "--run.keep_checkpoints=5"))
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(tmp_path / "m"))] == \
+        ["step_000001", "step_000002", "step_000003"]
+
+
+@pytest.mark.slow
+def test_out_dir_of_another_run_is_refused_or_overwritten(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3"))
+    with pytest.raises(FileExistsError, match="--run.resume=auto"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1", "--run.overwrite=true"))
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1]
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(out))] == ["step_000001"]
+    # resuming with a key that decides what comes next changed is refused, naming the key
+    with pytest.raises(ValueError, match=r"train.steps_per_subset: 2 -> 3"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto",
+                             "--train.steps_per_subset=3"))
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_metrics_are_not_repeated(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    full, _ = train.main(small_run(tiny_model_dir, tmp_path / "full", "--run.max_steps=3"))
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.keep_checkpoints=3"))
+    newest = checkpoint_dirs(str(out))[-1]
+    with open(os.path.join(newest, "meta.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    state, _ = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert "step_000003" in capsys.readouterr().out and state == full  # warned, resumed from step 2, same result
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_full_disk_during_a_checkpoint_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config([f"--run.out_dir={tmp_path}"])
+    policy = Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    optimizer, _ = train.make_optimizer(policy, cfg)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed, unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="no space left on device"):
+        save_checkpoint(policy, optimizer, cures.Curriculum(3), {"step": 1}, cfg, 0)
+    assert os.listdir(tmp_path / "checkpoints") == []  # no step_000001.tmp left behind
+
+
+def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
+    """What resume promises with rollout.cache=paged, whose scheduler is not bitwise reproducible: the saved
+    state comes back exactly, so two runs resumed from one checkpoint draw the same prompts and allocate the
+    same rollouts in the step after it (their sampled tokens may differ; with dynamic and static caches they
+    do not, test_resume_equals_uninterrupted_run)."""
+    import shutil
+
+    draws, sample_and_allocate = [], train.sample_and_allocate
+
+    def recording(cur, subset_id, step, cfg, world, rnd=0):
+        out = sample_and_allocate(cur, subset_id, step, cfg, world, rnd)
+        draws.append((step, out[0].tolist(), out[1].tolist()))
+        return out
+    monkeypatch.setattr(train, "sample_and_allocate", recording)
+    paged = ("--rollout.cache=paged", "--rollout.max_batch_tokens=4096")
+    train.main(small_run(tiny_model_dir, str(tmp_path / "a"), "--run.max_steps=3", *paged))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = []
+    for run in ("a", "b"):
+        draws.clear()
+        train.main(small_run(tiny_model_dir, str(tmp_path / run), "--run.max_steps=4", "--run.resume=auto", *paged))
+        resumed.append(list(draws))
+    assert [d[0] for d in resumed[0]] == [3]  # only the step after the checkpoint ran
+    assert resumed[0] == resumed[1]
+
+
+def test_no_readable_checkpoint_fails_and_names_them(tiny_model_dir, tmp_path):
+    """Checkpoints exist but none loads completely (metadata unreadable, or weights failing half-way over an
+    unreadable older one): the run fails and names them, never restarting at step 0 over them (which emptied
+    metrics.jsonl and let pruning delete its own new checkpoints) nor going on with half-loaded weights."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.keep_checkpoints=2"))
+    old, new = checkpoint_dirs(str(out))
+    metrics = open(out / "metrics.jsonl").read()
+    with open(os.path.join(old, "meta.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    weights = [f for f in os.listdir(new) if f.endswith(".distcp")]
+    assert weights
+    with open(os.path.join(new, weights[0]), "wb") as f:  # metadata fine, weights broken
+        f.write(b"\0" * 16)
+    with pytest.raises(RuntimeError, match="none could be loaded") as e:
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert "step_000001" in str(e.value) and "step_000002" in str(e.value)
+    assert open(out / "metrics.jsonl").read() == metrics and checkpoint_dirs(str(out)) == [old, new]
+
+
+@pytest.mark.parametrize("change", ["--data.user_template=Q: {problem}", "--cures.tau=0.5", "--cures.n_min=3",
+                                    "--data.system_prompt=Be brief.", "--cures.cold_start_rollouts=3"])
+def test_resume_refuses_a_config_that_changes_the_subsets_or_the_method(tiny_model_dir, tmp_path, change):
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    with pytest.raises(ValueError, match=change.split("=")[0].removeprefix("--")):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto", change))
+
+
+def test_resume_checks_the_curriculum_against_the_subset(tiny_model_dir, tmp_path, monkeypatch):
+    """A subset that changed size under the same config (the data file was edited) is refused by name, not
+    sampled over stale posteriors; Curriculum.load_state_dict checks its own arrays."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    monkeypatch.setattr(train, "load_subsets", lambda cfg, tok: (lambda s, k: ([s[0][:-1], *s[1:]], k))(
+        *load_subsets(cfg, tok)))
+    with pytest.raises(ValueError, match="curriculum covers 30 prompts, subset 0 now has 29"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
+    cur = cures.Curriculum(3)
+    with pytest.raises(ValueError, match="grad_stats"):
+        cur.load_state_dict({"alpha": np.ones(3), "beta": np.ones(3), "grad_stats": np.ones((3, 2))})
