@@ -39,6 +39,7 @@ _GOLD_CFG = None
 _PRED_CFG = None
 _PARENT = None  # a worker's trainer (its pid), set on the worker's command line
 RETRIES = 2  # a worker lost without reaching its deadline: its item is scored again up to this many times
+START_FAILURES = 3  # workers in a row that die before they are ready: the pool cannot start, the call fails
 
 
 class _TimeoutLog(logging.Filter):
@@ -174,8 +175,11 @@ def _serve():
 
 
 class Scores(list):
-    """A list of scores with `.timeouts`, the number of items that hit the deadline."""
+    """A list of scores with `.timeouts`, the number of items that hit the deadline (scored 0: the checker ran
+    and found no answer in time), and `.unscored`, the indices of items never scored because their worker was
+    lost RETRIES + 1 times (their 0 is a placeholder: the trainer leaves them out of the counts and the loss)."""
     timeouts: int = 0
+    unscored: list = []
 
 
 class _Worker:
@@ -209,12 +213,15 @@ class ScorePool:
 
     def __init__(self, workers: int):
         self.workers = [_Worker() for _ in range(max(1, workers))]
+        self.start_failures = 0  # workers in a row that died before they were ready
 
     def map(self, responses, golds, timeout: float) -> Scores:
         """Scores in input order. An item whose worker dies before the deadline (killed from outside, out of
-        memory) is scored again by another worker, up to RETRIES times, then counts as a timeout and scores
-        0: a lost worker never turns an unscored item into a 0 silently."""
+        memory) is scored again by another worker, up to RETRIES times, then is listed in `.unscored` (its 0 is
+        no score): a lost worker never turns an unscored item into a 0 silently. Workers that die before they
+        are ready, START_FAILURES times in a row, fail the call with the reason (e.g. math-verify missing)."""
         out = Scores([0.0] * len(responses))
+        out.unscored = []
         todo = list(range(len(responses)))[::-1]
         lost = [0] * len(responses)
 
@@ -225,7 +232,11 @@ class ScorePool:
                 if lost[i] <= RETRIES:
                     todo.append(i)
                 else:
-                    out.timeouts += 1
+                    out.unscored.append(i)
+            self.start_failures = 0 if w.ready else self.start_failures + 1
+            if self.start_failures >= START_FAILURES:
+                raise RuntimeError(f"answer-checking workers cannot start ({self.start_failures} died before they "
+                                   f"were ready): {_start_error()}")
             self._replace(w)
 
         while todo or any(w.item for w in self.workers):
@@ -250,7 +261,7 @@ class ScorePool:
                         again(w)
                         continue
                     if msg == "ready":
-                        w.ready = True
+                        w.ready, self.start_failures = True, 0
                     else:
                         out[msg[0]] = float(msg[1])
                         out.timeouts += int(msg[2])  # stopped by math-verify's own timeout
@@ -270,6 +281,17 @@ class ScorePool:
         self.workers = []
 
 
+def _start_error() -> str:
+    """Why a worker cannot start: what the worker's imports print when run in the foreground (bounded)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        res = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import reward; "
+                              "reward._configs()"], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "importing math-verify took over 120 s"
+    return (res.stderr.strip().splitlines() or [f"exit code {res.returncode}, no message"])[-1]
+
+
 _POOL: ScorePool | None = None
 
 
@@ -277,11 +299,13 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
     """Score many responses in parallel; never raises on model output.
 
     workers = 0 uses one per CPU core (at most 32); the pool is kept between calls. Each item is bounded
-    by `timeout` seconds of wall time; one that runs over scores 0 and counts in `.timeouts`."""
+    by `timeout` seconds of wall time; one that runs over scores 0 and counts in `.timeouts`. Items that could
+    not be scored at all (their worker lost again and again) are listed in `.unscored`."""
     global _POOL
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     out = Scores(fast_score(str(r), str(g)) for r, g in zip(responses, golds))
+    out.unscored = []
     slow = [i for i, s in enumerate(out) if s is None]  # the rest go to math-verify in the workers
     if slow:
         workers = workers or min(32, os.cpu_count() or 1)
@@ -292,5 +316,5 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
         scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout)
         for i, s in zip(slow, scored):
             out[i] = s
-        out.timeouts = scored.timeouts
+        out.timeouts, out.unscored = scored.timeouts, sorted(slow[i] for i in scored.unscored)
     return out

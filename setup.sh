@@ -7,7 +7,8 @@
 # machine; on a GPU node with a working CUDA torch, set KEEP_TORCH=1 to use the torch already installed
 # (the venv is then created with --system-site-packages).
 # The oldest transformers we support and test (requirements.txt's floor), in a second environment:
-#   VENV=.venv-oldest TRANSFORMERS=5.17.0 bash setup.sh python -m pytest -q tests/test_rollout.py tests/test_train.py
+#   VENV=.venv-oldest TRANSFORMERS=5.17.0 bash setup.sh python -m pytest -q tests/test_rollout.py tests/test_train.py ...
+#   (the full list: .ci/run)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}

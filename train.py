@@ -46,8 +46,8 @@ from infra.config import Config, config_dict, load_config, usage, validate_confi
 from infra.data import load_subsets
 from infra.distributed import (StopRequested, all_gather_list, all_reduce, interruptible, leave, print0,
                                setup_distributed)
-from infra.metrics import (Logger, difficulty_shares, generated_sums, group_uniform, level_shares, log_step,
-                           reduce_sums, step_metrics, timed)
+from infra.metrics import (Logger, difficulty_shares, generated_sums, group_kinds, level_shares, log_step,
+                           reduce_sums, rollout_sums, step_metrics, timed)
 from infra.models import Policy, build_models, sync_generation_weights, train_mode
 
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +100,10 @@ def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0, 
 
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None,
                        progress: str = ""):
-    """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,),
-    number of checker timeouts). `stop`: {"requested": bool}, checked between generation batches (then
-    StopRequested on every rank)."""
+    """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,), scored (B,)
+    bool: False for the rare response the checker could not score at all (reward.Scores.unscored; it is left out
+    of the Beta counts and of the loss), number of checker timeouts). `stop`: {"requested": bool}, checked
+    between generation batches (then StopRequested on every rank)."""
     with interruptible(stop) as should_stop:
         out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
                                eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
@@ -114,7 +115,21 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
-    return out, torch.tensor(list(scores), dtype=torch.float32), scores.timeouts
+    scored = torch.ones(len(scores), dtype=torch.bool)
+    scored[scores.unscored] = False
+    return out, torch.tensor(list(scores), dtype=torch.float32), scored, scores.timeouts
+
+
+def only_scored(out, rewards: torch.Tensor, scored: torch.Tensor, pad_id: int):
+    """The rollouts the checker scored (all of them, nearly always: then the same objects). out: Rollouts,
+    rewards, scored: (B,) -> (Rollouts, rewards) of the scored rows, prompt_index unchanged (a group whose
+    rollouts were all unscored is empty)."""
+    if scored.all():
+        return out, rewards
+    keep = torch.nonzero(scored).flatten().tolist()
+    responses = out.responses()
+    return (rollout.Rollouts.from_responses([responses[b] for b in keep], out.prompt_index[keep].tolist(),
+                                            out.finished[keep].tolist(), pad_id), rewards[keep])
 
 
 def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank: int, world: int, seed: int,
@@ -124,18 +139,19 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     t0 = time.time()
     mine = list(range(rank, len(subset), world))
     k = cfg.cures.cold_start_rollouts
-    out, rewards, _ = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
-                                            [subset[i]["answer"] for i in mine], k, cfg, seed, stop,
-                                            "cold start" if rank == 0 else "")
-    correct = rewards.view(len(mine), k) if mine else rewards.view(0, k)
-    counts = [(mine[j], float(correct[j].sum()), k) for j in range(len(mine))]
+    out, rewards, scored, timeouts = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
+                                                        [subset[i]["answer"] for i in mine], k, cfg, seed, stop,
+                                                        "cold start" if rank == 0 else "")
+    correct, scored = (rewards * scored).view(len(mine), k), scored.view(len(mine), k)  # (P_rank, k)
+    counts = [(mine[j], float(correct[j].sum()), int(scored[j].sum())) for j in range(len(mine))]  # unscored: no trial
     stats, t_grad = [], time.time()
     if cfg.cures.sigma == "gradient":
         responses = out.responses()
         for j, i in enumerate(mine):
-            rs = responses[j * k:(j + 1) * k]
-            stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs, (correct[j] > 0).tolist(),
-                                                   cfg.cures.grad_param, cfg.rollout.temperature)))
+            rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
+            stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
+                                                   (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
+                                                   cfg.rollout.temperature)))
     t_grad = time.time() - t_grad
     counts = all_gather_list(counts)
     idx, c, n = (np.array(x) for x in zip(*counts))
@@ -143,7 +159,9 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     if cfg.cures.sigma == "gradient":  # every rank gathers, also one that had no prompts
         s = np.array(all_gather_list(stats))
         cur.set_grad_stats(s[:, 0].astype(np.int64), s[:, 1], s[:, 2], s[:, 3])
-    return {"cold/rollouts": len(subset) * k, "cold/acc": float(c.sum() / n.sum()),
+    lost = all_reduce(torch.tensor([float(timeouts), float((~scored).sum())]))
+    return {"cold/rollouts": len(subset) * k, "cold/acc": float(c.sum() / max(n.sum(), 1)),
+            "cold/timeouts": lost[0].item(), "cold/unscored": lost[1].item(),
             "time/cold_start": time.time() - t0, "time/grad_stats": t_grad}
 
 
@@ -181,10 +199,12 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
     tokens = torch.tensor([float(sum(s["resp_len"] for s in seqs)), float(len(seqs))])
     tokens = all_reduce(tokens)
     num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
-    if batches is None:
-        batches = plan_micro_batches(seqs, cfg)
     sums = {k: 0.0 for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac",
                              "actor/clip_frac_lower", "actor/approx_kl_old", "actor/ratio_mean")}
+    if num_tokens == 0:  # every response of the mini-batch on every rank left out (unscored): no update
+        return sums, 0.0, True
+    if batches is None:
+        batches = plan_micro_batches(seqs, cfg)
     finite = True
     with train_mode(policy):  # gradient checkpointing, when configured, runs in train mode only
         # FSDP2 reduce-scatters every micro-batch's gradients into the fp32 shards, which accumulate them.
@@ -269,15 +289,17 @@ def sample_and_allocate(cur: cures.Curriculum, subset_id: int, step: int, cfg: C
     draws = cur.sample(cfg.rollout.prompts_per_step, rng)  # (m,)
     n_draws = cur.allocate(draws, cfg.rollout.rollouts_per_step)  # (m,) sums to N
     idx, n, mb = training_groups(draws, n_draws, cfg.train.mini_batch_prompts, cfg.train.group_by)  # (g,)
+    if (n == 0).any():  # cures.n_min=0: a group given no rollouts is not a group (nothing to generate or train)
+        idx, n, mb = idx[n > 0], n[n > 0], np.unique(mb[n > 0], return_inverse=True)[1]
     return idx, n, mb, assign_groups(n, mb, world), n_draws, draws
 
 
-def observe_rollouts(cur: cures.Curriculum, prompts: np.ndarray, n: np.ndarray, group: torch.Tensor,
-                     rewards: torch.Tensor):
-    """Eq. 23 with every rank's rollouts: alpha += #correct, beta += #wrong for this rank's groups
-    (prompts, n: (g_rank,); group, rewards: (B,)), gathered so every rank holds the same posteriors."""
+def observe_rollouts(cur: cures.Curriculum, prompts: np.ndarray, group: torch.Tensor, rewards: torch.Tensor):
+    """Eq. 23 with every rank's scored rollouts: alpha += #correct, beta += #wrong for this rank's groups
+    (prompts: (g_rank,); group, rewards: (B,)), gathered so every rank holds the same posteriors."""
     correct = torch.zeros(len(prompts)).index_add_(0, group, rewards)  # (g_rank,)
-    counts = all_gather_list([(int(prompts[j]), float(correct[j]), int(n[j])) for j in range(len(prompts))])
+    trials = torch.zeros(len(prompts)).index_add_(0, group, torch.ones_like(rewards))  # (g_rank,)
+    counts = all_gather_list([(int(prompts[j]), float(correct[j]), int(trials[j])) for j in range(len(prompts))])
     i_all, c_all, n_all = (np.array(x) for x in zip(*counts))
     cur.observe(i_all.astype(np.int64), c_all, n_all)
 
@@ -346,30 +368,38 @@ def draw_and_generate(subset, subset_id: int, step: int, cur: cures.Curriculum, 
     """One round of a step: draw m prompts and allocate N rollouts (Eq. 14, Eq. 20), generate and score this
     rank's groups, update the posteriors with every rank's rollouts (Eq. 23). A step has one round, or
     several with rollout.dynamic_sampling. Returns the round: the draw (idx, n, mb, owner: (g,), draws,
-    n_draws, p_draws: (m,)), this rank's groups `mine`, their Rollouts, rewards (B,), checker timeouts."""
+    n_draws, p_draws: (m,)), this rank's groups `mine`, their scored Rollouts and rewards (B,), the sums over
+    everything generated (`generated`, for the metrics), and with dynamic sampling which groups are mixed /
+    uniform (g,) on every rank."""
     with timed(metrics, "time/curriculum"):  # draw m prompts (Eq. 14, Alg. 1 l. 12), allocate N rollouts (Eq. 20)
         idx, n, mb, owner, n_draws, draws = sample_and_allocate(cur, subset_id, step, cfg, world, rnd)
         mine = np.flatnonzero(owner == rank)  # this rank's groups
         p_draws = cur.accuracy()[draws]  # what was drawn, by its difficulty then
     with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
-        out, rewards, timeouts = generate_and_score(
+        out, rewards, scored, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
             n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank, rnd), stop,
             "rollouts" if rank == 0 else "")
-    observe_rollouts(cur, idx[mine], n[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
+    generated = rollout_sums(out, rewards, scored, timeouts)  # every rollout is paid for, scored or not
+    out, rewards = only_scored(out, rewards, scored, tokenizer.pad_token_id)
+    observe_rollouts(cur, idx[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
+    kinds = group_kinds_everywhere(rewards, out.prompt_index, len(mine), mine, len(idx)) \
+        if cfg.rollout.dynamic_sampling else (None, None)  # a collective: only where the filter needs it
     return {"idx": idx, "n": n, "mb": mb, "owner": owner, "draws": draws, "n_draws": n_draws, "p_draws": p_draws,
-            "mine": mine, "out": out, "rewards": rewards, "timeouts": timeouts,
-            "mixed": group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))
-            if cfg.rollout.dynamic_sampling else None}  # a collective: only where the filter needs it
+            "mine": mine, "out": out, "rewards": rewards, "generated": generated, "mixed": kinds[0],
+            "uniform": kinds[1]}
 
 
-def group_mixed(rewards: torch.Tensor, group: torch.Tensor, g_rank: int, mine: np.ndarray, g: int) -> np.ndarray:
-    """Which of the round's g groups have mixed rewards (a non-zero GRPO advantage), known on every rank.
-    rewards, group: (B,) this rank's rollouts and their group among its g_rank groups `mine`."""
-    mixed = np.zeros(g, dtype=bool)
-    for j, is_mixed in all_gather_list(list(zip(mine.tolist(), (~group_uniform(rewards, group, g_rank)).tolist()))):
-        mixed[j] = is_mixed
-    return mixed
+def group_kinds_everywhere(rewards: torch.Tensor, group: torch.Tensor, g_rank: int, mine: np.ndarray, g: int):
+    """Which of the round's g groups have mixed rewards (a non-zero GRPO advantage) and which uniform ones, known
+    on every rank: (mixed (g,), uniform (g,)); a group with no scored rollout is neither. rewards, group: (B,)
+    this rank's rollouts and their group among its g_rank groups `mine`."""
+    mixed, uniform = np.zeros(g, dtype=bool), np.zeros(g, dtype=bool)
+    mine_mixed, mine_uniform = group_kinds(rewards, group, g_rank)
+    for j, is_mixed, is_uniform in all_gather_list(list(zip(mine.tolist(), mine_mixed.tolist(),
+                                                            mine_uniform.tolist()))):
+        mixed[j], uniform[j] = is_mixed, is_uniform
+    return mixed, uniform
 
 
 def count_mixed(rounds: list[dict]) -> int:
@@ -378,11 +408,12 @@ def count_mixed(rounds: list[dict]) -> int:
 
 def keep_mixed_groups(rounds: list[dict], cfg: Config, rank: int, world: int, pad_id: int):
     """DAPO's dynamic sampling filter: of every round's groups in the order generated, the first m with mixed
-    rewards (then, after rollout.max_rounds rounds short of m, the uniform ones in order), cut into mini-batches
+    rewards (then, after rollout.max_rounds rounds short of m, the uniform ones in order; never an empty group),
+    cut into mini-batches
     of train.mini_batch_prompts groups and spread over ranks afresh; each kept group's rollouts move to its new
     rank. Returns (prompt (k,), mini-batch (k,), this rank's kept groups, their Rollouts, rewards) like one round."""
-    groups = [(r, j) for mixed_first in (True, False) for r, R in enumerate(rounds)
-              for j in np.flatnonzero(R["mixed"] == mixed_first)][:cfg.rollout.prompts_per_step]
+    groups = [(r, j) for kind in ("mixed", "uniform") for r, R in enumerate(rounds)
+              for j in np.flatnonzero(R[kind])][:cfg.rollout.prompts_per_step]
     idx = np.array([rounds[r]["idx"][j] for r, j in groups], dtype=np.int64)
     n = np.array([rounds[r]["n"][j] for r, j in groups], dtype=np.int64)
     mb = np.arange(len(groups)) // max(1, cfg.train.mini_batch_prompts)
@@ -439,7 +470,7 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
         sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world)
 
     # --- log: one metrics dict, reduced over ranks by name ------------------------------------------
-    tok = reduce_sums({**generated_sums(rounds), "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
+    tok = reduce_sums({**generated_sums([r["generated"] for r in rounds]), "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
                        "update_tokens": sum(len(s["ids"]) for p in parts for s in p), **sums})
     metrics.update(step_metrics(tok, sorted(sums), norms, num_mb, cfg.train.epochs, scheduler.get_last_lr()[0]))
     state["rollouts_train"] += int(sum(r["n"].sum() for r in rounds))
@@ -523,15 +554,24 @@ def main(argv=None):
     stop = {"requested": False}
     for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the next safe point, then exit
         signal.signal(sig, lambda *_: stop.update(requested=True))
+
+    def evaluate(metrics: dict, step: int, stop=None):  # held-out accuracy of the policy after `step` steps
+        with timed(metrics, "time/eval"):
+            sync_generation_weights(policy, gen)
+            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                           stream_seed(cfg.run.seed, "eval", 0, step), stop)
+
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
                  "data/skipped_no_answer": skipped["no_answer"], "time/startup": time.time() - t_start}  # load, shard
         if eval_problems:
-            with timed(first, "time/eval"):
-                sync_generation_weights(policy, gen)
-                first["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                             stream_seed(cfg.run.seed, "eval", 0, 0))  # not interrupted: no step yet
+            evaluate(first, 0)  # not interrupted: no step yet
         logger.log(first, 0)
+    elif state["pending_eval"] == state["step"] and eval_problems:  # a stop ended the evaluation of this step:
+        redone = {}  # done now, logged as a second row of the step (its training row was logged before the stop)
+        evaluate(redone, state["step"])
+        logger.log(redone, state["step"])
+    state["pending_eval"] = -1
     # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
     estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="steps")
@@ -542,34 +582,36 @@ def main(argv=None):
     for subset_id in range(state["step"] // M, T):  # Algorithm 1: one data subset at a time
         if state["step"] >= total_steps or stopped:
             break
-        subset, cold = subsets[subset_id], {}
+        subset = subsets[subset_id]
+        before = cur.state_dict()  # what a stop restores: nothing of an unfinished cold start or step is kept
         try:
             if state["subset"] != subset_id:  # a new subset (a run resumed inside one goes straight to its steps)
-                if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
-                    optimizer, scheduler = make_optimizer(policy, cfg)
-                    reanchor_reference(policy, ref)
                 cur.reset(len(subset))  # forget the previous subset's estimates (no decay, a reset)
                 if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
                     sync_generation_weights(policy, gen)
-                    cold = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
-                                      stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank), stop)
-                    state["rollouts_cold"] += cold["cold/rollouts"]
+                    state["cold"] = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
+                                               stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank),
+                                               stop)
+                    state["rollouts_cold"] += state["cold"]["cold/rollouts"]
+                if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
+                    optimizer, scheduler = make_optimizer(policy, cfg)
+                    reanchor_reference(policy, ref)
                 state["subset"] = subset_id
 
             while state["step"] < min((subset_id + 1) * M, total_steps):  # M steps on the subset
-                metrics = cold | train_step(subset, subset_id, cur, policy, ref, gen, tokenizer, optimizer,
-                                            scheduler, state, cfg, rank, world, device, stop)
-                cold = {}
-                state["step"] += 1
+                before = cur.state_dict()
+                metrics = state["cold"] | train_step(subset, subset_id, cur, policy, ref, gen, tokenizer, optimizer,
+                                                     scheduler, state, cfg, rank, world, device, stop)
+                state["step"], state["cold"] = state["step"] + 1, {}  # the cold start's metrics: in this row
+                before = None  # the step is finished: a stop from here on keeps it
 
                 # --- log, eval, checkpoint -----------------------------------------------------------
                 last = state["step"] == total_steps
                 try:
                     if eval_problems and ((cfg.eval.every and state["step"] % cfg.eval.every == 0) or last):
-                        with timed(metrics, "time/eval"):
-                            sync_generation_weights(policy, gen)
-                            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                                           stream_seed(cfg.run.seed, "eval", 0, state["step"]), stop)
+                        state["pending_eval"] = state["step"]  # a stop inside it: the resumed run evaluates first
+                        evaluate(metrics, state["step"], stop)
+                        state["pending_eval"] = -1
                 finally:  # an interrupted evaluation still logs its finished step
                     log_step(logger, bar, metrics, state["step"])
                 due = rank == 0 and 0 < 60 * cfg.run.save_every_minutes < time.time() - last_save  # rank 0's clock
@@ -580,8 +622,10 @@ def main(argv=None):
                     last_save = time.time()
                 if stopped:
                     break
-        except StopRequested:  # inside generation: the unfinished step is dropped, the last finished one saved
+        except StopRequested:  # in a cold start, a generation round or an evaluation: the last finished step saved
             stopped = True
+            if before is not None:  # an unfinished cold start or step: its posterior updates are undone
+                cur.load_state_dict(before)
             save()
         if stopped:
             print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")

@@ -86,7 +86,7 @@ def run(name, seed, extra, out, config, threads: int = 0):
 
 
 def primary_metric(curve) -> float:
-    """Declared before the runs (README, Results): held-out accuracy averaged over the evaluations of the second
+    """Declared before the runs (bench/results/convergence/README.md): held-out accuracy averaged over the evaluations of the second
     half of training (steps > half the last), one number per run that no single noisy evaluation decides."""
     last = curve[-1][0]
     return float(np.mean([acc for step, _, acc in curve if step > last / 2]))

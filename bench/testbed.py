@@ -6,7 +6,7 @@ bench/convergence.py runs on seeds outside the reported table (100-103):
     python bench/testbed.py            # the table and the decision, into bench/results/testbed/results.md
 
 The current config's runs are the pilot's (bench/results/pilot). The rule, written before the results were
-read (README, Results): a setting replaces the current one only if GRPO's mean primary metric is more than 1
+read (bench/results/testbed/README.md): a setting replaces the current one only if GRPO's mean primary metric is more than 1
 point higher and it has no more late collapses; of several, the highest. CurES never enters the choice.
 """
 

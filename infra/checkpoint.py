@@ -12,12 +12,13 @@ import os
 import shutil
 import warnings
 
+import numpy as np
 import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 import eval as evaluation
-from infra.config import Config, config_dict
+from infra.config import RESUME_APPLIED, RESUME_REFUSED, Config, config_dict
 from infra.distributed import barrier, print0
 from infra.models import Policy
 
@@ -39,39 +40,94 @@ def check_out_dir(cfg: Config):
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
 
-# keys a resumed run must share with its checkpoint (they define which subset and step come next)
-RESUME_MUST_MATCH = {"model": ("tokenizer",),
-                     "data": ("train", "split", "problem_key", "answer_key", "answer_format", "num_subsets",
-                              "max_prompts", "max_prompt_len", "system_prompt", "user_template"),
-                     "cures": ("sampling", "allocation", "sigma", "tau", "n_min", "n_max", "cold_start_rollouts"),
-                     "train": ("steps_per_subset", "restart_each_subset", "group_by"),
-                     "rollout": ("prompts_per_step", "rollouts_per_step"), "run": ("seed",)}
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint's meta.pt holds more than plain data (it could run code when loaded): never loaded."""
 
 
-def _saved(config: dict, section: str, key: str):
-    """A key of a checkpoint's config (data.train was one string before it became a list)."""
-    value = config.get(section, {}).get(key)
-    return [value] if (section, key) == ("data", "train") and isinstance(value, str) else value
+# numpy arrays, as checkpoints written before meta.pt held tensors stored the curriculum (data, not code)
+_OLD_META_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.float64)),
+                     getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def read_meta(path: str) -> dict:
+    """A checkpoint's meta.pt (counters, scheduler, curriculum, config), loaded with torch.load(weights_only=True):
+    tensors, numbers, strings, lists and dicts only, so a checkpoint handed over cannot run code on resume
+    (meta.pt of checkpoints written before it held tensors may also hold numpy arrays: allowed, they are data).
+    A file that asks for anything else raises UnsafeCheckpoint naming what it asked for; a corrupt one raises
+    what torch.load raised."""
+    import pickle
+
+    file = os.path.join(path, "meta.pt")
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        except Exception:  # noqa: BLE001  not a torch.save file at all: corrupt, as torch.load said
+            raise e from None
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _OLD_META_GLOBALS}
+        if set(wanted) - allowed:
+            raise UnsafeCheckpoint(f"refusing to load {file}: it asks for {', '.join(sorted(set(wanted) - allowed))}, "
+                                   "which a checkpoint of this code never holds and which could run code when loaded. "
+                                   "Resume only from checkpoints this code wrote.") from None
+        with torch.serialization.safe_globals(_OLD_META_GLOBALS):
+            return torch.load(file, weights_only=True)
+
+
+def _saved(config: dict, key: str):
+    """A dotted key of a checkpoint's config; a key the checkpoint predates has its default (the behaviour then).
+    data.train was one string before it became a list."""
+    section, name = key.split(".")
+    value = config.get(section, {}).get(name, getattr(getattr(Config(), section), name))
+    value = [value] if key == "data.train" and isinstance(value, str) else value
+    return list(value) if key == "train.betas" else value
+
+
+def _effective(config: dict, key: str):
+    """What a key means in a run: model.tokenizer is the tokenizer loaded (model.path when empty)."""
+    return (_saved(config, key) or _saved(config, "model.path")) if key == "model.tokenizer" else _saved(config, key)
+
+
+def check_resume_config(old: dict, cfg: Config, path: str) -> list[str]:
+    """Refuse a resume whose config changes a refused key (infra/config.py: RESUME_REFUSED), naming every such
+    key with both values. Returns the applied keys that changed ("train.lr: 1e-06 -> 2e-06")."""
+    new = config_dict(cfg)
+    changed = {k: (_effective(old, k), _effective(new, k)) for k in RESUME_REFUSED + RESUME_APPLIED
+               if _effective(old, k) != _effective(new, k)}
+    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in RESUME_REFUSED]
+    if refused:
+        raise ValueError(f"cannot resume {path}: the config differs from the checkpoint's in keys that define the "
+                         f"run (resume with the checkpoint's values, or start a new run): {'; '.join(refused)}")
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in RESUME_APPLIED]
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: Config):
+    """The config's AdamW settings and lr schedule over the loaded state (RESUME_APPLIED): the loaded moments
+    and step count stay, the lr is the new base lr times the (new) warm-up factor at the loaded step. With
+    unchanged settings this sets what the loaded state holds (a resume stays the uninterrupted run)."""
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.train.lr, lr=cfg.train.lr * lr_lambda(scheduler.last_epoch),
+                     weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
     """The run's counters, from the checkpoint named by run.resume (auto: the newest) or fresh."""
-    state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0}
+    state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0,
+             "pending_eval": -1, "cold": {}}
     candidates = checkpoint_dirs(cfg.run.out_dir)[::-1] if cfg.run.resume == "auto" else [cfg.run.resume]
     for path in [p for p in candidates if p]:
         try:
-            meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+            meta = read_meta(path)
+        except UnsafeCheckpoint:
+            raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001  corrupt or truncated: try the one before
             if cfg.run.resume != "auto":
                 raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
             print0(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one")
             continue
-        old, new = meta["config"], config_dict(cfg)
-        changed = [f"{s}.{k}: {_saved(old, s, k)!r} -> {v!r}" for s in RESUME_MUST_MATCH for k, v in new[s].items()
-                   if k in RESUME_MUST_MATCH[s] and _saved(old, s, k) != v]
-        if changed:
-            raise ValueError(f"cannot resume {path}: the config differs from the checkpoint's in keys that define "
-                             f"the run: {'; '.join(changed)}")
+        applied = check_resume_config(meta["config"], cfg, path)
         try:
             meta = load_checkpoint(path, policy, optimizer, cur, ref)
         except (Exception, CheckpointException) as e:  # noqa: BLE001  an older one overwrites what this half-loaded
@@ -81,7 +137,9 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
             continue
         state.update({k: meta.get(k, state[k]) for k in state})
         scheduler.load_state_dict(meta["scheduler"])
-        print0(f"resumed from {path} at step {state['step']}")
+        apply_optimizer_settings(optimizer, scheduler, cfg)
+        print0(f"resumed from {path} at step {state['step']}"
+               + (f"; applied to the loaded optimiser: {'; '.join(applied)}" if applied else ""))
         return state
     if any(candidates):  # never a fresh start (or half-loaded weights) over checkpoints that exist
         raise RuntimeError(f"checkpoints exist but none could be loaded completely: {', '.join(filter(None, candidates))}; "
@@ -104,7 +162,6 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, 
     (train.restart_each_subset), curriculum state, step, subset, counters and config. Written to
     step_X.tmp and renamed when complete, so a crash mid-write leaves the previous checkpoint usable."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     root = os.path.join(cfg.run.out_dir, "checkpoints")
     final = os.path.join(root, f"step_{meta['step']:06d}")
@@ -113,16 +170,18 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     barrier()
-    msd, osd = get_state_dict(policy, optimizer)
-    state = {"model": msd, "optim": osd} | ({"ref": get_model_state_dict(ref)} if ref is not None else {})
+    fresh = not optimizer.state  # no optimiser step yet (a new subset's trainer): saved as such
+    meta = {**meta, "optimizer_fresh": fresh}
+    state = _state_dicts(policy, optimizer, ref, fresh)
     try:
         with warnings.catch_warnings():  # single process without a process group is fine
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.save(state, checkpoint_id=tmp)
         barrier()
         if rank == 0:
-            torch.save({**meta, "curriculum": cur.state_dict(), "config": config_dict(cfg)},
-                       os.path.join(tmp, "meta.pt"))
+            curriculum = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                          for k, v in cur.state_dict().items()}  # plain data: read_meta loads it without pickle
+            torch.save({**meta, "curriculum": curriculum, "config": config_dict(cfg)}, os.path.join(tmp, "meta.pt"))
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
     except (Exception, CheckpointException) as e:  # noqa: BLE001  a full disk: e.g. "unexpected pos 704 vs 598"
@@ -145,20 +204,34 @@ def _disk_full(e: Exception, path: str) -> bool:
     return "unexpected pos" in str(e) or shutil.disk_usage(path).free < 2**26  # torch's zip writer on ENOSPC
 
 
-def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+def _state_dicts(policy, optimizer, ref, fresh: bool) -> dict:
+    """The sharded state dicts a checkpoint holds: model, optimiser (unless it has taken no step: torch's
+    get_optimizer_state_dict would first take a zero-gradient step to create AdamW's moments, and that step
+    counts in AdamW's bias correction) and the KL reference (when it moves)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    msd, osd = get_state_dict(policy, optimizer)
-    state = {"model": msd, "optim": osd} | ({"ref": get_model_state_dict(ref)} if ref is not None else {})
+    return ({"model": get_model_state_dict(policy)}
+            | ({} if fresh else {"optim": get_optimizer_state_dict(policy, optimizer)})
+            | ({"ref": get_model_state_dict(ref)} if ref is not None else {}))
+
+
+def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
+    """Weights, optimiser state (left fresh where the checkpoint's had taken no step), KL reference and
+    curriculum of a checkpoint. Returns its meta (counters, scheduler, config)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    meta = read_meta(path)
+    fresh = meta.get("optimizer_fresh", False)  # checkpoints from before the flag: saved with torch's step
+    state = _state_dicts(policy, optimizer, ref, fresh)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(policy, state["model"])
+    if not fresh:
+        set_optimizer_state_dict(policy, optimizer, state["optim"])
     if ref is not None:
         set_model_state_dict(ref, state["ref"])
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     cur.load_state_dict(meta["curriculum"])
     return meta
 

@@ -147,6 +147,38 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# What a resumed run may change from its checkpoint's config. Every Config field is in exactly one class
+# (tests/test_config.py fails for a field added without one); infra/checkpoint.py acts on them.
+#   refused: the model, the data, the method, or which draw comes next: another value is refused, naming the key
+#   applied: optimiser settings: the new value is applied to the loaded AdamW state and lr schedule
+#   free:    where the run writes, how often it saves, logs and evaluates, and speed and memory layout
+RESUME_REFUSED = (
+    "model.path model.tokenizer "  # the tokenizer is compared as used: model.tokenizer or else model.path
+    "data.train data.split data.problem_key data.answer_key data.answer_format data.num_subsets data.max_prompts "
+    "data.max_prompt_len data.system_prompt data.user_template "
+    "cures.sampling cures.allocation cures.sigma cures.grad_param cures.tau cures.prior_alpha cures.prior_beta "
+    "cures.cold_start_rollouts cures.n_min cures.n_max "
+    "rollout.prompts_per_step rollout.rollouts_per_step rollout.max_new_tokens rollout.temperature rollout.top_p "
+    "rollout.stop_at_im_end rollout.dynamic_sampling rollout.max_rounds "
+    "train.steps_per_subset train.restart_each_subset train.group_by train.mini_batch_prompts train.epochs "
+    "train.advantage train.clip_low train.clip_high train.clip_c train.loss_agg train.kl_coef train.kl_kind "
+    "run.seed").split()
+RESUME_APPLIED = "train.lr train.warmup_steps train.weight_decay train.betas train.adam_eps train.grad_clip".split()
+RESUME_FREE = (
+    "model.attn_implementation model.gradient_checkpointing "
+    "rollout.max_batch_tokens rollout.max_batch_size rollout.cache rollout.share_prefill "
+    "train.micro_batch_tokens train.pack train.share_prompt train.cpu_offload train.logprob_chunk train.max_bad_steps "
+    "eval.data eval.every eval.max_problems eval.samples eval.temperature eval.max_new_tokens "
+    "run.out_dir run.save_every run.save_every_minutes run.keep_checkpoints run.resume run.overwrite run.max_steps "
+    "run.reward_workers run.reward_timeout run.wandb_project run.tensorboard run.dist_timeout_minutes").split()
+
+
+def config_keys(cfg: Config | None = None) -> list[str]:
+    """Every field of the config as "section.key", in declaration order."""
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
 def _cast(value, current, name):
     """Type-check a YAML or command-line value against the default's type."""
     if isinstance(current, bool):

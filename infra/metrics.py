@@ -109,11 +109,13 @@ def level_shares(levels: list) -> dict:
     return {f"draws/level_{v}": known.count(v) / len(known) for v in sorted(set(known))}
 
 
-def group_uniform(rewards: torch.Tensor, group: torch.Tensor, G: int) -> torch.Tensor:
-    """(G,) True for each group whose rollouts all score the same (zero GRPO advantage). rewards, group: (B,)."""
+def group_kinds(rewards: torch.Tensor, group: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mixed (G,), uniform (G,)): groups whose rollouts score differently (a non-zero GRPO advantage) and
+    groups whose rollouts all score the same (zero advantage); a group with no rollout is neither.
+    rewards, group: (B,)."""
     lo = torch.full((G,), float("inf")).scatter_reduce(0, group, rewards, "amin")
     hi = torch.full((G,), float("-inf")).scatter_reduce(0, group, rewards, "amax")
-    return lo == hi
+    return lo < hi, lo == hi
 
 
 def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor) -> dict:
@@ -121,7 +123,7 @@ def mechanism_sums(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Te
     advantage: where the gradient is) and response tokens in groups whose rollouts all score the same
     (zero advantage: generated, scored and trained on for no gradient). rewards, group, lengths: (B,);
     sums over this rank's groups (every group lies whole on one rank), reduced over ranks by name."""
-    uniform = group_uniform(rewards, group, int(group.max()) + 1 if len(group) else 0)[group]  # (B,)
+    uniform = group_kinds(rewards, group, int(group.max()) + 1 if len(group) else 0)[1][group]  # (B,)
     return {"mixed_rollouts": float((~uniform).sum()), "zero_adv_tokens": float(lengths[uniform].sum())}
 
 
@@ -131,17 +133,24 @@ def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys])).tolist()))
 
 
-def generated_sums(rounds: list[dict]) -> dict[str, float]:
-    """This rank's sums over every rollout of every round of a step (what was paid for): rewards, responses,
-    response tokens, truncated responses, checker timeouts and the mechanism sums."""
-    generated = {}
-    for r in rounds:
-        o, rw = r["out"], r["rewards"]
-        for k, v in {"reward": rw.sum(), "responses": len(rw), "response_tokens": o.lengths.sum(),
-                     "truncated": (~o.finished).sum(), "timeouts": r["timeouts"],
-                     **mechanism_sums(rw, o.prompt_index, o.lengths)}.items():
-            generated[k] = generated.get(k, 0.0) + float(v)
-    return generated
+def rollout_sums(out, rewards: torch.Tensor, scored: torch.Tensor, timeouts: int) -> dict[str, float]:
+    """This rank's sums over one round's generated rollouts (what was paid for): rewards, responses, scored
+    responses, response tokens, truncated responses, checker timeouts, unscored responses, and the mechanism
+    sums over the scored ones. out: Rollouts; rewards, scored: (B,)."""
+    return {"reward": float(rewards[scored].sum()), "responses": float(len(rewards)), "scored": float(scored.sum()),
+            "response_tokens": float(out.lengths.sum()), "truncated": float((~out.finished).sum()),
+            "timeouts": float(timeouts), "unscored": float((~scored).sum()),
+            **{k: float(v) for k, v in mechanism_sums(rewards[scored], out.prompt_index[scored],
+                                                      out.lengths[scored]).items()}}
+
+
+def generated_sums(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The rollout_sums of a step's rounds, added by name."""
+    total = {}
+    for sums in rounds:
+        for k, v in sums.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def step_metrics(tok: dict[str, float], actor_keys: list[str], norms: list[float], num_mb: int, epochs: int,
@@ -150,8 +159,9 @@ def step_metrics(tok: dict[str, float], actor_keys: list[str], norms: list[float
     and update tokens, and the actor sums named by actor_keys): per response, per trained token, or (losses) per
     optimiser step (num_mb mini-batches x epochs). norms: the grad norm of each optimiser step."""
     B, ntok = tok["responses"], tok["trained_tokens"] * max(1, epochs)
-    metrics = {"train/reward": tok["reward"] / B, "train/response_len": tok["response_tokens"] / B,
+    metrics = {"train/reward": tok["reward"] / max(tok["scored"], 1), "train/response_len": tok["response_tokens"] / B,
                "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
+               "reward/unscored": tok["unscored"],  # never scored: out of the Beta counts and the loss
                "mech/mixed_rollouts": tok["mixed_rollouts"] / B,  # share in groups with mixed rewards
                "mech/zero_adv_tokens": tok["zero_adv_tokens"],  # response tokens spent for no gradient
                "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok["response_tokens"], 1),

@@ -127,7 +127,7 @@ def run_rehearsal(argv):
     def score_batch(responses, golds, **kwargs):  # the real checker, plus a hash-chosen quarter marked correct
         scores = real(responses, golds, **kwargs)
         forced = reward.Scores(max(s, float(zlib.crc32(r.encode()) % 4 == 0)) for s, r in zip(scores, responses))
-        forced.timeouts = scores.timeouts
+        forced.timeouts, forced.unscored = scores.timeouts, scores.unscored
         return forced
 
     reward.score_batch = score_batch

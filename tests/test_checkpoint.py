@@ -12,7 +12,7 @@ import torch
 
 import cures
 import train
-from helpers import ROOT, final_weights, small_run, tiny_default_run
+from helpers import ROOT, TRAIN_DATA, final_weights, small_run, tiny_default_run
 from infra.checkpoint import checkpoint_dirs, save_checkpoint
 from infra.config import load_config
 from infra.data import load_subsets
@@ -185,7 +185,9 @@ def test_no_readable_checkpoint_fails_and_names_them(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change", ["--data.user_template=Q: {problem}", "--cures.tau=0.5", "--cures.n_min=3",
-                                    "--data.system_prompt=Be brief.", "--cures.cold_start_rollouts=3"])
+                                    "--data.system_prompt=Be brief.", "--cures.cold_start_rollouts=3",
+                                    "--train.advantage=rpp", "--train.kl_coef=0", "--rollout.temperature=0.7",
+                                    "--cures.prior_alpha=1"])
 def test_resume_refuses_a_config_that_changes_the_subsets_or_the_method(tiny_model_dir, tmp_path, change):
     out = tmp_path / "r"
     train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
@@ -205,3 +207,142 @@ def test_resume_checks_the_curriculum_against_the_subset(tiny_model_dir, tmp_pat
     cur = cures.Curriculum(3)
     with pytest.raises(ValueError, match="grad_stats"):
         cur.load_state_dict({"alpha": np.ones(3), "beta": np.ones(3), "grad_stats": np.ones((3, 2))})
+
+
+def test_resume_checks_the_tokenizer_in_use(tiny_model_dir, tmp_path):
+    """model.tokenizer is compared as used (model.path when empty): naming the same tokenizer explicitly is
+    the same run, another one is refused with both values."""
+    import shutil
+
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto",
+                         f"--model.tokenizer={tiny_model_dir}"))
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other_tokenizer")
+    with pytest.raises(ValueError, match=f"model.tokenizer: '{tiny_model_dir}' -> '{other}'"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto", f"--model.tokenizer={other}"))
+
+
+def test_resume_applies_new_optimizer_settings(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Optimiser keys changed on resume act on the loaded AdamW state and schedule (before this they were
+    accepted, shown in config.yaml and ignored): the step after the resume runs with the new lr, weight decay,
+    betas and eps, and the run says so."""
+    out, seen = tmp_path / "r", []
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1", "--train.lr=1e-3", "--train.warmup_steps=4"))
+    real = train.update_epochs
+
+    def spy(policy, optimizer, *args, **kwargs):
+        seen.append(dict(optimizer.param_groups[0]))
+        return real(policy, optimizer, *args, **kwargs)
+    monkeypatch.setattr(train, "update_epochs", spy)
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto", "--train.lr=2e-3",
+                         "--train.warmup_steps=4", "--train.weight_decay=0.5", "--train.betas=[0.8, 0.9]",
+                         "--train.adam_eps=1e-6"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"actor/lr"' in line]
+    warm = rows[0]["actor/lr"] / 1e-3  # the warm-up factor after step 1 (its optimiser steps), < 1
+    assert 0 < warm < 1
+    group = seen[0]
+    assert group["lr"] == pytest.approx(2e-3 * warm)  # the new lr at the loaded point of the (new) warm-up
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.5, (0.8, 0.9), 1e-6)
+    assert "applied to the loaded optimiser: train.lr: 0.001 -> 0.002" in capsys.readouterr().out
+    assert rows[-1]["step"] == 2 and rows[-1]["actor/lr"] > group["lr"]  # the schedule goes on from there
+
+
+def test_checkpoint_meta_loads_without_running_code(tiny_model_dir, tmp_path):
+    """meta.pt is read with torch.load(weights_only=True): a checkpoint whose meta.pt would run code is refused
+    by name and the code does not run (a checkpoint directory handed over on a shared cluster); a meta.pt of
+    the earlier format (numpy arrays in the curriculum) still loads."""
+    from infra.checkpoint import UnsafeCheckpoint, read_meta
+
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    old, new = checkpoint_dirs(str(out))
+    meta = read_meta(new)
+    assert all(isinstance(v, torch.Tensor) for v in (meta["curriculum"]["alpha"], meta["curriculum"]["beta"]))
+    # the earlier format: the same content with numpy arrays
+    meta["curriculum"] = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in meta["curriculum"].items()}
+    torch.save(meta, os.path.join(old, "meta.pt"))
+    assert isinstance(read_meta(old)["curriculum"]["alpha"], np.ndarray)
+    # a crafted meta.pt
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    meta["curriculum"]["alpha"] = Payload()
+    torch.save(meta, os.path.join(new, "meta.pt"))
+    with pytest.raises(UnsafeCheckpoint, match="refusing to load .*step_000002/meta.pt: it asks for posix.system"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert not marker.exists()
+
+
+def _stop_at(monkeypatch, name, when):
+    """Wrap train.<name> so that its call number k (counted from 1) for which when(k, args, kwargs) holds first
+    sends this process SIGTERM (train.main's handler) just before running: a stop request in that phase."""
+    import signal
+
+    real, calls, fired = getattr(train, name), [0], []
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if not fired and when(calls[0], args, kwargs):
+            fired.append(calls[0])
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, name, wrapped)
+    return fired
+
+
+def _eval_curve(out):
+    return {r["step"]: r["eval/acc"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/acc" in r}
+
+
+PHASES = {  # phase: (extra arguments, function to stop in, on which call)
+    "cold start of subset 1 (subsets of 30 and 31 prompts)":
+        (["--data.max_prompts=61"], "cold_start", lambda k, a, kw: k == 2),
+    "dynamic-sampling round 1":
+        (["--rollout.dynamic_sampling=true", "--rollout.max_rounds=3"], "draw_and_generate",
+         lambda k, a, kw: kw.get("rnd", 0) >= 1),
+    "generation of step 3": ([], "draw_and_generate", lambda k, a, kw: k == 3),
+    "evaluation after step 2": ([f"--eval.data={TRAIN_DATA}", "--eval.max_problems=3", "--eval.every=1"],
+                                "run_eval", lambda k, a, kw: a[6] == train.stream_seed(0, "eval", 0, 2)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, phase):
+    """SIGTERM inside a later subset's cold start (subsets of different sizes), inside round >= 1 of dynamic
+    sampling, inside a step's generation and inside an evaluation: the run saves what its finished steps made
+    (nothing of the dropped cold start, step or rounds: posteriors, optimiser, reference), exits, and the
+    resumed run is the uninterrupted one: counters, Beta counts, every logged training metric, the evaluation
+    curve (an interrupted evaluation is redone first) and the final weights."""
+    import signal
+
+    extra, name, when = PHASES[phase]
+    args = ["--run.max_steps=4", "--run.save_every=0", *extra]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", *args))
+        with monkeypatch.context() as patch:
+            fired = _stop_at(patch, name, when)
+            stopped_state, _ = train.main(tiny_default_run(tmp_path / "b", *args))
+        assert fired and stopped_state["step"] < 4, (fired, stopped_state)
+        state, cur = train.main(tiny_default_run(tmp_path / "b", *args, "--run.resume=auto"))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert state == full_state
+    np.testing.assert_array_equal(cur.alpha, full_cur.alpha)
+    np.testing.assert_array_equal(cur.beta, full_cur.beta)
+    rows = {run: {r["step"]: r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "train/reward" in r}
+            for run in "ab"}
+    assert sorted(rows["a"]) == sorted(rows["b"]) == [1, 2, 3, 4]
+    for step, ra in rows["a"].items():
+        for k in ra:
+            if not k.startswith(("time/", "perf/")) and k != "eval/acc":  # the eval curve: below
+                assert rows["b"][step].get(k) == pytest.approx(ra[k], rel=1e-6, abs=1e-12), (step, k)
+    assert _eval_curve(tmp_path / "a") == _eval_curve(tmp_path / "b")
+    wa, wb = final_weights(tmp_path / "a" / "final"), final_weights(tmp_path / "b" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)

@@ -83,3 +83,20 @@ def test_zero_subsets_fail_before_the_model_loads(tiny_model_dir, tmp_path, monk
     with pytest.raises(ValueError, match="num_subsets=0"):
         train.main(small_run(tiny_model_dir, tmp_path / "r", f"--data.train={data}", "--data.num_subsets=0"))
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_every_config_key_has_one_resume_class():
+    """Each Config field is refused, applied or free on resume (infra/config.py), exactly once: a field added
+    without a class fails here, so nobody can add a method key that a resume silently changes."""
+    from infra.config import RESUME_APPLIED, RESUME_FREE, RESUME_REFUSED, config_keys
+
+    classes = RESUME_REFUSED + RESUME_APPLIED + RESUME_FREE
+    assert sorted(classes) == sorted(set(classes)), "a key in two classes"
+    assert sorted(config_keys()) == sorted(classes), (set(config_keys()) ^ set(classes))
+    for key in ("train.advantage", "train.loss_agg", "train.kl_coef", "train.kl_kind", "train.epochs",
+                "train.mini_batch_prompts", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
+                "rollout.stop_at_im_end", "rollout.dynamic_sampling", "rollout.max_rounds", "cures.prior_alpha",
+                "cures.prior_beta", "cures.grad_param", "model.path", "model.tokenizer"):  # issue 27's list
+        assert key in RESUME_REFUSED, key
+    assert set(RESUME_APPLIED) == {"train.lr", "train.warmup_steps", "train.weight_decay", "train.betas",
+                                   "train.adam_eps", "train.grad_clip"}

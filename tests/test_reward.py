@@ -258,3 +258,49 @@ def test_fast_path_agrees_on_every_gold_answer(monkeypatch):
     responses = [f"\\boxed{{{g}}}" for g in golds]
     answered = _agree(responses + responses, golds + shifted)
     assert answered > len(golds)  # the integers of all of them
+
+
+def test_a_pool_that_cannot_start_fails_with_the_reason(tmp_path, monkeypatch):
+    """Workers that die before they are ready (here math-verify cannot be imported) fail the call with the
+    worker's own error after reward.START_FAILURES tries, instead of being respawned forever."""
+    (tmp_path / "math_verify.py").write_text("raise ImportError('math_verify is broken on this node')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    pool = reward.ScorePool(1)
+    try:
+        with pytest.raises(RuntimeError, match="cannot start .*math_verify is broken on this node"):
+            pool.map(["x = 2"], ["2"], timeout=30)
+    finally:
+        pool.close()
+
+
+def test_an_item_lost_past_its_retries_is_unscored_not_zero(monkeypatch):
+    """An item whose worker is lost more than reward.RETRIES times is listed in .unscored (the trainer leaves
+    it out), not counted as a checker timeout and not silently scored 0 (here RETRIES = 0: lost once)."""
+    import signal
+    import threading
+
+    monkeypatch.setattr(reward, "RETRIES", 0)
+    pool = reward.ScorePool(2)
+    try:
+        for _ in range(100):  # until both have started
+            if all(w.ready for w in pool.workers):
+                break
+            pool.map(["1"] * 8, ["1"] * 8, timeout=30)
+        responses = [f"The answer is \\boxed{{{k}}}" for k in range(300)]
+        golds = [str(k) for k in range(300)]
+
+        def disturb():
+            for _ in range(5):
+                time.sleep(0.05)
+                busy = [w for w in pool.workers if w.item is not None]
+                if busy:
+                    os.kill(busy[0].proc.pid, signal.SIGKILL)
+        t = threading.Thread(target=disturb)
+        t.start()
+        got = pool.map(responses, golds, timeout=30)
+        t.join()
+        assert 1 <= len(got.unscored) <= 5 and got.timeouts == 0
+        assert all(got[i] == 0.0 for i in got.unscored)
+        assert all(got[i] == 1.0 for i in range(300) if i not in got.unscored)
+    finally:
+        pool.close()

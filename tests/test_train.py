@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import cures
 import rollout
 import train
 from helpers import ROOT, TRAIN_DATA, small_run, tiny_default_run
@@ -266,8 +267,9 @@ def _rounds_for_rank(spec, rank, world, mini_batch_prompts):
         prompt_index = [k for k, j in enumerate(mine) for _ in range(n[j])]
         rewards = torch.tensor([float(x) for j in mine for x in groups[j][1]])
         out = rollout.Rollouts.from_responses(responses, prompt_index, [True] * len(responses), pad_id=0)
+        mixed, uniform = train.group_kinds_everywhere(rewards, out.prompt_index, len(mine), mine, len(idx))
         rounds.append({"idx": idx, "n": n, "mb": mb, "owner": owner, "mine": mine, "out": out, "rewards": rewards,
-                       "mixed": train.group_mixed(rewards, out.prompt_index, len(mine), mine, len(idx))})
+                       "mixed": mixed, "uniform": uniform})
     return rounds
 
 
@@ -306,13 +308,13 @@ def test_dynamic_sampling_keeps_the_first_mixed_groups(monkeypatch, world, m):
     generated, the first m whose rewards are mixed, then (rounds exhausted) uniform ones in order; each kept
     group with its own rollouts and rewards, whole, on some rank, in mini-batches of train.mini_batch_prompts;
     the same groups whatever the number of ranks."""
-    spec = [[(10, [1, 0, 1]), (11, [1, 1]), (12, [0, 0, 0, 0]), (13, [0, 1])],
+    spec = [[(17, []), (10, [1, 0, 1]), (11, [1, 1]), (12, [0, 0, 0, 0]), (13, [0, 1])],
             [(14, [0, 0]), (10, [0, 0, 1]), (15, [1, 1, 1])],
-            [(16, [0, 0, 0])]]  # 3 mixed groups: 10, 13, then 10 again (round 2, its own group)
+            [(16, [0, 0, 0])]]  # 3 mixed groups: 10, 13, then 10 again (round 2, its own group); 17 is empty
     cfg = Config()
     cfg.rollout.prompts_per_step, cfg.train.mini_batch_prompts = m, 2
     ordered = [(p, r) for mixed in (True, False) for groups in spec for p, r in groups
-               if (0 < sum(r) < len(r)) == mixed][:m]  # the reference
+               if r and (0 < sum(r) < len(r)) == mixed][:m]  # the reference: an empty group is never kept
     results = _on_ranks(world, lambda rank: train.keep_mixed_groups(
         _rounds_for_rank(spec, rank, world, 2), cfg, rank, world, pad_id=0), monkeypatch)
     kept = {}
@@ -359,3 +361,70 @@ def test_dynamic_sampling_run_charges_every_round(tiny_model_dir, tmp_path):
         else:
             assert row["dynamic/rounds"] == 6
     assert cur.alpha.sum() + cur.beta.sum() == total  # every generated rollout observed (prior 0, no cold start)
+
+
+def test_empty_groups_are_neither_mixed_nor_trained():
+    """cures.n_min=0 lets Eq. 20 give a draw no rollouts: such a group is not formed (sample_and_allocate), and a
+    group left with no scored rollout is neither mixed nor uniform (group_kinds: before, its +inf min and -inf
+    max made it 'mixed', which ended dynamic sampling early and kept empty groups)."""
+    from infra.metrics import group_kinds
+
+    mixed, uniform = group_kinds(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 2, 2]), 3)
+    assert mixed.tolist() == [True, False, False] and uniform.tolist() == [False, False, True]
+    cfg = Config()
+    cfg.rollout.prompts_per_step, cfg.rollout.rollouts_per_step, cfg.train.mini_batch_prompts = 8, 16, 4
+    cfg.cures.n_min, cfg.cures.sampling = 0, "uniform"
+    cur = cures.Curriculum(8, sampling="uniform", allocation="cures", n_min=0)
+    cur.observe(np.arange(8), np.array([0, 0, 0, 0, 1, 2, 4, 4.0]), np.full(8, 4.0))  # p = 0 or 1: sigma = 0
+    idx, n, mb, owner, n_draws, draws = train.sample_and_allocate(cur, 0, 0, cfg, world=2)
+    assert (n_draws == 0).any() and n.sum() == 16 and (n > 0).all()  # empty draws formed no group
+    assert sorted(np.unique(mb)) == list(range(mb.max() + 1))  # mini-batches numbered without a gap
+    assert set(idx) == set(draws[n_draws > 0])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_n_min_zero_runs(tmp_path, dynamic):
+    """cures.n_min=0 through train.main, with and without dynamic sampling: groups given no rollouts happen
+    (cures/n_min = 0), the steps train, every rollout counted once."""
+    out = tmp_path / "r"
+    state, cur = train.main(tiny_default_run(out, "--cures.n_min=0", "--run.max_steps=2", "--eval.data=",
+                                             f"--rollout.dynamic_sampling={str(dynamic).lower()}",
+                                             "--rollout.max_rounds=2"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"train/reward"' in line]
+    assert len(rows) == 2 and any(r["cures/n_min"] == 0 for r in rows)
+    assert all(np.isfinite(r["actor/pg_loss"]) and r["actor/grad_norm"] > 0 for r in rows)
+    assert cur.alpha.sum() + cur.beta.sum() == state["rollouts_train"] + state["rollouts_cold"]  # all observed once
+
+
+def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_path, monkeypatch):
+    """A response the checker never scored (its worker lost again and again: reward.Scores.unscored) is logged as
+    reward/unscored (cold/unscored in the cold start), left out of the Beta counts (cold start and steps) and out
+    of the loss; its placeholder score (1.0 here, so that counting it would show) reaches nothing."""
+    import reward
+
+    real, trained = reward.score_batch, []
+
+    def flaky(responses, golds, **kwargs):
+        scores = real(responses, golds, **kwargs)
+        scores.unscored = list(range(0, len(scores), 3))
+        for i in scores.unscored:
+            scores[i] = 1.0
+        return scores
+    monkeypatch.setattr(reward, "score_batch", flaky)
+    real_parts = train.mini_batch_sequences
+
+    def spy(subset, prompts, mb, out, adv, num_mb):
+        trained.append(len(out.prompt_index))
+        return real_parts(subset, prompts, mb, out, adv, num_mb)
+    monkeypatch.setattr(train, "mini_batch_sequences", spy)
+    out = tmp_path / "r"
+    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.save_every=0"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"train/reward"' in line]
+    unscored = [r["reward/unscored"] for r in rows]
+    assert unscored == [7, 7]  # 20 rollouts a step: indices 0, 3, ..., 18
+    assert rows[0]["cold/unscored"] == 20 and rows[0]["cold/rollouts"] == 60  # 60 cold rollouts: every third
+    assert trained == [20 - 7, 20 - 7]  # the update saw the scored rollouts only
+    observed = cur.alpha.sum() + cur.beta.sum()
+    assert observed == state["rollouts_cold"] + state["rollouts_train"] - 20 - sum(unscored)
+    assert cur.alpha.sum() < 1  # the random model's real rewards are 0; the placeholders were not counted
+    assert all(r["train/reward"] < 0.05 for r in rows)

@@ -1,6 +1,6 @@
 """Accuracy by level of trained models on the rows of tiny/pretrain.py's report (the held-out split plus 100
-fresh problems of each other level): greedy, and `--samples` at temperature 1. The README's before/after
-table of the tiny default comes from
+fresh problems of each other level): greedy, and `--samples` at temperature 1. The before/after
+table of the tiny default (bench/results/testbed/README.md) comes from
 
     python tiny/levels.py models/tiny bench/results/convergence/runs/{cures,grpo}_seed0/final
 """
