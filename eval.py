@@ -209,7 +209,8 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
                       system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE,
                       stop_at_im_end: bool = False, should_stop=None, progress: str = ""):
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
-    them. Returns a list of per-problem records {"id", "answer", "responses", "scores"} for the shard."""
+    them. Returns a list of per-problem records {"id", "answer", "responses", "scores", "unscored"} for the shard;
+    "unscored": the samples the checker never scored (reward.Scores.unscored; their score is a placeholder 0)."""
     import rollout
 
     shard = problems[rank::world_size]
@@ -224,11 +225,12 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     texts = out.texts(tokenizer)
     golds = [shard[i]["answer"] for i in out.prompt_index.tolist()]
     scores = reward.score_batch(texts, golds, workers=workers, timeout=timeout)
-    records = []
+    records, unscored = [], set(scores.unscored)
     for j, p in enumerate(shard):
         k = slice(j * n_samples, (j + 1) * n_samples)
         records.append({"id": p["id"], "answer": p["answer"], "responses": texts[k], "scores": list(scores[k]),
-                        "extracted": [reward.extract_boxed(t) for t in texts[k]]})
+                        "extracted": [reward.extract_boxed(t) for t in texts[k]],
+                        "unscored": [b - k.start for b in range(k.start, k.stop) if b in unscored]})
     return records
 
 
@@ -306,7 +308,11 @@ def main():
             records = [r for part in gathered for r in part]
         records.sort(key=lambda r: r["id"])
         stats = summarize([r["scores"] for r in records], [r["extracted"] for r in records])
-        stats.update(no_gold=no_gold, max_problems=args.max_problems, temperature=temperature, settings=settings)
+        stats.update(no_gold=no_gold, max_problems=args.max_problems, temperature=temperature, settings=settings,
+                     unscored=sum(len(r["unscored"]) for r in records))
+        if stats["unscored"]:  # a lost checker worker, three times over: counted as 0 above, said here
+            print(f"warning: {key}: {stats['unscored']} responses could not be scored (their checker worker was "
+                  "lost); they count as 0 in the table (summary.json: unscored)")
         results[key] = stats
         done += len(records)
         correct += sum(float(np.mean(r["scores"])) for r in records)

@@ -39,7 +39,7 @@ _GOLD_CFG = None
 _PRED_CFG = None
 _PARENT = None  # a worker's trainer (its pid), set on the worker's command line
 RETRIES = 2  # a worker lost without reaching its deadline: its item is scored again up to this many times
-START_FAILURES = 3  # workers in a row that die before they are ready: the pool cannot start, the call fails
+START_FAILURES = 3  # per worker slot: workers in a row that die before they are ready: the pool cannot start
 
 
 class _TimeoutLog(logging.Filter):
@@ -219,7 +219,8 @@ class ScorePool:
         """Scores in input order. An item whose worker dies before the deadline (killed from outside, out of
         memory) is scored again by another worker, up to RETRIES times, then is listed in `.unscored` (its 0 is
         no score): a lost worker never turns an unscored item into a 0 silently. Workers that die before they
-        are ready, START_FAILURES times in a row, fail the call with the reason (e.g. math-verify missing)."""
+        are ready, START_FAILURES times per worker slot in a row with none ready in between, close the pool and
+        fail the call with the reason (e.g. math-verify missing)."""
         out = Scores([0.0] * len(responses))
         out.unscored = []
         todo = list(range(len(responses)))[::-1]
@@ -234,9 +235,11 @@ class ScorePool:
                 else:
                     out.unscored.append(i)
             self.start_failures = 0 if w.ready else self.start_failures + 1
-            if self.start_failures >= START_FAILURES:
-                raise RuntimeError(f"answer-checking workers cannot start ({self.start_failures} died before they "
-                                   f"were ready): {_start_error()}")
+            if self.start_failures >= START_FAILURES * len(self.workers):  # every slot, again and again
+                failures = self.start_failures
+                self.close()
+                raise RuntimeError(f"answer-checking workers cannot start ({failures} in a row died before they were "
+                                   f"ready): {_start_error()}")
             self._replace(w)
 
         while todo or any(w.item for w in self.workers):
@@ -313,7 +316,11 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
             if _POOL is not None:
                 _POOL.close()
             _POOL = ScorePool(workers)
-        scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout)
+        try:
+            scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout)
+        except RuntimeError:  # the pool could not start: the next call starts a new one
+            _POOL = None
+            raise
         for i, s in zip(slow, scored):
             out[i] = s
         out.timeouts, out.unscored = scored.timeouts, sorted(slow[i] for i in scored.unscored)

@@ -151,7 +151,8 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
             rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
             stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
                                                    (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
-                                                   cfg.rollout.temperature)))
+                                                   cfg.rollout.temperature)) if rs
+                         else (i, 0.0, 0.0, 0.0))  # no scored response: no gradient measured, sigma_i = 0
     t_grad = time.time() - t_grad
     counts = all_gather_list(counts)
     idx, c, n = (np.array(x) for x in zip(*counts))
@@ -494,6 +495,8 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
 
 
 def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int, stop: dict | None = None):
+    """Held-out accuracy (mean score over every sample of every problem, all ranks) and the number of samples
+    the checker could not score (left out of the mean)."""
     with interruptible(stop) as should_stop:
         records = evaluation.evaluate_problems(
             gen, tokenizer, problems, n_samples=cfg.eval.samples,
@@ -503,8 +506,9 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
             stop_at_im_end=cfg.rollout.stop_at_im_end, should_stop=should_stop,
             progress="eval" if rank == 0 else "")
-    scores = all_gather_list([s for r in records for s in r["scores"]])
-    return float(np.mean(scores)) if scores else 0.0
+    scores = all_gather_list([s for r in records for b, s in enumerate(r["scores"]) if b not in r["unscored"]])
+    unscored = all_gather_list([sum(len(r["unscored"]) for r in records)])
+    return {"eval/acc": float(np.mean(scores)) if scores else 0.0, "eval/unscored": sum(unscored)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,8 +562,8 @@ def main(argv=None):
     def evaluate(metrics: dict, step: int, stop=None):  # held-out accuracy of the policy after `step` steps
         with timed(metrics, "time/eval"):
             sync_generation_weights(policy, gen)
-            metrics["eval/acc"] = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                           stream_seed(cfg.run.seed, "eval", 0, step), stop)
+            metrics.update(run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                    stream_seed(cfg.run.seed, "eval", 0, step), stop))
 
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],
@@ -586,6 +590,9 @@ def main(argv=None):
         before = cur.state_dict()  # what a stop restores: nothing of an unfinished cold start or step is kept
         try:
             if state["subset"] != subset_id:  # a new subset (a run resumed inside one goes straight to its steps)
+                if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
+                    optimizer, scheduler = make_optimizer(policy, cfg)  # (a stop before its first step saves it
+                    reanchor_reference(policy, ref)                      # fresh; a resume makes the same again)
                 cur.reset(len(subset))  # forget the previous subset's estimates (no decay, a reset)
                 if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
                     sync_generation_weights(policy, gen)
@@ -593,9 +600,6 @@ def main(argv=None):
                                                stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank),
                                                stop)
                     state["rollouts_cold"] += state["cold"]["cold/rollouts"]
-                if cfg.train.restart_each_subset:  # as released: a fresh trainer from the previous subset's weights
-                    optimizer, scheduler = make_optimizer(policy, cfg)
-                    reanchor_reference(policy, ref)
                 state["subset"] = subset_id
 
             while state["step"] < min((subset_id + 1) * M, total_steps):  # M steps on the subset

@@ -7,6 +7,7 @@ the final model in Hugging Face format.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -44,9 +45,12 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint's meta.pt holds more than plain data (it could run code when loaded): never loaded."""
 
 
-# numpy arrays, as checkpoints written before meta.pt held tensors stored the curriculum (data, not code)
-_OLD_META_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.float64)),
-                     getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+# numpy arrays and scalars, as checkpoints written before meta.pt held tensors stored the curriculum (data, not
+# code), under numpy 2's module names and numpy 1's
+_multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+_OLD_META_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.float64)), _multiarray._reconstruct, _multiarray.scalar,
+                     (_multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                     (_multiarray.scalar, "numpy.core.multiarray.scalar")]
 
 
 def read_meta(path: str) -> dict:
@@ -65,7 +69,7 @@ def read_meta(path: str) -> dict:
             wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
         except Exception:  # noqa: BLE001  not a torch.save file at all: corrupt, as torch.load said
             raise e from None
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _OLD_META_GLOBALS}
+        allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _OLD_META_GLOBALS}
         if set(wanted) - allowed:
             raise UnsafeCheckpoint(f"refusing to load {file}: it asks for {', '.join(sorted(set(wanted) - allowed))}, "
                                    "which a checkpoint of this code never holds and which could run code when loaded. "
@@ -84,8 +88,10 @@ def _saved(config: dict, key: str):
 
 
 def _effective(config: dict, key: str):
-    """What a key means in a run: model.tokenizer is the tokenizer loaded (model.path when empty)."""
-    return (_saved(config, key) or _saved(config, "model.path")) if key == "model.tokenizer" else _saved(config, key)
+    """What a key means in a run: model.tokenizer is the tokenizer loaded (model.path when empty), and a local
+    model or tokenizer directory is compared by its real path (./models/tiny and models/tiny/ are one)."""
+    value = (_saved(config, key) or _saved(config, "model.path")) if key == "model.tokenizer" else _saved(config, key)
+    return os.path.realpath(value) if key in ("model.path", "model.tokenizer") and os.path.isdir(value) else value
 
 
 def check_resume_config(old: dict, cfg: Config, path: str) -> list[str]:
@@ -130,6 +136,8 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
         applied = check_resume_config(meta["config"], cfg, path)
         try:
             meta = load_checkpoint(path, policy, optimizer, cur, ref)
+        except UnsafeCheckpoint:
+            raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001  an older one overwrites what this half-loaded
             if cfg.run.resume != "auto" or path == candidates[-1]:
                 raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
@@ -204,6 +212,53 @@ def _disk_full(e: Exception, path: str) -> bool:
     return "unexpected pos" in str(e) or shutil.disk_usage(path).free < 2**26  # torch's zip writer on ENOSPC
 
 
+_DCP_METADATA_GLOBALS = {  # what torch.distributed.checkpoint's .metadata pickle holds (data classes, no code)
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"}, "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"}, "torch": {"Size"}}
+
+
+def _safe_dcp_reading(path: str):
+    """What dcp.load needs to read no code: torch's FileSystemReader unpickles the .metadata file with plain
+    pickle, so it is first read here with an unpickler that allows only DCP's metadata classes, torch.Size and
+    dtypes; and DefaultLoadPlanner loads non-tensor items (the optimiser's param_groups) with
+    torch.load(weights_only=False), so the planner returned loads them with weights_only=True. A checkpoint
+    asking for anything else raises UnsafeCheckpoint."""
+    import pickle
+    import re
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise UnsafeCheckpoint(f"refusing to load {path}/.metadata: it asks for {module}.{name}, which a "
+                                   "checkpoint of this code never holds and which could run code when loaded.")
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        Unpickler(f).load()
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                item = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                wanted = re.findall(r"GLOBAL (\S+)", str(e))
+                raise UnsafeCheckpoint(f"refusing to load {read_item.dest_index.fqn} of {path}: it asks for "
+                                       f"{', '.join(wanted) or 'more than plain data'}.") from None
+            plain = io.BytesIO()  # plain data now: the parent's torch.load of it runs nothing
+            torch.save(item, plain)
+            plain.seek(0)
+            super().load_bytes(read_item, plain)
+
+    return Planner()
+
+
 def _state_dicts(policy, optimizer, ref, fresh: bool) -> dict:
     """The sharded state dicts a checkpoint holds: model, optimiser (unless it has taken no step: torch's
     get_optimizer_state_dict would first take a zero-gradient step to create AdamW's moments, and that step
@@ -224,9 +279,16 @@ def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
     meta = read_meta(path)
     fresh = meta.get("optimizer_fresh", False)  # checkpoints from before the flag: saved with torch's step
     state = _state_dicts(policy, optimizer, ref, fresh)
+    planner = _safe_dcp_reading(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path, planner=planner)
+        except CheckpointException as e:  # DCP wraps what the planner raised, per rank
+            for failure in e.failures.values():
+                if isinstance(failure.exception, UnsafeCheckpoint):
+                    raise failure.exception from None
+            raise
     set_model_state_dict(policy, state["model"])
     if not fresh:
         set_optimizer_state_dict(policy, optimizer, state["optim"])

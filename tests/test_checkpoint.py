@@ -311,7 +311,7 @@ PHASES = {  # phase: (extra arguments, function to stop in, on which call)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", list(PHASES))
-def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, phase):
+def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys, phase):
     """SIGTERM inside a later subset's cold start (subsets of different sizes), inside round >= 1 of dynamic
     sampling, inside a step's generation and inside an evaluation: the run saves what its finished steps made
     (nothing of the dropped cold start, step or rounds: posteriors, optimiser, reference), exits, and the
@@ -328,7 +328,15 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
             fired = _stop_at(patch, name, when)
             stopped_state, _ = train.main(tiny_default_run(tmp_path / "b", *args))
         assert fired and stopped_state["step"] < 4, (fired, stopped_state)
-        state, cur = train.main(tiny_default_run(tmp_path / "b", *args, "--run.resume=auto"))
+        assert checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stopped_state['step']:06d}")
+        with monkeypatch.context() as patch:  # the resumed run starts where the stopped one saved (not at 0)
+            first = []
+            real_step = train.train_step
+            patch.setattr(train, "train_step", lambda *a, **kw: (first.append(a[9]["step"]), real_step(*a, **kw))[1])
+            capsys.readouterr()
+            state, cur = train.main(tiny_default_run(tmp_path / "b", *args, "--run.resume=auto"))
+        assert first[0] == stopped_state["step"], (first, stopped_state)
+        assert f"resumed from {tmp_path / 'b'}/checkpoints/step_{stopped_state['step']:06d}" in capsys.readouterr().out
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -340,9 +348,38 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
     assert sorted(rows["a"]) == sorted(rows["b"]) == [1, 2, 3, 4]
     for step, ra in rows["a"].items():
         for k in ra:
-            if not k.startswith(("time/", "perf/")) and k != "eval/acc":  # the eval curve: below
+            if not k.startswith(("time/", "perf/", "eval/")):  # the evaluation curve: below
                 assert rows["b"][step].get(k) == pytest.approx(ra[k], rel=1e-6, abs=1e-12), (step, k)
     assert _eval_curve(tmp_path / "a") == _eval_curve(tmp_path / "b")
     wa, wb = final_weights(tmp_path / "a" / "final"), final_weights(tmp_path / "b" / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+def test_checkpoint_weights_load_without_running_code(tiny_model_dir, tmp_path):
+    """torch.distributed.checkpoint reads its .metadata with plain pickle and non-tensor items (the optimiser's
+    param_groups) with torch.load(weights_only=False): both are read here so that a crafted file is refused by
+    name, before anything of it runs."""
+    import pickle
+    from types import SimpleNamespace
+
+    from infra.checkpoint import UnsafeCheckpoint, _safe_dcp_reading
+
+    out, marker = tmp_path / "r", tmp_path / "ran"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    old, new = checkpoint_dirs(str(out))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    planner = _safe_dcp_reading(new)  # the real .metadata passes
+    crafted = __import__("io").BytesIO()
+    torch.save({"lr": Payload()}, crafted)
+    crafted.seek(0)
+    with pytest.raises(UnsafeCheckpoint, match="optim.param_groups.0.lr of .*: it asks for posix.system"):
+        planner.load_bytes(SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr")), crafted)
+    with open(os.path.join(new, ".metadata"), "wb") as f:
+        pickle.dump(Payload(), f)
+    with pytest.raises(UnsafeCheckpoint, match="step_000002/.metadata: it asks for posix.system"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert not marker.exists()

@@ -398,17 +398,19 @@ def test_n_min_zero_runs(tmp_path, dynamic):
     assert cur.alpha.sum() + cur.beta.sum() == state["rollouts_train"] + state["rollouts_cold"]  # all observed once
 
 
-def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigma", ["accuracy", "gradient"])
+def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_path, monkeypatch, sigma):
     """A response the checker never scored (its worker lost again and again: reward.Scores.unscored) is logged as
     reward/unscored (cold/unscored in the cold start), left out of the Beta counts (cold start and steps) and out
-    of the loss; its placeholder score (1.0 here, so that counting it would show) reaches nothing."""
+    of the loss; its placeholder score (1.0 here, so that counting it would show) reaches nothing. The first
+    prompts' cold-start rollouts are all unscored: with sigma=gradient they get no gradient statistics (sigma 0)."""
     import reward
 
     real, trained = reward.score_batch, []
 
     def flaky(responses, golds, **kwargs):
         scores = real(responses, golds, **kwargs)
-        scores.unscored = list(range(0, len(scores), 3))
+        scores.unscored = [i for i in range(len(scores)) if i % 3 == 0 or i < 4]
         for i in scores.unscored:
             scores[i] = 1.0
         return scores
@@ -420,13 +422,14 @@ def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_pa
         return real_parts(subset, prompts, mb, out, adv, num_mb)
     monkeypatch.setattr(train, "mini_batch_sequences", spy)
     out = tmp_path / "r"
-    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.save_every=0"))
+    state, cur = train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.save_every=0",
+                                      f"--cures.sigma={sigma}"))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"train/reward"' in line]
     unscored = [r["reward/unscored"] for r in rows]
-    assert unscored == [7, 7]  # 20 rollouts a step: indices 0, 3, ..., 18
-    assert rows[0]["cold/unscored"] == 20 and rows[0]["cold/rollouts"] == 60  # 60 cold rollouts: every third
-    assert trained == [20 - 7, 20 - 7]  # the update saw the scored rollouts only
+    assert unscored == [9, 9]  # 20 rollouts a step: indices 0, 1, 2, 3, 6, ..., 18
+    assert rows[0]["cold/unscored"] == 22 and rows[0]["cold/rollouts"] == 60  # prompts 0 and 1 wholly
+    assert trained == [20 - 9, 20 - 9]  # the update saw the scored rollouts only
     observed = cur.alpha.sum() + cur.beta.sum()
-    assert observed == state["rollouts_cold"] + state["rollouts_train"] - 20 - sum(unscored)
+    assert observed == state["rollouts_cold"] + state["rollouts_train"] - 22 - sum(unscored)
     assert cur.alpha.sum() < 1  # the random model's real rewards are 0; the placeholders were not counted
     assert all(r["train/reward"] < 0.05 for r in rows)
