@@ -153,6 +153,79 @@ def paired_table(curves: dict, base: str) -> list[str]:
     return lines
 
 
+def rollout_points(seed_file: dict) -> np.ndarray:
+    """(rollouts, accuracy) points of one run's evaluations, cold starts charged and held flat: the policy does
+    not change while a cold start generates, so after an evaluation at step s the curve stays at its accuracy
+    until the rollouts of step s + 1 begin. A step's own rollouts: the median step-to-step increase (a cold start
+    adds to it at a subset boundary). (k, 2), rollouts increasing."""
+    totals = {r["step"]: r["rollouts/total"] for r in seed_file["steps"] if "rollouts/total" in r}
+    steps = sorted(totals)
+    per_step = float(np.median(np.diff([0] + [totals[s] for s in steps])))
+    points = []
+    for step, rollouts, acc in seed_file["curve"]:
+        points.append((rollouts, acc))
+        nxt = totals.get(step + 1)
+        if nxt is not None and nxt - per_step > rollouts:  # a cold start before step + 1's own rollouts
+            points.append((nxt - per_step, acc))
+    return np.array(points, dtype=float)
+
+
+def rollout_mean(points: np.ndarray, budget: float) -> float:
+    """Mean accuracy over the rollout axis [0, budget] of the piecewise-linear curve through `points` (held at
+    its last value beyond its last point): the area under the curve per rollout."""
+    x, y = points[:, 0], points[:, 1]
+    grid = np.unique(np.concatenate([[0.0, budget], x[(x > 0) & (x < budget)]]))
+    values = np.interp(grid, x, y)
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(grid)) / budget)
+
+
+def rollouts_to_reach(points: np.ndarray, target: float) -> float:
+    """Rollouts at which the curve first reaches `target`, linearly interpolated between evaluations; inf if it
+    never does."""
+    x, y = points[:, 0], points[:, 1]
+    hit = np.flatnonzero(y >= target - 1e-12)
+    if not hit.size:
+        return float("inf")
+    k = hit[0]
+    if k == 0 or y[k] == y[k - 1]:
+        return float(x[k])
+    return float(x[k - 1] + (target - y[k - 1]) / (y[k] - y[k - 1]) * (x[k] - x[k - 1]))
+
+
+def rollout_comparison(files: dict, base: str, budget: float, target: float, draws: int = 10_000,
+                       seed: int = 0) -> list[str]:
+    """The declared per-rollout comparison (bench/results/convergence_power/README.md), markdown lines: each
+    variant against `base`, paired by seed, in the rollout-axis mean accuracy up to `budget` (95 % bootstrap
+    interval, verdict, half-width) and the speed-up in rollouts to reach `target` (median ratio, bootstrap
+    interval; runs that never reach it count as never). files: {variant: [per-seed file dict, in seed order]}."""
+    rng = np.random.default_rng(seed)
+    lines = ["", f"Per rollout (declared in README.md): mean held-out accuracy over the rollout axis up to {budget:,.0f} "
+             f"rollouts (cold starts charged, held flat), and the rollouts to first reach {100 * target:.1f} %:", "",
+             "| variant | seeds | rollout-axis mean: difference, 95 % interval | half-width | verdict | "
+             f"rollouts to {100 * target:.1f} % (median) | never reached | speed-up in rollouts, 95 % interval |",
+             "|---|---|---|---|---|---|---|---|"]
+    base_pts = [rollout_points(f) for f in files[base]]
+    base_reach = np.array([rollouts_to_reach(p, target) for p in base_pts])
+    lines.append(f"| {base} | {len(base_pts)} | | | | {np.median(base_reach):,.0f} | {int(np.isinf(base_reach).sum())} | |")
+    for name, runs in files.items():
+        if name == base:
+            continue
+        pts = [rollout_points(f) for f in runs]
+        d = np.array([rollout_mean(p, budget) - rollout_mean(b, budget) for p, b in zip(pts, base_pts)])
+        idx = rng.integers(0, len(d), (draws, len(d)))
+        lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
+        reach = np.array([rollouts_to_reach(p, target) for p in pts])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios = np.median(base_reach[idx], 1) / np.median(reach[idx], 1)
+            ratio = np.median(base_reach) / np.median(reach)
+        r_lo, r_hi = np.percentile(ratios, [2.5, 97.5])
+        lines.append(f"| {name} | {len(d)} | {100 * d.mean():+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                     f"{100 * (hi - lo) / 2:.2f} | {verdict((d.mean(), lo, hi))} | {np.median(reach):,.0f} | "
+                     f"{int(np.isinf(reach).sum())} | {ratio:.2f}x [{r_lo:.2f}, {r_hi:.2f}] |")
+        lines.append(f"| | | seed-to-seed sd of the difference {100 * d.std(ddof=1):.2f} points | | | | | |")
+    return lines
+
+
 def verdict(d) -> str:
     """better / worse when the 95 % interval of the paired difference excludes 0."""
     return ("not enough seeds" if d is None else "better" if d[1] > 0 else "worse" if d[2] < 0
@@ -213,6 +286,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads (a run's "
                     "figures then differ from a one-job run's by float summation order only)")
+    ap.add_argument("--target", type=float, default=0.43, help="accuracy for the rollouts-to-reach speed-up "
+                    "(declared in bench/results/convergence_power/README.md: every committed GRPO run reaches 0.43)")
     ap.add_argument("extra", nargs="*", help="train.py overrides, after --")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -267,6 +342,11 @@ def main():
     on_cures = {k: v for k, v in curves.items() if k != "grpo"}
     if "cures" in on_cures and len(on_cures) > 1:  # ablations and additions against the whole of CurES
         lines += paired_table(on_cures, "cures")
+    plain = [n for n, extra in jobs if "--rollout.dynamic_sampling=true" not in extra]  # one round a step
+    if "grpo" in plain and len(plain) > 1:  # the per-rollout comparison, GRPO's budget and a target it reaches
+        files = {n: [json.load(open(os.path.join(args.out, "seeds", f"{n}_seed{s}.json"))) for s in args.seeds]
+                 for n in plain}
+        lines += rollout_comparison(files, "grpo", budget=table["grpo"]["rollouts"][-1], target=args.target)
     mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
     bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]
     levels = sorted({k for m in mech.values() for k in m if k.startswith("draws/level_")})

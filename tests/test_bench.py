@@ -87,3 +87,23 @@ def test_memory_model_matches_the_real_update():
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         assert "largest disagreement" in res.stdout
+
+
+def test_rollout_axis_statistics_on_constructed_curves():
+    """The declared per-rollout metrics (bench/results/convergence_power/README.md) against hand values: a cold
+    start holds the curve flat, the rollout-axis mean is the area per rollout, the crossing is interpolated."""
+    steps = [{"step": s, "rollouts/total": 4000 + 100 * s} for s in range(1, 5)]  # cold start 4000, then 100 a step
+    f = {"curve": [(0, 0, 0.2), (2, 4200, 0.4), (4, 4400, 0.6)], "steps": steps}
+    pts = convergence.rollout_points(f)
+    np.testing.assert_allclose(pts, [[0, 0.2], [4000, 0.2], [4200, 0.4], [4400, 0.6]])  # flat through the cold start
+    # area: 4000 x 0.2 + 200 x 0.3 + 200 x 0.5, then held at 0.6 to 5000: 600 x 0.6
+    assert convergence.rollout_mean(pts, 5000) == pytest.approx((800 + 60 + 100 + 360) / 5000)
+    assert convergence.rollout_mean(pts, 2000) == pytest.approx(0.2)
+    assert convergence.rollouts_to_reach(pts, 0.5) == pytest.approx(4300)
+    assert convergence.rollouts_to_reach(pts, 0.2) == 0 and convergence.rollouts_to_reach(pts, 0.7) == float("inf")
+    grpo = {"curve": [(0, 0, 0.2), (2, 200, 0.3), (4, 400, 0.4)],
+            "steps": [{"step": s, "rollouts/total": 100 * s} for s in range(1, 5)]}
+    np.testing.assert_allclose(convergence.rollout_points(grpo), [[0, 0.2], [200, 0.3], [400, 0.4]])  # no cold start
+    lines = convergence.rollout_comparison({"grpo": [grpo] * 3, "cures": [f] * 3}, "grpo", budget=400, target=0.3)
+    row = next(line for line in lines if line.startswith("| cures"))
+    assert "-10.00 [-10.00, -10.00]" in row and "worse" in row and "| 3 |" in row  # 0.2 flat vs 0.2 -> 0.4: -0.1
