@@ -272,6 +272,15 @@ def run_times(out: str, names, seeds) -> list[str]:
     return lines
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def first_reaching(steps, values, target):
     hit = np.flatnonzero(np.asarray(values) >= target - 1e-12)
     return steps[hit[0]] if hit.size else None
@@ -310,7 +319,7 @@ def main():
         acc = np.array([[p[2] for p in c] for c in runs])  # (seeds, evals)
         roll = np.array([[p[1] for p in c] for c in runs]).mean(0)
         table[name] = {"mean": acc.mean(0), "std": acc.std(0), "rollouts": roll, "final": acc[:, -1], "best": acc.max(1)}
-    lines = [f"machine: {platform.machine()} CPU, {os.cpu_count()} cores; {elapsed}; seeds {args.seeds}; "
+    lines = [f"machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; {elapsed}; seeds {args.seeds}; "
              f"config {os.path.relpath(args.config, ROOT)} {' '.join(args.extra)}", "",
              "Held-out accuracy (mean ± std over seeds) at each evaluation:", "",
              "| variant | " + " | ".join(f"step {s}" for s in steps) + " | final | best | late collapses |",
