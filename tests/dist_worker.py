@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_train.py (and with plain python for world size 1).
 
-    dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum
+    dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum (STOP_IN=name:k
+                                                    in the environment: a stop request inside that call)
     dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]
                                                  -> one update on a fixed global batch, saves the full gradient
     dist_worker.py rehearse [train.py arguments...]
@@ -24,6 +25,18 @@ from infra.models import build_models, sync_generation_weights  # noqa: E402
 
 
 def run_train(out_dir, overrides):
+    if os.environ.get("STOP_IN"):  # STOP_IN=name:k: rank 0 sends itself SIGTERM as train.<name> is called the k-th time
+        import signal
+
+        name, k = os.environ["STOP_IN"].split(":")
+        real, calls = getattr(train, name), [0]
+
+        def stopping(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(k) and int(os.environ.get("RANK", 0)) == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        setattr(train, name, stopping)
     state, cur = train.main([f"--run.out_dir={out_dir}", *overrides])
     rank = int(os.environ.get("RANK", 0))
     np.savez(os.path.join(out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,

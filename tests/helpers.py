@@ -31,10 +31,11 @@ def final_weights(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
-def torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py")):
+def torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py"), env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
            os.path.join(ROOT, script), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=None if env is None else {**os.environ, **env})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 

@@ -1,5 +1,5 @@
 """infra/distributed.py and FSDP2 under torchrun: two gloo ranks keep one curriculum, the same gradient as one
-rank, dynamic sampling, a clean exit, the real shapes' rehearsal."""
+rank, dynamic sampling, a stop on one rank resumed exactly, a clean exit, the real shapes' rehearsal."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, small_run, tiny_default_run, torchrun
+from helpers import ROOT, final_weights, small_run, tiny_default_run, torchrun
+from infra.checkpoint import checkpoint_dirs
 
 
 @pytest.mark.slow
@@ -121,3 +122,28 @@ def test_real_shapes_rehearsal_two_ranks(qwen_tokenizer_dir, tmp_path):
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7, msg=k)
     assert any(not torch.allclose(w0[k], wb[k]) for k in wb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_in", ["cold_start:2", "draw_and_generate:3"])
+def test_two_ranks_stop_and_resume_to_the_uninterrupted_run(tmp_path, stop_in):
+    """Under FSDP2 on two gloo ranks, SIGTERM to rank 0 only, inside the cold start of subset 1 (subsets of 30
+    and 31 prompts; a fresh, never-stepped AdamW state is saved as such) or inside the generation of step 3:
+    every rank stops, the resumed run's curriculum (on both ranks) and final weights equal the uninterrupted
+    run's."""
+    args = ["--run.max_steps=4", "--run.save_every=0", "--data.max_prompts=61"]
+    full, stop = tmp_path / "full", tmp_path / "stop"
+    torchrun(["train", str(full), *tiny_default_run(full, *args)])
+    torchrun(["train", str(stop), *tiny_default_run(stop, *args)], env={"STOP_IN": stop_in})
+    stopped = np.load(stop / "curriculum_rank0.npz")["step"]
+    assert stopped == 2 and [os.path.basename(p) for p in checkpoint_dirs(str(stop))] == ["step_000002"]
+    torchrun(["train", str(stop), *tiny_default_run(stop, *args, "--run.resume=auto")])
+    for rank in (0, 1):
+        a, b = np.load(full / f"curriculum_rank{rank}.npz"), np.load(stop / f"curriculum_rank{rank}.npz")
+        assert a["step"] == b["step"] == 4
+        np.testing.assert_array_equal(a["alpha"], b["alpha"])
+        np.testing.assert_array_equal(a["beta"], b["beta"])
+    wa, wb, w0 = (final_weights(p) for p in (full / "final", stop / "final", os.path.join(ROOT, "models", "tiny")))
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training moved the weights: not vacuous
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
