@@ -107,3 +107,25 @@ def test_rollout_axis_statistics_on_constructed_curves():
     lines = convergence.rollout_comparison({"grpo": [grpo] * 3, "cures": [f] * 3}, "grpo", budget=400, target=0.3)
     row = next(line for line in lines if line.startswith("| cures"))
     assert "-10.00 [-10.00, -10.00]" in row and "worse" in row and "| 3 |" in row  # 0.2 flat vs 0.2 -> 0.4: -0.1
+
+
+def test_decode_cost_byte_model_matches_counted_bytes():
+    """bench/decode_cost.py: one decoding step of rollout.generate (GQA heads, left padding), its aten ops counted;
+    the byte model of each kind it models (matmuls, attention, the cache's concatenation, repeat_kv copies where
+    the installed transformers makes them) within 10 % of the bytes counted, and a sync or two, not one a layer."""
+    import decode_cost
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = decode_cost.narrow_model(layers=3, heads=6, kv_heads=2, head_dim=8, vocab=128, intermediate=96)
+    m = decode_cost.per_step(model, batch=4, prompt=20, new=6, eos=128 + 7)
+    cfg = {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                 "num_key_value_heads", "intermediate_size", "vocab_size")}
+    copies = m["bytes"].get("other copies", 0) > 0.5 * m["bytes"]["attention"]  # repeat_kv on this version
+    pred = decode_cost.model_bytes(cfg, 4, 20 - 1 + 6 / 2 + 0.5, 4, copies)
+    assert pred["weights"] + pred["activations"] == pytest.approx(m["bytes"]["matmul"], rel=0.1)
+    assert pred["kv read"] == pytest.approx(m["bytes"]["attention"], rel=0.1)
+    assert pred["cache concatenation"] == pytest.approx(m["bytes"]["cache concatenation"], rel=0.1)
+    if copies:
+        assert pred["repeat_kv copy"] == pytest.approx(m["bytes"]["other copies"], rel=0.1)
+    assert 20 < m["kernels"] / 3 < 80 and 1 <= m["syncs"] <= 3

@@ -1,0 +1,207 @@
+"""What one decoding step of rollout.generate costs, measured on CPU through rollout.generate itself (issue 28, item 1:
+the measuring half; the GPU check is the next GPU session's).
+
+A decoding step is one token for every row of a batch. Its cost on a GPU is the larger of what the host does
+(Python, transformers, the dispatcher: one kernel launch per non-view aten op) and what the device does (bytes
+moved at the memory bandwidth), plus whatever a host-device sync serialises. This script measures, per decoding
+step, with the real depth of Qwen2.5-Math-1.5B / 7B (28 layers) and its head layout (12 query / 2 KV heads), on a
+narrow width so that the CPU's arithmetic does not hide the host's work:
+
+- every aten op rollout.generate dispatches (a TorchDispatchMode), split into kernels (non-view ops) and views,
+  the host-device syncs (`item`, `nonzero`, `is_nonzero`, `equal`), and the bytes each kind of op reads and
+  writes (matmuls, attention, cache concatenation, other copies, elementwise and sampling);
+- the host time per step (wall time, one thread; the ops are tiny, so this is the host's own time);
+
+and then evaluates a byte model of each kind at the real width, batch and context, checked against the
+measured bytes at the narrow width first (the same formulas; they must agree before they are scaled).
+
+    python bench/decode_cost.py                      # prints the tables; bench/results/decode_cost.md has a run
+    python bench/decode_cost.py --batch 8 --new-tokens 33
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rollout  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "expand", "slice", "select", "as_strided", "transpose", "permute", "unsqueeze",
+         "squeeze", "t", "alias", "detach", "_reshape_alias", "unbind", "split", "split_with_sizes", "chunk",
+         "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided", "_to_copy_view"}
+SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select"}
+
+
+def kind(op: str) -> str:
+    if op in ("mm", "addmm", "bmm", "matmul", "baddbmm"):
+        return "matmul"
+    if "scaled_dot_product" in op:
+        return "attention"
+    if op == "cat":
+        return "cache concatenation"
+    if op in ("clone", "copy_", "index_select", "index", "gather", "_to_copy", "contiguous", "index_copy_"):
+        return "other copies"
+    return "elementwise and sampling"
+
+
+class Count(TorchDispatchMode):
+    """Every aten op dispatched while active: name, kernel or view, sync, and bytes read + written."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes, self.kernels, self.syncs = Counter(), Counter(), 0, 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        self.ops[name] += 1
+        if name in VIEWS:
+            self.views += 1
+            return out
+        self.kernels += 1
+        self.syncs += name in SYNCS
+        flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs or {}, out)) if isinstance(x, torch.Tensor)]
+        self.bytes[kind(name)] += sum(t.numel() * t.element_size() for t in flat)
+        return out
+
+
+def narrow_model(layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int, intermediate: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=4096, tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def run(model, batch: int, prompt: int, new: int, eos: int, counter=None):
+    """rollout.generate of `batch` rows: half of them answer a `prompt`-token prompt, half a prompt 8 tokens
+    shorter (left padding, so an attention mask, as with real prompts of mixed lengths); `eos` is an id outside
+    the vocabulary, so every row decodes `new` tokens. Returns wall seconds."""
+    prompts = [[1 + (i % 50) for i in range(prompt)], [1 + (i % 50) for i in range(prompt - 8)]]
+    t0 = time.perf_counter()
+    with counter or torch.no_grad():
+        out = rollout.generate(model, prompts, [batch // 2, batch - batch // 2], max_new_tokens=new, eos_ids=[eos],
+                               pad_id=0, seed=0)
+    assert int(out.lengths.min()) == new, "a row ended early: the counts would not be per full step"
+    return time.perf_counter() - t0
+
+
+def per_step(model, batch, prompt, new, eos):
+    """Counts and host time of one decoding step: a run of `new` tokens minus a run of 1 (prefill + first
+    token), divided by new - 1."""
+    runs = {}
+    for n in (1, new):
+        c = Count()
+        run(model, batch, prompt, n, eos, c)
+        best = min(run(model, batch, prompt, n, eos) for _ in range(3))
+        runs[n] = (c, best)
+    (c1, t1), (cn, tn) = runs[1], runs[new]
+    k = new - 1
+    return {"kernels": (cn.kernels - c1.kernels) / k, "views": (cn.views - c1.views) / k,
+            "syncs": (cn.syncs - c1.syncs) / k, "host_ms": 1000 * (tn - t1) / k,
+            "bytes": {key: (cn.bytes[key] - c1.bytes[key]) / k for key in set(cn.bytes) | set(c1.bytes)},
+            "ops": {op: (cn.ops[op] - c1.ops[op]) / k for op in cn.ops if cn.ops[op] != c1.ops[op]}}
+
+
+def model_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int, gqa_copy: bool) -> dict:
+    """Bytes read + written per decoding step, by kind, at context `ctx` (the tokens already in the cache, padding
+    included). Matmuls read their weights and activations. The dynamic cache concatenates every layer's K and V
+    with the new token's (reads the cache, writes it one longer; generate does the same with its token ids and
+    attention mask). Attention reads K and V: `kv` heads wide, or,
+    when transformers repeats the KV heads for every query head (gqa_copy: `repeat_kv`, transformers 5.17 with a
+    padding mask), heads wide, after a copy that reads the expanded cache and writes it heads wide."""
+    L, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, inter, V = h // heads, cfg["intermediate_size"], cfg["vocab_size"]
+    b = dtype_bytes
+    kv_layer = 2 * batch * ctx * kv * d * b  # K and V of one layer
+    wide = kv_layer * heads / kv if gqa_copy else kv_layer  # what attention reads
+    weights = L * (h * (heads * d) + 2 * h * (kv * d) + (heads * d) * h + 3 * h * inter) * b + V * h * b
+    acts = L * batch * b * (2 * h + 2 * (heads + 2 * kv) * d + 2 * (heads * d) + 2 * h + 3 * (h + inter) + inter) \
+        + batch * b * (h + V)
+    attention = L * (wide + 2 * batch * heads * d * b)  # K, V read; q in, output out
+    copies = L * 2 * wide if gqa_copy else 0  # repeat_kv: the expanded cache read, the heads-wide copy written
+    cat = L * (2 * kv_layer + 2 * 2 * batch * kv * d * b)  # read the cache and the new token, write both
+    cat += 2 * 2 * batch * (ctx + 1) * 8  # generate's token ids and attention mask (int64), each read and rewritten
+    return {"weights": weights, "activations": acts, "kv read": attention, "repeat_kv copy": copies,
+            "cache concatenation": cat, "total": weights + acts + attention + copies + cat}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "bench", "qwen2.5-1.5b", "config.json"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--head-dim", type=int, default=8, help="narrow width: hidden = heads x head_dim")
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s (H200 HBM3e: 4.8 TB/s)")
+    ap.add_argument("--launch-us", type=float, default=5.0, help="CUDA launch latency per kernel, microseconds")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import transformers
+
+    real = json.load(open(args.config))
+    narrow = narrow_model(real["num_hidden_layers"], real["num_attention_heads"], real["num_key_value_heads"],
+                          args.head_dim, args.vocab, 4 * args.head_dim * real["num_attention_heads"])
+    m = per_step(narrow, args.batch, args.prompt, args.new_tokens, eos=args.vocab + 7)  # an id never sampled
+    ncfg = {k: getattr(narrow.config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                  "num_key_value_heads", "intermediate_size", "vocab_size")}
+    ctx = args.prompt - 1 + args.new_tokens / 2 + 0.5  # mean cache length over the measured steps (padded)
+    gqa_copy = m["ops"].get("clone", 0) >= 2 * real["num_hidden_layers"] or "repeat_interleave" in m["ops"]
+    pred = model_bytes(ncfg, args.batch, ctx, 4, gqa_copy)
+    print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"one thread; narrow Qwen2 with {real['num_hidden_layers']} layers, {real['num_attention_heads']}/"
+          f"{real['num_key_value_heads']} heads of {args.head_dim}, vocab {args.vocab}, fp32; batch {args.batch}, "
+          f"prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed)\n")
+    print("| per decoding step | measured |\n|---|---|")
+    print(f"| kernels (non-view aten ops) | {m['kernels']:.0f} ({m['kernels'] / real['num_hidden_layers']:.1f} a layer) |")
+    print(f"| view ops | {m['views']:.0f} |\n| host-device syncs | {m['syncs']:.1f} |")
+    print(f"| host time (1 thread) | {m['host_ms']:.2f} ms |\n")
+    print("| bytes per step, narrow model | measured | byte model | model / measured |\n|---|---|---|---|")
+    measured_total = sum(m["bytes"].values())
+    pairs = {"matmul": pred["weights"] + pred["activations"], "attention": pred["kv read"],
+             "cache concatenation": pred["cache concatenation"], "other copies": pred["repeat_kv copy"]}
+    for k, v in sorted(m["bytes"].items()):
+        model_v = pairs.get(k)
+        print(f"| {k} | {v / 1e6:.3f} MB | " + (f"{model_v / 1e6:.3f} MB | {model_v / v:.2f} |" if model_v else
+                                               "not modelled | |"))
+    print(f"| total | {measured_total / 1e6:.3f} MB | {pred['total'] / 1e6:.3f} MB | {pred['total'] / measured_total:.2f} |\n")
+    print("most frequent ops per step:", ", ".join(f"{op} {n:.0f}" for op, n in
+                                                 sorted(m["ops"].items(), key=lambda x: -x[1])[:14]), "\n")
+    name = os.path.basename(os.path.dirname(args.config))
+    per_op_us = 1000 * m["host_ms"] / m["kernels"]
+    print(f"| {name}, bf16, this path ({'repeat_kv' if gqa_copy else 'no KV copy'}) | weights | KV read | repeat_kv "
+          f"copy | cache cat | total | device at {args.bandwidth / 1e12:.1f} TB/s |\n|---|---|---|---|---|---|---|")
+    for batch, ctx in ((64, 1024), (128, 1024), (128, 3072), (256, 1024), (256, 3072), (512, 1024), (512, 3072)):
+        p = model_bytes(real, batch, ctx, 2, gqa_copy)
+        print(f"| batch {batch}, context {ctx} | " + " | ".join(f"{p[k] / 1e9:.2f} GB" for k in (
+            "weights", "kv read", "repeat_kv copy", "cache concatenation", "total")) +
+              f" | {1000 * p['total'] / args.bandwidth:.1f} ms |")
+    print(f"\nhost, measured here: {m['host_ms']:.1f} ms a step for {m['kernels']:.0f} kernels ({per_op_us:.1f} us an op)")
+    # the one GPU measurement: H200, transformers 5.17 (repeat_kv), 32 MATH500 prompts with the byte-level
+    # tokenizer padded to the longest, 900 tokens, then 512 new: the cache holds 900 + 256 tokens on average
+    print("\nThe H200 measurement (bench/results/gpu, transformers 5.17: repeat_kv; context 900 + 256 on average):\n")
+    print("| batch | measured ms a step | device (bytes / 4.8 TB/s) | host at this CPU's cost per op | "
+          "model: max(host, device) .. host + device | host cost per op that the measurement implies |")
+    print("|---|---|---|---|---|---|")
+    for batch, measured in ((64, 74.0), (128, 86.0)):
+        dev = 1000 * model_bytes(real, batch, 1156, 2, True)["total"] / args.bandwidth
+        host = m["host_ms"]
+        print(f"| {batch} | {measured:.0f} | {dev:.1f} ms | {host:.1f} ms | {max(host, dev):.1f} .. {host + dev:.1f} ms | "
+              f"{1000 * (measured - dev) / m['kernels']:.0f} us |")
+
+
+if __name__ == "__main__":
+    main()
