@@ -147,21 +147,27 @@ def main():
     ap.add_argument("--head-dim", type=int, default=8, help="narrow width: hidden = heads x head_dim")
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s (H200 HBM3e: 4.8 TB/s)")
-    ap.add_argument("--launch-us", type=float, default=5.0, help="CUDA launch latency per kernel, microseconds")
+    ap.add_argument("--device", default="cpu", help="where the models run (cuda: the GPU check)")
+    ap.add_argument("--measure", default="", help="batch:context,... also measure ms per decoding step of the "
+                    "real-width model (random weights, bf16 on cuda) on --device, beside the model's prediction")
+    ap.add_argument("--json", default="", help="write the measurements and predictions here")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     import transformers
 
     real = json.load(open(args.config))
     narrow = narrow_model(real["num_hidden_layers"], real["num_attention_heads"], real["num_key_value_heads"],
                           args.head_dim, args.vocab, 4 * args.head_dim * real["num_attention_heads"])
+    narrow.to(args.device)
     m = per_step(narrow, args.batch, args.prompt, args.new_tokens, eos=args.vocab + 7)  # an id never sampled
     ncfg = {k: getattr(narrow.config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                   "num_key_value_heads", "intermediate_size", "vocab_size")}
     ctx = args.prompt - 1 + args.new_tokens / 2 + 0.5  # mean cache length over the measured steps (padded)
     gqa_copy = m["ops"].get("clone", 0) >= 2 * real["num_hidden_layers"] or "repeat_interleave" in m["ops"]
     pred = model_bytes(ncfg, args.batch, ctx, 4, gqa_copy)
-    print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    print(f"{platform.node()}: {where}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"one thread; narrow Qwen2 with {real['num_hidden_layers']} layers, {real['num_attention_heads']}/"
           f"{real['num_key_value_heads']} heads of {args.head_dim}, vocab {args.vocab}, fp32; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed)\n")
@@ -201,6 +207,36 @@ def main():
         host = m["host_ms"]
         print(f"| {batch} | {measured:.0f} | {dev:.1f} ms | {host:.1f} ms | {max(host, dev):.1f} .. {host + dev:.1f} ms | "
               f"{1000 * (measured - dev) / m['kernels']:.0f} us |")
+    results = {"device": where, "transformers": transformers.__version__, "kernels": m["kernels"], "syncs": m["syncs"],
+               "host_ms_narrow": m["host_ms"], "repeat_kv": bool(gqa_copy), "measured": []}
+    if args.measure:
+        print(f"\nMeasured on {where}: ms per decoding step of the real-width model (random weights), beside the "
+              f"model (device bytes at {args.bandwidth / 1e12:.1f} TB/s; host = the narrow model's step on this device)"
+              f":\n\n| batch, context | measured | device (model) | host (narrow, here) | model: max .. sum |\n"
+              "|---|---|---|---|---|")
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        big = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in real.items() if k != "architectures"})).to(
+            device=args.device, dtype=dtype).eval()
+        for spec in args.measure.split(","):
+            batch, ctx = map(int, spec.split(":"))
+            new = 9
+            prompt = max(9, ctx - new // 2)  # the cache holds about `ctx` tokens over the measured steps
+            t1 = min(run(big, batch, prompt, 1, real["vocab_size"] + 7) for _ in range(2))
+            tn = min(run(big, batch, prompt, new, real["vocab_size"] + 7) for _ in range(2))
+            ms = 1000 * (tn - t1) / (new - 1)
+            dev = 1000 * model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy)["total"] \
+                / args.bandwidth
+            host = m["host_ms"]
+            print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
+                  f"{dev + host:.1f} ms |")
+            results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
+                                        "host_ms_narrow": host})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 #   1. a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy, gradient
 #      checkpointing, 32 prompts x 8 rollouts, 512 new tokens) at a micro-batch of 65,536 tokens, with the update
 #      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
-#   2. rollout tokens/s with the dynamic (against plain generate), static and paged caches.
+#   2. rollout tokens/s with the dynamic (against plain generate), static and paged caches;
+#   3. ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k beside bench/decode_cost.py's
+#      prediction, and the host time of a step at the real depth on this GPU (JSON in $OUT when set).
 # Exits non-zero if any part fails. Budget: under 8 minutes on one H100/H200.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s a step)
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-steps,rollout}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-steps,rollout,decode}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 step 120 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
@@ -44,6 +46,8 @@ PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.jso
   --max-batch-tokens 600000 --cache static --no-plain
 [[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
+[[ $PARTS == *decode* ]] && step 150 $PY bench/decode_cost.py --device cuda \
+  --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
 echo "decode bound for reference: about 81k tokens/s for Qwen2.5-1.5B at batch 256, context 1024 on an H100 (issue 7)"
 [ $fail -eq 0 ] && echo "gpu_smoke: all parts passed" || echo "gpu_smoke: FAILED"
 exit $fail
