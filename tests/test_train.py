@@ -121,19 +121,19 @@ def test_non_finite_loss_skips_then_aborts(tiny_model_dir, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_tiny_default_learns(tmp_path):
-    """The bundled default learns: configs/tiny.yaml as shipped (model, data, seed), the README's main command
-    (all 64 steps, cold starts included); held-out accuracy at temperature 1 (avg@16 on the 46 test problems)
-    must rise by more than 2 points. Seeded, but a run's trajectory depends on the machine and on the threads
-    (the summation order of multi-threaded kernels): seed 0 gave +12.5 on the earlier x86_64 machine at 2 threads,
-    +6.5 on an AMD EPYC at 1 thread, +4.0 there at 2 threads beside other jobs. The threshold is what every one
-    of the 10 committed CurES seeds (bench/results/convergence/seeds) clears: +3.8 to +17.1 points at step 64."""
+    """The bundled default learns: configs/tiny.yaml as shipped (model, data, seed, evaluations every 16 steps),
+    the README's main command (all 64 steps, cold starts included); held-out accuracy at temperature 1 (avg@16
+    on the 46 test problems) averaged over steps 32, 48 and 64 must exceed step 0's by more than 2 points.
+    Seeded, but a run's trajectory depends on the machine and on the threads (the summation order of
+    multi-threaded kernels), and one evaluation is noisy (seed 0 at step 64: +12.5 points on the earlier x86_64
+    machine, +3.3 on an AMD EPYC at 2 threads, +6.5 there at 1 thread). The averaged rise is what all 16 CurES
+    seeds of bench/results/convergence_power clear: +3.1 to +14.0 points (GRPO's: +0.1 to +7.4)."""
     out = tmp_path / "tiny"
-    train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
-                "--eval.every=64", "--run.save_every=0"])
+    train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}", "--run.save_every=0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
-    assert sorted(evals) == [0, 64]
-    assert evals[64] > evals[0] + 0.02, evals
+    assert sorted(evals) == [0, 16, 32, 48, 64]
+    assert (evals[32] + evals[48] + evals[64]) / 3 > evals[0] + 0.02, evals
 
 
 def test_training_groups_by_prompt_or_draw():
