@@ -178,8 +178,10 @@ class Scores(list):
     """A list of scores with `.timeouts`, the number of items that hit the deadline (scored 0: the checker ran
     and found no answer in time), and `.unscored`, the indices of items never scored because their worker was
     lost RETRIES + 1 times (their 0 is a placeholder: the trainer leaves them out of the counts and the loss)."""
-    timeouts: int = 0
-    unscored: list = []
+
+    def __init__(self, scores=()):
+        super().__init__(scores)
+        self.timeouts, self.unscored = 0, []
 
 
 class _Worker:
@@ -222,7 +224,6 @@ class ScorePool:
         are ready, START_FAILURES times per worker slot in a row with none ready in between, close the pool and
         fail the call with the reason (e.g. math-verify missing)."""
         out = Scores([0.0] * len(responses))
-        out.unscored = []
         todo = list(range(len(responses)))[::-1]
         lost = [0] * len(responses)
 
@@ -308,7 +309,6 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     out = Scores(fast_score(str(r), str(g)) for r, g in zip(responses, golds))
-    out.unscored = []
     slow = [i for i, s in enumerate(out) if s is None]  # the rest go to math-verify in the workers
     if slow:
         workers = workers or min(32, os.cpu_count() or 1)

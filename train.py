@@ -471,7 +471,8 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
         sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world)
 
     # --- log: one metrics dict, reduced over ranks by name ------------------------------------------
-    tok = reduce_sums({**generated_sums([r["generated"] for r in rounds]), "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
+    tok = reduce_sums({**generated_sums([r["generated"] for r in rounds]),
+                       "trained_tokens": sum(s["resp_len"] for p in parts for s in p),
                        "update_tokens": sum(len(s["ids"]) for p in parts for s in p), **sums})
     metrics.update(step_metrics(tok, sorted(sums), norms, num_mb, cfg.train.epochs, scheduler.get_last_lr()[0]))
     state["rollouts_train"] += int(sum(r["n"].sum() for r in rounds))
@@ -506,9 +507,9 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
             stop_at_im_end=cfg.rollout.stop_at_im_end, should_stop=should_stop,
             progress="eval" if rank == 0 else "")
-    scores = all_gather_list([s for r in records for b, s in enumerate(r["scores"]) if b not in r["unscored"]])
-    unscored = all_gather_list([sum(len(r["unscored"]) for r in records)])
-    return {"eval/acc": float(np.mean(scores)) if scores else 0.0, "eval/unscored": sum(unscored)}
+    samples = all_gather_list([(s, b in r["unscored"]) for r in records for b, s in enumerate(r["scores"])])
+    scores = [s for s, unscored in samples if not unscored]
+    return {"eval/acc": float(np.mean(scores)) if scores else 0.0, "eval/unscored": len(samples) - len(scores)}
 
 
 # ----------------------------------------------------------------------------------------------

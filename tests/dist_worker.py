@@ -26,17 +26,11 @@ from infra.models import build_models, sync_generation_weights  # noqa: E402
 
 def run_train(out_dir, overrides):
     if os.environ.get("STOP_IN"):  # STOP_IN=name:k: rank 0 sends itself SIGTERM as train.<name> is called the k-th time
-        import signal
+        from helpers import sigterm_at  # tests/, this script's directory
 
         name, k = os.environ["STOP_IN"].split(":")
-        real, calls = getattr(train, name), [0]
-
-        def stopping(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == int(k) and int(os.environ.get("RANK", 0)) == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*args, **kwargs)
-        setattr(train, name, stopping)
+        rank0 = int(os.environ.get("RANK", 0)) == 0
+        setattr(train, name, sigterm_at(getattr(train, name), lambda calls, a, kw: rank0 and calls == int(k))[0])
     state, cur = train.main([f"--run.out_dir={out_dir}", *overrides])
     rank = int(os.environ.get("RANK", 0))
     np.savez(os.path.join(out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,

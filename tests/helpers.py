@@ -31,6 +31,23 @@ def final_weights(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
+def sigterm_at(real, when):
+    """`real` wrapped so that the first call k (counted from 1) for which when(k, args, kwargs) holds sends this
+    process SIGTERM (train.main's stop handler) just before running: a stop request in that phase. Returns
+    (wrapped, fired), fired listing the call that sent it."""
+    import signal
+
+    calls, fired = [0], []
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if not fired and when(calls[0], args, kwargs):
+            fired.append(calls[0])
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return wrapped, fired
+
+
 def torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py"), env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
            os.path.join(ROOT, script), *args]

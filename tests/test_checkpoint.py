@@ -12,7 +12,7 @@ import torch
 
 import cures
 import train
-from helpers import ROOT, TRAIN_DATA, final_weights, small_run, tiny_default_run
+from helpers import ROOT, TRAIN_DATA, final_weights, sigterm_at, small_run, tiny_default_run
 from infra.checkpoint import checkpoint_dirs, save_checkpoint
 from infra.config import load_config
 from infra.data import load_subsets
@@ -276,23 +276,6 @@ def test_checkpoint_meta_loads_without_running_code(tiny_model_dir, tmp_path):
     assert not marker.exists()
 
 
-def _stop_at(monkeypatch, name, when):
-    """Wrap train.<name> so that its call number k (counted from 1) for which when(k, args, kwargs) holds first
-    sends this process SIGTERM (train.main's handler) just before running: a stop request in that phase."""
-    import signal
-
-    real, calls, fired = getattr(train, name), [0], []
-
-    def wrapped(*args, **kwargs):
-        calls[0] += 1
-        if not fired and when(calls[0], args, kwargs):
-            fired.append(calls[0])
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train, name, wrapped)
-    return fired
-
-
 def _eval_curve(out):
     return {r["step"]: r["eval/acc"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/acc" in r}
 
@@ -325,7 +308,8 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
     try:
         full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", *args))
         with monkeypatch.context() as patch:
-            fired = _stop_at(patch, name, when)
+            wrapped, fired = sigterm_at(getattr(train, name), when)
+            patch.setattr(train, name, wrapped)
             stopped_state, _ = train.main(tiny_default_run(tmp_path / "b", *args))
         assert fired and stopped_state["step"] < 4, (fired, stopped_state)
         assert checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stopped_state['step']:06d}")
