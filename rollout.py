@@ -90,20 +90,60 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
         cache_implementation="static" if cache == "static" else None)
 
 
+GQA_ATTENTION = "sdpa_gqa"  # the name under which sdpa_gqa_attention is registered with transformers
+DECODE_GQA = True  # a model on sdpa decodes with sdpa_gqa_attention (False: transformers' sdpa, for comparisons)
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' sdpa attention, except that a decoding step (one query token) reads each KV head once: the g
+    query heads that share a KV head attend as g query positions of that head, (b, h, 1, d) -> (b, h_kv, g, d),
+    against the cache as it is, (b, h_kv, S, d). transformers' sdpa instead copies the cache g times wide under a
+    padding mask (`repeat_kv`: every version under torch.compile, and 5.17 eagerly), which moves g + 1 times the
+    bytes attention must read (bench/decode_cost.py). Same arithmetic per head, so the same result up to float
+    summation order. Anything else (prefill, training, masks that differ by head) is transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    per_head_mask = attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1)
+    if query.shape[2] != 1 or groups == 1 or per_head_mask or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    b, h, _, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(  # (b, h_kv, g, d)
+        query.reshape(b, h // groups, groups, d), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, h, d), None  # heads in the order kv-major, as repeat_kv lays them out
+
+
+def _register_gqa_attention():
+    """Register sdpa_gqa_attention (and sdpa's mask builder) under GQA_ATTENTION, once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if GQA_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)
+        AttentionMaskInterface.register(GQA_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
 @contextlib.contextmanager
-def _generating(model):
+def _generating(model, gqa_attention: bool | None = None):
     """While `generate` runs: the model in eval mode (transformers turns the KV cache off for a model in
     train mode with gradient checkpointing on; the unsharded trainer generates with its policy) and its
     generation_config hidden (a default one in its place), so that no field we left unset is filled from
-    the checkpoint's settings. Both restored after."""
+    the checkpoint's settings; with `gqa_attention` (default DECODE_GQA), a model on sdpa decodes with
+    sdpa_gqa_attention. All restored after."""
     saved, training = model.generation_config, model.training
+    attn = model.config._attn_implementation
     model.generation_config = GenerationConfig()
     model.eval()
+    if (DECODE_GQA if gqa_attention is None else gqa_attention) and attn == "sdpa":
+        _register_gqa_attention()
+        model.config._attn_implementation = GQA_ATTENTION
     try:
         yield
     finally:
         model.generation_config = saved
         model.train(training)
+        model.config._attn_implementation = attn
 
 
 def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, max_batch_size: int = 1024):
@@ -137,8 +177,9 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     sequences leave the batch at once and waiting ones take their place, which pays off when response
     lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible).
     share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts.
-    should_stop: called before each batch; when it returns True, `Interrupted` is raised (a preempted job
-    stops within one batch instead of after the whole phase). progress: a label shows a progress bar on
+    should_stop: called before each batch (and every PAGED_STOP_POLL_S seconds inside a paged call); when it
+    returns True, `Interrupted` is raised (a preempted job stops within one batch, or about a second on the
+    paged path, instead of after the whole phase). progress: a label shows a progress bar on
     stderr (rollouts done of all, tokens/s, ETA), redrawn at most every 30 s when stderr is not a terminal."""
     if cache not in ("dynamic", "static", "paged"):
         raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
@@ -161,7 +202,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
             raise Interrupted(f"stopped before batch {b} of {len(batches)}")
         if cache == "paged":
             for row, toks in zip(batch, _generate_paged(model, [prompts[seq_prompt[i]] for i in batch], gen_cfg,
-                                                        seed * 1_000_003 + b, max_batch_tokens)):
+                                                        seed * 1_000_003 + b, max_batch_tokens, should_stop)):
                 response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         else:
             gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
@@ -232,23 +273,43 @@ def _cache_kwarg(model) -> str:
 
 
 def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, seed: int,
-                    max_batch_tokens: int) -> list[list[int]]:
+                    max_batch_tokens: int, should_stop=None) -> list[list[int]]:
     """Continuous batching: one request per rollout (not num_return_sequences, whose children are forked
-    from their parent's state), generated tokens in the order of `inputs`; the cache as `paged_cache_config`."""
+    from their parent's state), generated tokens in the order of `inputs`; the cache as `paged_cache_config`.
+    transformers' manager generates in its own thread while this one collects the finished requests and asks
+    `should_stop` every PAGED_STOP_POLL_S seconds: a stop request ends the call within about that (plus the
+    forward pass under way), not when the whole chunk is done."""
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
     device = next(model.parameters()).device
     cb = paged_cache_config([len(p) for p in inputs], gen_cfg.max_new_tokens, max_batch_tokens)
-    with _seeded(device, seed), _generating(model):
-        out = model.generate_batch(inputs, generation_config=gen_cfg, progress_bar=False,
-                                   warmup=device.type == "cuda", continuous_batching_config=cb)
-    results = list(out.values())
-    failed = [r.request_id for r in results if r.error is not None]
-    if len(results) != len(inputs) or failed:
-        raise RuntimeError(f"continuous batching returned {len(results)} of {len(inputs)} requests; failed: {failed[:5]}")
-    return [r.generated_tokens[:gen_cfg.max_new_tokens] for r in results]
+    hints = WorkloadHints(max_prompt_length=max(map(len, inputs)), max_generated_length=gen_cfg.max_new_tokens,
+                          num_requests=len(inputs))
+    results = {}
+    with _seeded(device, seed), _generating(model, gqa_attention=False), \
+            model.continuous_batching_context_manager(  # the paged path has its own attention
+                generation_config=gen_cfg, continuous_batching_config=cb, block=True, timeout=5,
+                warmup=device.type == "cuda", workload_hints=hints) as manager:
+        ids = manager.add_requests(inputs=inputs, max_new_tokens=gen_cfg.max_new_tokens)
+        while len(results) < len(ids):
+            if should_stop is not None and should_stop():  # pending requests dropped, not flushed to their end
+                manager.stop(block=True, timeout=30, hard_stop=True)
+                raise Interrupted(f"stopped with {len(results)} of {len(ids)} requests of a paged call done")
+            result = manager.get_result(timeout=PAGED_STOP_POLL_S)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError(f"continuous batching stopped with {len(results)} of {len(ids)} requests done")
+            elif result.is_finished():
+                results[result.request_id] = result
+    failed = [i for i in ids if results[i].error is not None]
+    if failed:
+        raise RuntimeError(f"continuous batching failed on requests {failed[:5]}: {results[failed[0]].error}")
+    return [results[i].generated_tokens[:gen_cfg.max_new_tokens] for i in ids]
 
 
+PAGED_STOP_POLL_S = 1.0  # how often a paged call asks should_stop while the manager generates
 PAGED_FORWARD_TOKENS = 8192  # tokens per continuous-batching forward, as the authors' vLLM
-PAGED_CHUNK = 4  # requests per generate_batch call: 4 KV budgets' worth at full length (a stop waits one call)
+PAGED_CHUNK = 4  # requests per continuous-batching call: 4 KV budgets' worth at full length
 
 
 def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int, page: int = 256):

@@ -114,6 +114,12 @@ def per_step(model, batch, prompt, new, eos):
             "ops": {op: (cn.ops[op] - c1.ops[op]) / k for op in cn.ops if cn.ops[op] != c1.ops[op]}}
 
 
+def kv_cache_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int) -> float:
+    """The K and V of every layer at context `ctx`: what one decoding step's attention must read."""
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * batch * ctx * cfg["num_key_value_heads"] * d * dtype_bytes
+
+
 def model_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int, gqa_copy: bool) -> dict:
     """Bytes read + written per decoding step, by kind, at context `ctx` (the tokens already in the cache, padding
     included). Matmuls read their weights and activations. The dynamic cache concatenates every layer's K and V
@@ -151,7 +157,10 @@ def main():
     ap.add_argument("--measure", default="", help="batch:context,... also measure ms per decoding step of the "
                     "real-width model (random weights, bf16 on cuda) on --device, beside the model's prediction")
     ap.add_argument("--json", default="", help="write the measurements and predictions here")
+    ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
+                    "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
+    rollout.DECODE_GQA = args.attention == "sdpa_gqa"
     if args.device == "cpu":
         torch.set_num_threads(1)
     import transformers
@@ -166,15 +175,19 @@ def main():
     ctx = args.prompt - 1 + args.new_tokens / 2 + 0.5  # mean cache length over the measured steps (padded)
     gqa_copy = m["ops"].get("clone", 0) >= 2 * real["num_hidden_layers"] or "repeat_interleave" in m["ops"]
     pred = model_bytes(ncfg, args.batch, ctx, 4, gqa_copy)
+    kv_cache = kv_cache_bytes(ncfg, args.batch, ctx, 4)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
-    print(f"{platform.node()}: {where}, torch {torch.__version__}, transformers {transformers.__version__}; "
+    print(f"{platform.node()}: {where}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"attention {args.attention}; "
           f"one thread; narrow Qwen2 with {real['num_hidden_layers']} layers, {real['num_attention_heads']}/"
           f"{real['num_key_value_heads']} heads of {args.head_dim}, vocab {args.vocab}, fp32; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed)\n")
     print("| per decoding step | measured |\n|---|---|")
     print(f"| kernels (non-view aten ops) | {m['kernels']:.0f} ({m['kernels'] / real['num_hidden_layers']:.1f} a layer) |")
     print(f"| view ops | {m['views']:.0f} |\n| host-device syncs | {m['syncs']:.1f} |")
-    print(f"| host time (1 thread) | {m['host_ms']:.2f} ms |\n")
+    print(f"| host time (1 thread) | {m['host_ms']:.2f} ms |")
+    attn_moved = m["bytes"].get("attention", 0) + m["bytes"].get("other copies", 0)
+    print(f"| attention bytes (attention + copies) / KV cache read | {attn_moved / kv_cache:.2f} |\n")
     print("| bytes per step, narrow model | measured | byte model | model / measured |\n|---|---|---|---|")
     measured_total = sum(m["bytes"].values())
     pairs = {"matmul": pred["weights"] + pred["activations"], "attention": pred["kv read"],
@@ -207,7 +220,8 @@ def main():
         host = m["host_ms"]
         print(f"| {batch} | {measured:.0f} | {dev:.1f} ms | {host:.1f} ms | {max(host, dev):.1f} .. {host + dev:.1f} ms | "
               f"{1000 * (measured - dev) / m['kernels']:.0f} us |")
-    results = {"device": where, "transformers": transformers.__version__, "kernels": m["kernels"], "syncs": m["syncs"],
+    results = {"device": where, "transformers": transformers.__version__, "attention": args.attention,
+               "attention_bytes_over_kv_cache": attn_moved / kv_cache, "kernels": m["kernels"], "syncs": m["syncs"],
                "host_ms_narrow": m["host_ms"], "repeat_kv": bool(gqa_copy), "measured": []}
     if args.measure:
         print(f"\nMeasured on {where}: ms per decoding step of the real-width model (random weights), beside the "

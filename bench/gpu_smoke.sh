@@ -6,7 +6,8 @@
 #      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
 #   2. rollout tokens/s with the dynamic (against plain generate), static and paged caches;
 #   3. ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k beside bench/decode_cost.py's
-#      prediction, and the host time of a step at the real depth on this GPU (JSON in $OUT when set).
+#      prediction, and the host time of a step at the real depth on this GPU (JSON in $OUT when set); then at two
+#      shapes with transformers' sdpa instead of rollout's sdpa_gqa decoding attention.
 # Exits non-zero if any part fails. Budget: under 8 minutes on one H100/H200.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,10 @@ PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.jso
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
 [[ $PARTS == *decode* ]] && step 150 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
+# the same with transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout.generate's
+# sdpa_gqa attention saves, at two shapes
+[[ $PARTS == *decode* ]] && step 80 $PY bench/decode_cost.py --device cuda --attention sdpa \
+  --measure 128:1024,256:3072 --json ${OUT:-/tmp}/decode_cost_sdpa.json
 echo "decode bound for reference: about 81k tokens/s for Qwen2.5-1.5B at batch 256, context 1024 on an H100 (issue 7)"
 [ $fail -eq 0 ] && echo "gpu_smoke: all parts passed" || echo "gpu_smoke: FAILED"
 exit $fail

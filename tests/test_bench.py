@@ -109,13 +109,18 @@ def test_rollout_axis_statistics_on_constructed_curves():
     assert "-10.00 [-10.00, -10.00]" in row and "worse" in row and "| 3 |" in row  # 0.2 flat vs 0.2 -> 0.4: -0.1
 
 
-def test_decode_cost_byte_model_matches_counted_bytes():
+@pytest.mark.parametrize("gqa", [True, False])
+def test_decode_cost_byte_model_matches_counted_bytes(gqa, monkeypatch):
     """bench/decode_cost.py: one decoding step of rollout.generate (GQA heads, left padding), its aten ops counted;
     the byte model of each kind it models (matmuls, attention, the cache's concatenation, repeat_kv copies where
-    the installed transformers makes them) within 10 % of the bytes counted, and a sync or two, not one a layer."""
+    the installed transformers makes them) within 10 % of the bytes counted, and a sync or two, not one a layer.
+    rollout.generate's own decoding attention (gqa) reads the KV cache once: attention moves at most 1.5x the
+    cache's bytes (issue 28's goal), with no copy of it, whatever transformers version."""
     import decode_cost
+    import rollout
 
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(rollout, "DECODE_GQA", gqa)
     torch.manual_seed(0)
     model = decode_cost.narrow_model(layers=3, heads=6, kv_heads=2, head_dim=8, vocab=128, intermediate=96)
     m = decode_cost.per_step(model, batch=4, prompt=20, new=6, eos=128 + 7)
@@ -129,3 +134,6 @@ def test_decode_cost_byte_model_matches_counted_bytes():
     if copies:
         assert pred["repeat_kv copy"] == pytest.approx(m["bytes"]["other copies"], rel=0.1)
     assert 20 < m["kernels"] / 3 < 80 and 1 <= m["syncs"] <= 3
+    if gqa:
+        moved = m["bytes"]["attention"] + m["bytes"].get("other copies", 0)
+        assert not copies and moved <= 1.5 * decode_cost.kv_cache_bytes(cfg, 4, 20 - 1 + 6 / 2 + 0.5, 4)

@@ -121,9 +121,11 @@ def test_model_generation_config_does_not_change_sampling(tiny_model_dir, temper
     assert model.generation_config is odd  # given back
 
 
-def test_sampled_logprobs_match_training_forward(tiny_model_dir):
-    """The policy that samples (left-padded, KV cache) and the one that is trained (right-padded, one
-    forward) give the same log-probabilities: the PPO ratio starts at exactly 1."""
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sampled_logprobs_match_training_forward(tiny_model_dir, gqa):
+    """The policy that samples (left-padded, KV cache; transformers' sdpa or sdpa_gqa_attention, as rollout.generate
+    decodes) and the one that is trained (right-padded, one forward) give the same log-probabilities: the PPO ratio
+    starts at exactly 1."""
     import train
 
     model, tok = _model_and_tok(tiny_model_dir)
@@ -134,9 +136,10 @@ def test_sampled_logprobs_match_training_forward(tiny_model_dir):
     ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
     attn = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in prompts])[:, None]).long()
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=8,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, output_scores=True,
-                         return_dict_in_generate=True)
+    with rollout._generating(model, gqa_attention=gqa):
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=8,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, output_scores=True,
+                             return_dict_in_generate=True)
     gen = out.sequences[:, L:]
     sampled = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, gen[..., None])[..., 0]
     for i, p in enumerate(prompts):
@@ -169,13 +172,13 @@ def test_paged_cache_is_sized_from_the_work():
 @pytest.mark.parametrize("cache", ["dynamic", "paged"])
 def test_stop_request_acted_on_within_one_batch(tiny_model_dir, cache, monkeypatch, capsys):
     """A stop request (should_stop) is acted on before the next batch: with the paged cache too, which is fed
-    to generate_batch in chunks of PAGED_CHUNK KV budgets (a preempted job must not finish a whole cold start
+    to continuous batching in chunks of PAGED_CHUNK KV budgets (a preempted job must not finish a whole cold start
     first), with the same progress display as the other caches."""
     model, tok = _model_and_tok(tiny_model_dir)
     prompts = [tok(f"What is {k}+{k}?").input_ids for k in range(12)]
     kw = dict(max_new_tokens=6, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=0, max_batch_tokens=64,
               cache=cache)
-    name = "generate_batch" if cache == "paged" else "generate"
+    name = "continuous_batching_context_manager" if cache == "paged" else "generate"
     calls, original = [], getattr(model, name)
     monkeypatch.setattr(model, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     done = rollout.generate(model, prompts, 4, progress="rollouts", **kw)
@@ -189,6 +192,37 @@ def test_stop_request_acted_on_within_one_batch(tiny_model_dir, cache, monkeypat
     assert len(calls) == 1  # one batch (paged: one chunk), then the stop; not the whole phase
 
 
+def test_paged_stop_request_acted_on_inside_a_call(tiny_model_dir, monkeypatch):
+    """The paged path asks should_stop while continuous batching generates, not only between calls: a stop
+    requested inside a call (one call: 64 requests of 192 tokens, seconds of work) ends it within about
+    PAGED_STOP_POLL_S plus the manager's shutdown (0.6 s here), with requests still unfinished, and the
+    manager's thread is gone after."""
+    import threading
+    import time
+
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok(f"What is {k}+{k}?").input_ids for k in range(8)]
+    kw = dict(max_new_tokens=192, eos_ids=[len(tok) + 5], pad_id=tok.pad_token_id, seed=0, cache="paged",
+              max_batch_tokens=1 << 16)  # an EOS never sampled: every request runs its 192 tokens; one call
+    monkeypatch.setattr(rollout, "PAGED_STOP_POLL_S", 0.05)
+    asked = []
+    others = lambda: sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor")  # noqa: E731
+    threads = others()
+
+    def should_stop():  # False before the call and at its first 4 polls inside it (0.2 s), then True
+        asked.append(time.perf_counter())
+        return len(asked) > 5
+
+    with pytest.raises(rollout.Interrupted, match=r"with \d+ of 64 requests") as stopped:
+        rollout.generate(model, prompts, 8, should_stop=should_stop, **kw)
+    took = time.perf_counter() - asked[-1]
+    assert took < 2.0, took
+    done = int(str(stopped.value).split("with ")[1].split(" of")[0])
+    assert done < 64
+    time.sleep(0.2)
+    assert others() == threads
+
+
 def test_no_rollouts_decode_to_no_texts(tiny_model_dir):
     """A rank that owns no prompt this step gets no rollouts and no texts (transformers < 5.24 decodes an empty
     batch as [''], which once failed a two-rank run: '1 responses but 0 gold answers')."""
@@ -198,3 +232,56 @@ def test_no_rollouts_decode_to_no_texts(tiny_model_dir):
     one = rollout.generate(model, [tok("Hi").input_ids], 1, max_new_tokens=4, eos_ids=[tok.eos_token_id],
                            pad_id=tok.pad_token_id)
     assert one.texts(tok) == tok.batch_decode(one.responses(), skip_special_tokens=True)
+
+
+def test_gqa_decoding_attention_equals_sdpa():
+    """sdpa_gqa_attention on one query token (8 query heads over 2 KV heads, a left-padding mask) is transformers'
+    sdpa with the cache copied 4 times wide; on several query tokens it is transformers' sdpa itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    b, S, d = 3, 11, 16
+    key, value = torch.randn(b, 2, S, d), torch.randn(b, 2, S, d)
+    mask = (torch.arange(S)[None] >= torch.tensor([0, 4, 9])[:, None])[:, None, None, :]  # (b, 1, 1, S)
+    for q_len, m in ((1, mask), (1, None), (S, mask.expand(b, 1, S, S) & torch.ones(S, S, dtype=torch.bool).tril())):
+        query = torch.randn(b, 8, q_len, d)
+        got, _ = rollout.sdpa_gqa_attention(module, query, key, value, m, scaling=d ** -0.5)
+        want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=d ** -0.5)
+        assert got.shape == want.shape == (b, q_len, 8, d)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_gqa_decoding_gives_the_same_rollouts(temperature, monkeypatch):
+    """rollout.generate decodes the bundled tiny model (4 query heads over 2 KV heads) with sdpa_gqa_attention:
+    called on every decoding step of every layer, the same tokens as transformers' sdpa, greedy and sampled, with
+    mixed prompt lengths (a padding mask) and both caches; the model's own setting is given back."""
+    import os
+
+    from transformers import AttentionInterface
+
+    model, tok = _model_and_tok(os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "tiny"))
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
+    prompts = [tok(f"What is {a}+{b}?").input_ids for a, b in ((1, 2), (12, 345), (7, 80), (4321, 5))]
+    kw = dict(max_new_tokens=10, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=4, temperature=temperature)
+    calls = []
+    rollout._register_gqa_attention()
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return rollout.sdpa_gqa_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, rollout.GQA_ATTENTION, counted)
+    for cache in ("dynamic", "static"):
+        calls.clear()
+        gqa = rollout.generate(model, prompts, 3, cache=cache, **kw)
+        decode_calls = sum(q == 1 for q in calls)
+        assert decode_calls >= model.config.num_hidden_layers * (gqa.response_ids.shape[1] - 1)
+        assert model.config._attn_implementation == "sdpa"
+        monkeypatch.setattr(rollout, "DECODE_GQA", False)
+        calls.clear()
+        plain = rollout.generate(model, prompts, 3, cache=cache, **kw)
+        monkeypatch.setattr(rollout, "DECODE_GQA", True)
+        assert not calls and torch.equal(gqa.response_ids, plain.response_ids)

@@ -1,9 +1,16 @@
-"""The synthetic task of the tiny default: integer addition with graded difficulty.
+"""The synthetic tasks of the tiny testbeds, each with graded difficulty; responses are scored by reward.py
+(math-verify on \\boxed{}) like the real task.
 
-Level k (1..4) adds two k-digit numbers. Problems read "What is 12+345?" and the gold answer is the sum;
-responses are scored by reward.py (math-verify on \\boxed{}) like the real task.
+- `add` (the tiny default, data/tiny): level k (1..4) adds two k-digit numbers, "What is 12+345?". Its prompts
+  fall into clusters of difficulty (solved, half-learned, out of reach).
+- `arith` (the continuum testbed, data/arith): sums and differences of operands of 1 to 3 digits drawn
+  independently, "What is 407-58?", answers negative where the second operand is larger. Difficulty varies
+  with the operands' lengths, the carries and borrows, and the sign, so that a partly trained model's
+  per-prompt accuracy spreads over (0, 1) (bench/results/arith/README.md shows the histogram). Its level is
+  the longer operand's number of digits.
 
-    python tiny/make_data.py            # writes data/tiny/{train,test}.jsonl (committed)
+    python tiny/make_data.py                # writes data/tiny/{train,test}.jsonl (committed)
+    python tiny/make_data.py --task arith   # writes data/arith/{train,test}.jsonl (committed)
 """
 
 import argparse
@@ -24,6 +31,32 @@ def problem(rng: random.Random, level: int) -> dict:
     return {"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level}
 
 
+def arith_problem(rng: random.Random, level: int | None = None) -> dict:
+    """a+b or a-b with a and b of 1 to 3 digits (lengths drawn independently and uniformly; `level` fixes the
+    longer one's). The level is max(len(a), len(b))."""
+    while True:
+        la, lb = rng.randint(1, 3), rng.randint(1, 3)
+        if level is None or max(la, lb) == level:
+            break
+    a, b = (rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1) for n in (la, lb))
+    op = rng.choice("+-")
+    return {"problem": f"What is {a}{op}{b}?", "answer": str(a + b if op == "+" else a - b), "level": max(la, lb)}
+
+
+def arith_splits(train_size: int = 4000, test_size: int = 64, seed: int = 0):
+    """(train, test) of the arith task: distinct problems, shuffled, then split, so that both splits (and every
+    curriculum subset, cut in file order) follow one distribution (a stream cut in order would not: the 200
+    one-digit problems run out as it goes); none of the held-out problems is in train."""
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < train_size + test_size:
+        r = arith_problem(rng)
+        if r["problem"] not in seen:
+            seen.add(r["problem"])
+            rows.append(r)
+    rng.shuffle(rows)
+    return rows[:train_size], rows[train_size:]
+
+
 def make(n_per_level: int, levels, seed: int):
     rng = random.Random(seed)
     rows = [problem(rng, level) for level in levels for _ in range(n_per_level)]
@@ -42,12 +75,14 @@ def splits(train_per_level: int = 1000, test_per_level: int = 50, test_levels=TE
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "data", "tiny"))
-    ap.add_argument("--train-per-level", type=int, default=1000)
-    ap.add_argument("--test-per-level", type=int, default=50)
+    ap.add_argument("--task", choices=["add", "arith"], default="add")
+    ap.add_argument("--out", default=None, help="default: data/tiny (add) or data/arith (arith)")
+    ap.add_argument("--train-per-level", type=int, default=1000, help="add only")
+    ap.add_argument("--test-per-level", type=int, default=50, help="add only")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", "tiny" if args.task == "add" else "arith")
     os.makedirs(args.out, exist_ok=True)
-    train, test = splits(args.train_per_level, args.test_per_level)
+    train, test = splits(args.train_per_level, args.test_per_level) if args.task == "add" else arith_splits()
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             for r in rows:

@@ -16,6 +16,12 @@ mass on wrong tokens, i.e. a gap between greedy and sampled accuracy) and `--noi
 of supervised answers with one digit changed).
 
     python tiny/pretrain.py            # writes models/tiny (about 7 minutes on 2 CPU cores)
+
+The continuum testbed's model (`--task arith`: sums and differences of 1- to 3-digit operands, tiny/make_data.py)
+is made by the same recipe, model and schedule, stopped in the middle of its climb, when greedy accuracy on 100
+fresh validation problems of the whole task (`--stop-when 0:0.3`, level 0 meaning all levels) reaches 30 %:
+
+    python tiny/pretrain.py --task arith       # writes models/arith (about 8 minutes on 2 CPU cores)
 """
 
 import argparse
@@ -31,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from eval import PROMPT_FILE, build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
-from tiny.make_data import problem, splits  # noqa: E402
+from tiny.make_data import arith_problem, problem, splits  # noqa: E402
 
 
 SYSTEM_PROMPT, USER_TEMPLATE = "", "{problem}"  # as in configs/tiny.yaml
@@ -78,18 +84,27 @@ def greedy_accuracy(model, tok, rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(HERE, "..", "models", "tiny"))
+    ap.add_argument("--task", choices=["add", "arith"], default="add")
+    ap.add_argument("--out", default=None, help="default: models/tiny (add) or models/arith (arith)")
     ap.add_argument("--steps", type=int, default=5000, help="length of the one-cycle lr schedule")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1", help="sampling weight of each level")
+    ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1", help="add: sampling weight of each level "
+                    "(arith draws its problems as tiny/make_data.py does)")
     ap.add_argument("--report-every", type=int, default=0, help="steps between held-out reports (0: end only)")
-    ap.add_argument("--test", default=os.path.join(HERE, "..", "data", "tiny", "test.jsonl"))
+    ap.add_argument("--test", default=None, help="the held-out split (default: data/<tiny|arith>/test.jsonl)")
     ap.add_argument("--noise", default="0,0,0,0", help="per level: fraction of corrupted answers")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
-    ap.add_argument("--stop-when", default="2:0.5", help="LEVEL:ACC, stop once greedy accuracy at LEVEL on 100 fresh "
-                    "validation problems (not the test set) reaches ACC; checked every 100 steps")
+    ap.add_argument("--stop-when", default=None, help="LEVEL:ACC, stop once greedy accuracy at LEVEL (0: the whole "
+                    "task) on 100 fresh validation problems (not the test set) reaches ACC; checked every 100 steps; "
+                    "'' never (default 2:0.5 for add, 0:0.3 for arith)")
     args = ap.parse_args()
+    name = "tiny" if args.task == "add" else "arith"
+    if args.stop_when is None:
+        args.stop_when = "2:0.5" if args.task == "add" else "0:0.3"
+    args.out = args.out or os.path.join(HERE, "..", "models", name)
+    args.test = args.test or os.path.join(HERE, "..", "data", name, "test.jsonl")
+    draw = problem if args.task == "add" else (lambda rng, level: arith_problem(rng))
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     tok = build_tokenizer()
@@ -100,12 +115,14 @@ def main():
     # Fresh problems every batch, never one of the held-out test set (RL's training prompts may appear), nor
     # one of the level-3 problems the held-out split once had (the stream that made the committed model).
     test = [json.loads(line) for line in open(args.test)]
-    held_out = {r["problem"] for r in test} | {r["problem"] for r in splits(test_levels=(2, 3))[1]}
+    held_out = {r["problem"] for r in test}
+    if args.task == "add":
+        held_out |= {r["problem"] for r in splits(test_levels=(2, 3))[1]}
     rng = random.Random(100)
     if args.stop_when:
         stop_level, stop_acc = int(args.stop_when.split(":")[0]), float(args.stop_when.split(":")[1])
         val_rng = random.Random(7)
-        val = [r for r in (problem(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
+        val = [r for r in (draw(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
                                                 pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
@@ -116,9 +133,9 @@ def main():
         levels = torch.multinomial(torch.tensor(weights), args.batch, replacement=True, generator=gen)
         rows = []
         for lv in levels.tolist():
-            row = problem(rng, lv + 1)
+            row = draw(rng, lv + 1)
             while row["problem"] in held_out:
-                row = problem(rng, lv + 1)
+                row = draw(rng, lv + 1)
             rows.append(corrupt(row, noise[lv], gen))
         pairs = [encode(tok, r) for r in rows]
         L = max(len(p) + len(r) for p, r in pairs)
@@ -140,7 +157,8 @@ def main():
         if args.report_every and step % args.report_every == 0 and step:
             print("greedy held-out accuracy by level:", greedy_accuracy(model, tok, test), flush=True)
         if args.stop_when and step % 100 == 0 and step:
-            acc = greedy_accuracy(model, tok, val)[stop_level]
+            by_level = greedy_accuracy(model, tok, val)
+            acc = by_level[stop_level] if stop_level else mean_accuracy(by_level, val)
             print(f"validation level {stop_level}: {acc:.2f}", flush=True)
             if acc >= stop_acc:
                 break
@@ -153,9 +171,20 @@ def main():
                             "steps_done": step + 1, "seconds": round(time.time() - t0)})
 
 
+def mean_accuracy(by_level: dict, rows: list[dict]) -> float:
+    """Accuracy over all of `rows` from accuracy_by_level's per-level figures."""
+    counts = {}
+    for r in rows:
+        counts[r["level"]] = counts.get(r["level"], 0) + 1
+    return sum(by_level[k] * n for k, n in counts.items()) / len(rows)
+
+
 def report_rows(test: list[dict]) -> list[dict]:
-    """The held-out test set plus 100 fresh problems (fixed seed) of each level it lacks."""
+    """The held-out test set plus, for the add task, 100 fresh problems (fixed seed) of each level it lacks (the
+    arith task's held-out split has every level)."""
     rng = random.Random(8)
+    if "-" in "".join(r["problem"] for r in test):
+        return test
     return test + [problem(rng, lv) for lv in (1, 2, 3, 4) if lv not in {r["level"] for r in test} for _ in range(100)]
 
 
