@@ -137,3 +137,38 @@ def test_decode_cost_byte_model_matches_counted_bytes(gqa, monkeypatch):
     if gqa:
         moved = m["bytes"]["attention"] + m["bytes"].get("other copies", 0)
         assert not copies and moved <= 1.5 * decode_cost.kv_cache_bytes(cfg, 4, 20 - 1 + 6 / 2 + 0.5, 4)
+
+
+def test_phase_cost_schedules_against_the_long_tail_simulator():
+    """bench/phase_cost.py: continuous batching's steps hold every generated token once and stay within the KV
+    budget, and their device-only time is bench/long_tail.py's independent simulation; static batches decode to
+    their longest response; with no host time the paged path is the decode bound, and repeat_kv's reads and the
+    dynamic cache's rewrites only add."""
+    import long_tail
+    import phase_cost
+
+    from infra.config import load_config
+
+    cfg = load_config(["--config", os.path.join(ROOT, "configs", "1.5b.yaml"), "--rollout.max_batch_tokens=60000",
+                       "--rollout.max_new_tokens=512", "--rollout.max_batch_size=64"])
+    rng = np.random.default_rng(0)
+    resp = long_tail.lengths(200, rng, 120, 0.7, 0.05, 512)
+    prompt = np.minimum(np.exp(rng.normal(np.log(150), 0.5, 200)), 1024).astype(int)
+    rows, cached = phase_cost.paged_steps(prompt, resp, 60000, 64)
+    assert rows.sum() == resp.sum() and rows.max() <= 64 and cached.max() <= 60000
+    sim = long_tail.simulate_paged(prompt, resp, 60000, 64, 3e9, 28 * 1024, 3.35e12)
+    assert sim["decode_steps"] == len(rows) and sim["slots"] == rows.sum()
+    bound = phase_cost.decode_bound(prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12)
+    assert bound == pytest.approx(sim["seconds"], rel=1e-9)
+    import rollout
+
+    batches = rollout.plan_batches(list(prompt), 512, 60000, 64)
+    prow, pcached, palloc = phase_cost.padded_steps(prompt, resp, batches, 512)
+    assert len(prow) == sum(int(resp[b].max()) for b in batches) and prow.sum() >= resp.sum()
+    assert (palloc >= pcached).all()
+    t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0)["seconds"]
+         for p in phase_cost.PATHS}
+    assert t["paged, CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
+    assert t["dynamic, sdpa (5.17: repeat_kv), eager"] > t["dynamic, sdpa_gqa, eager (rollout.generate today)"] > bound
+    slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0)
+    assert slow["host_bound"] == 1.0 and slow["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3)

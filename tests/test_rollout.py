@@ -285,3 +285,21 @@ def test_gqa_decoding_gives_the_same_rollouts(temperature, monkeypatch):
         plain = rollout.generate(model, prompts, 3, cache=cache, **kw)
         monkeypatch.setattr(rollout, "DECODE_GQA", True)
         assert not calls and torch.equal(gqa.response_ids, plain.response_ids)
+
+
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_weights_updated_in_place_are_seen(tiny_model_dir, cache):
+    """The trainer updates the generation model's weights in place between phases: the next call of either
+    cache decodes with the new weights (greedy tokens equal to the dynamic path's on the updated model), nothing
+    kept from the previous call."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok("What is 1+1?").input_ids, tok("What is 12+345?").input_ids, tok("Hi").input_ids]
+    kw = dict(max_new_tokens=8, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=1, temperature=0.0)
+    before = rollout.generate(model, prompts, 2, cache=cache, **kw)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    after = rollout.generate(model, prompts, 2, cache=cache, **kw)
+    assert torch.equal(after.response_ids, rollout.generate(model, prompts, 2, **kw).response_ids)
+    assert not torch.equal(after.response_ids, before.response_ids)

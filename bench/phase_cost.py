@@ -1,0 +1,163 @@
+"""A whole rollout phase of one rank, predicted per generation path (issue 28, items 1 and 3: the cost model).
+
+One rank's rollouts of a `configs/1.5b.yaml` step (1,024 responses, lengths as bench/long_tail.py draws them) are
+decoded step by step under each path's batching, and each decoding step is charged the larger of its host time
+and its device time (bytes / bandwidth):
+
+- host: eager decoding launches one kernel per non-view aten op, `kernels` a step as bench/decode_cost.py counts
+  them through rollout.generate (1,205 with transformers' sdpa on 5.17, 1,149 with rollout's sdpa_gqa attention),
+  at `--host-us` each: the open parameter, 55 us by default, what the one H200 measurement implies
+  (bench/results/decode_cost.md). A CUDA-graphed step (a static cache compiled by transformers, or continuous
+  batching's captured graphs) is charged `--graph-host-ms` a step instead (an assumption until a GPU measures it).
+- device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
+  which copies the cache 6 heads wide and reads the copy), the dynamic cache's concatenation (read and rewritten
+  every step: +2x), and for a static cache the whole preallocated length, read whether written or not.
+
+Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
+rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
+The decode bound is the paged schedule's device time with a single read of the cache and no host time.
+
+    python bench/phase_cost.py        # configs/1.5b.yaml on one H100 (3.35 TB/s); results in bench/results/phase_cost.md
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the root: bench/rollout.py is a script
+import rollout  # noqa: E402
+from infra.config import load_config  # noqa: E402
+from long_tail import lengths  # noqa: E402
+
+# (batching, cache layout, KV read multiplier, host: kernels a step or None for a CUDA-graphed step)
+PATHS = {
+    "dynamic, sdpa (5.17: repeat_kv), eager": ("padded", "dynamic", 18.0, 1205),
+    "dynamic, sdpa_gqa, eager (rollout.generate today)": ("padded", "dynamic", 1.0, 1149),
+    "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, None),
+    "paged, eager": ("paged", "paged", 1.0, 1149),
+    "paged, CUDA graphs": ("paged", "paged", 1.0, None),
+}
+
+
+def padded_steps(prompt, resp, batches, limit: int):
+    """Per decoding step of static batches: (rows, tokens in the cache, tokens allocated for a static cache)."""
+    rows, cached, allocated = [], [], []
+    for b in batches:
+        T, P = int(resp[b].max()), int(prompt[b].max())  # left-padded to the batch's longest prompt
+        t = np.arange(T)
+        rows.append(np.full(T, len(b)))
+        cached.append(len(b) * (P + t))
+        allocated.append(np.full(T, len(b) * (P + limit)))
+    return np.concatenate(rows), np.concatenate(cached), np.concatenate(allocated)
+
+
+def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
+    """Per decoding step of continuous batching (rows join while their prompt and the running rows' KV fit the
+    budget; a finished row leaves at once): (rows, tokens in the cache). As bench/long_tail.py's simulate_paged."""
+    nxt, p, g, n = 0, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
+    rows, cached = [], []
+    while nxt < len(resp) or len(n):
+        used = int((p + g).sum())
+        join = []
+        while nxt < len(resp) and len(n) + len(join) < max_batch_size and used + prompt[nxt] + 1 <= max_batch_tokens:
+            join.append(nxt)
+            used += int(prompt[nxt])
+            nxt += 1
+        p, g, n = np.concatenate([p, prompt[join]]), np.concatenate([g, np.zeros(len(join), int)]), \
+            np.concatenate([n, resp[join]])
+        rows.append(len(n))
+        cached.append(int((p + g).sum()))
+        g = g + 1
+        keep = g < n
+        p, g, n = p[keep], g[keep], n[keep]
+    return np.array(rows), np.array(cached)
+
+
+def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
+                  host_us: float, graph_host_ms: float) -> dict:
+    """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
+    batching, cache, kv_mult, kernels = PATHS[path]
+    limit = cfg.rollout.max_new_tokens
+    if batching == "padded":
+        batches = rollout.plan_batches(list(prompt), limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+        rows, cached, allocated = padded_steps(prompt, resp, batches, limit)
+        read = allocated if cache == "static" else cached
+    else:
+        rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+        read = cached
+    device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "dynamic" else 0)) / bandwidth
+    host = np.full(len(rows), kernels * host_us * 1e-6 if kernels else graph_host_ms * 1e-3)
+    step = np.maximum(device, host)
+    return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),
+            "slots": int(rows.sum())}
+
+
+def decode_bound(prompt, resp, cfg, weight_bytes, kv_bytes, bandwidth) -> float:
+    rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+    return float(((weight_bytes + cached * kv_bytes) / bandwidth).sum())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "1.5b.yaml"))
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--runaway", type=float, default=0.02, help="share of responses that hit max_new_tokens")
+    ap.add_argument("--params", type=float, default=1.54e9)
+    ap.add_argument("--kv-bytes", type=float, default=28 * 1024, help="KV cache bytes per token (bench/memory.py)")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3)")
+    ap.add_argument("--host-us", type=float, default=55.0, help="host time per eager kernel on the GPU machine")
+    ap.add_argument("--graph-host-ms", type=float, default=1.0, help="host time of a CUDA-graphed decoding step")
+    ap.add_argument("--tflops", type=float, default=989e12 * 0.4, help="training FLOP/s per GPU (bf16, 40 %% MFU)")
+    ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    cfg = load_config(["--config", args.config])
+    n = cfg.rollout.rollouts_per_step // args.ranks
+    limit, W = cfg.rollout.max_new_tokens, 2 * args.params
+    print(f"{os.path.relpath(args.config, ROOT)}: {n} rollouts per rank, max_new_tokens {limit}, KV budget "
+          f"{cfg.rollout.max_batch_tokens:,} tokens; lengths lognormal(median 600, sigma 0.7) + {args.runaway:.0%} at "
+          f"{limit}; {args.params / 1e9:.2f}B bf16, {args.kv_bytes / 1024:.0f} KiB KV a token, "
+          f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.0f} us an eager kernel, {args.graph_host_ms} ms a "
+          f"graphed step; {args.seeds} seeds\n")
+    res = {p: [] for p in PATHS}
+    bounds, tokens = [], []
+    for seed in range(args.seeds):
+        rng = np.random.default_rng(seed)
+        resp = lengths(n, rng, 600, 0.7, args.runaway, limit)
+        prompt = np.minimum(np.exp(rng.normal(np.log(150), 0.5, n)), 1024).astype(int)
+        bounds.append(decode_bound(prompt, resp, cfg, W, args.kv_bytes, args.bandwidth))
+        tokens.append(int(resp.sum()))
+        for p in PATHS:
+            res[p].append(phase_seconds(p, prompt, resp, cfg, W, args.kv_bytes, args.bandwidth, args.host_us,
+                                        args.graph_host_ms))
+    bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
+    print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps |")
+    print("|---|---|---|---|---|---|")
+    for p, r in res.items():
+        s = np.mean([x["seconds"] for x in r])
+        print(f"| {p} | {np.mean([x['steps'] for x in r]):,.0f} | {s:.1f} s | {tok / s:,.0f} | {bound / s:.0%} | "
+              f"{np.mean([x['host_bound'] for x in r]):.0%} |")
+    print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | |")
+    # a whole configs/1.5b.yaml step on `ranks` GPUs: the phase, the cold start spread over the subset's steps,
+    # and the update: per token, old log-probs (2P) + reference (2P when kl_coef > 0) + forward and backward (6P) +
+    # gradient checkpointing's recomputed forward (2P)
+    per_token = (2 + (2 if cfg.train.kl_coef > 0 else 0) + 6 + (2 if cfg.model.gradient_checkpointing else 0)) * args.params
+    update = n * (150 + tok / n) * per_token / args.tflops
+    cold_share = cfg.cures.cold_start_rollouts * args.subset_prompts / (cfg.train.steps_per_subset * cfg.rollout.rollouts_per_step)
+    steps = cfg.data.num_subsets * cfg.train.steps_per_subset
+    print(f"\nA step on {args.ranks} GPUs: the rank's phase, plus the cold start ({cfg.cures.cold_start_rollouts} x "
+          f"{args.subset_prompts:,} prompts a subset over its {cfg.train.steps_per_subset} steps: "
+          f"+{cold_share:.0%} rollouts), plus the update ({per_token / args.params:.0f}P FLOPs a token at "
+          f"{args.tflops / 1e12:.0f} TFLOP/s: {update:.0f} s); Table 1's run is {steps} steps:\n")
+    print("| path | step | GPU-hours for the run |\n|---|---|---|")
+    for p, r in res.items():
+        step = np.mean([x["seconds"] for x in r]) * (1 + cold_share) + update
+        print(f"| {p} | {step:.0f} s | {step * steps * args.ranks / 3600:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
