@@ -84,16 +84,21 @@ def narrow_model(layers: int, heads: int, kv_heads: int, head_dim: int, vocab: i
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def run(model, batch: int, prompt: int, new: int, eos: int, counter=None):
+def run(model, batch: int, prompt: int, new: int, eos: int, counter=None, cache: str = "dynamic",
+        temperature: float = 1.0, out=None):
     """rollout.generate of `batch` rows: half of them answer a `prompt`-token prompt, half a prompt 8 tokens
     shorter (left padding, so an attention mask, as with real prompts of mixed lengths); `eos` is an id outside
     the vocabulary, so every row decodes `new` tokens. Returns wall seconds."""
     prompts = [[1 + (i % 50) for i in range(prompt)], [1 + (i % 50) for i in range(prompt - 8)]]
     t0 = time.perf_counter()
     with counter or torch.no_grad():
-        out = rollout.generate(model, prompts, [batch // 2, batch - batch // 2], max_new_tokens=new, eos_ids=[eos],
-                               pad_id=0, seed=0)
-    assert int(out.lengths.min()) == new, "a row ended early: the counts would not be per full step"
+        budget = batch * (-(-(prompt + new) // 256) + 1) * 256  # one call of every path, whole pages for paged
+        got = rollout.generate(model, prompts, [batch // 2, batch - batch // 2], max_new_tokens=new, eos_ids=[eos],
+                               pad_id=0, seed=0, cache=cache, max_batch_tokens=budget, max_batch_size=batch,
+                               temperature=temperature)
+    if out is not None:
+        out.append(got)
+    assert int(got.lengths.min()) == new, "a row ended early: the counts would not be per full step"
     return time.perf_counter() - t0
 
 
@@ -157,6 +162,8 @@ def main():
     ap.add_argument("--measure", default="", help="batch:context,... also measure ms per decoding step of the "
                     "real-width model (random weights, bf16 on cuda) on --device, beside the model's prediction")
     ap.add_argument("--json", default="", help="write the measurements and predictions here")
+    ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic", help="the path --measure "
+                    "times (the counting above is always the dynamic path's, in this thread)")
     ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
                     "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
@@ -234,20 +241,35 @@ def main():
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         big = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in real.items() if k != "architectures"})).to(
             device=args.device, dtype=dtype).eval()
+        cuda = args.device.startswith("cuda")
+        eos = real["vocab_size"] + 7
+        results["cache"] = args.cache
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
             new = 9
             prompt = max(9, ctx - new // 2)  # the cache holds about `ctx` tokens over the measured steps
-            t1 = min(run(big, batch, prompt, 1, real["vocab_size"] + 7) for _ in range(2))
-            tn = min(run(big, batch, prompt, new, real["vocab_size"] + 7) for _ in range(2))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            first = run(big, batch, prompt, new, eos, cache=args.cache)  # compiles / captures graphs, if the path does
+            t1 = min(run(big, batch, prompt, 1, eos, cache=args.cache) for _ in range(2))
+            tn = min(run(big, batch, prompt, new, eos, cache=args.cache) for _ in range(2))
             ms = 1000 * (tn - t1) / (new - 1)
-            dev = 1000 * model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy)["total"] \
-                / args.bandwidth
+            p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged")
+            dev = 1000 * (p["total"] - (p["cache concatenation"] if args.cache != "dynamic" else 0)) / args.bandwidth
             host = m["host_ms"]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
-                  f"{dev + host:.1f} ms |")
+                  f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB |")
             results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
-                                        "host_ms_narrow": host})
+                                        "host_ms_narrow": host, "first_call_s": first, "warm_call_s": tn,
+                                        "peak_gib": peak})
+        if args.cache != "dynamic":  # greedy tokens of this path against the dynamic path's, same weights
+            a, b = [], []
+            run(big, 8, 64, 16, eos, cache=args.cache, temperature=0.0, out=a)
+            run(big, 8, 64, 16, eos, cache="dynamic", temperature=0.0, out=b)
+            agree = float((a[0].response_ids == b[0].response_ids).float().mean())
+            print(f"greedy agreement with the dynamic path (8 rows x 16 tokens): {agree:.1%}")
+            results["greedy_agreement"] = agree
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
