@@ -136,6 +136,22 @@ def test_tiny_default_learns(tmp_path):
     assert (evals[32] + evals[48] + evals[64]) / 3 > evals[0] + 0.02, evals
 
 
+@pytest.mark.slow
+def test_continuum_testbed_runs_as_shipped(tmp_path):
+    """configs/arith.yaml as shipped, its first 4 steps (the cold start of subset 0 and an evaluation at steps 0
+    and 4): the pre-RL held-out accuracy is the committed model's (models/arith's report: 14-15 % at temperature
+    1), rewards are neither all 0 nor all 1, and CurES draws from every level."""
+    out = tmp_path / "arith"
+    train.main(["--config", os.path.join(ROOT, "configs", "arith.yaml"), f"--run.out_dir={out}", "--run.save_every=0",
+                "--run.max_steps=4", "--eval.every=4"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
+    assert sorted(evals) == [0, 4] and 0.08 < evals[0] < 0.25, evals
+    steps = [r for r in rows if "train/reward" in r]
+    assert len(steps) == 4 and all(0 < r["train/reward"] < 1 for r in steps)
+    assert all(sum(r.get(f"draws/level_{k}", 0) for r in steps) > 0 for k in (1, 2, 3))
+
+
 def test_training_groups_by_prompt_or_draw():
     """A prompt drawn k times is one GRPO group (as released: grouped by dataset index) holding all its
     rollouts, in the mini-batch of its first draw; mini-batches stay numbered without gaps."""
