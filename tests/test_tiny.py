@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import reward
-import pytest
-
 from tiny.make_data import arith_splits, splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,13 +31,10 @@ def problem(rng: random.Random, level: int) -> dict:
     return {"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level}
 
 
-def arith_problem(rng: random.Random, level: int | None = None) -> dict:
-    """a+b or a-b with a and b of 1 to 3 digits (lengths drawn independently and uniformly; `level` fixes the
-    longer one's). The level is max(len(a), len(b))."""
-    while True:
-        la, lb = rng.randint(1, 3), rng.randint(1, 3)
-        if level is None or max(la, lb) == level:
-            break
+def arith_problem(rng: random.Random) -> dict:
+    """a+b or a-b with a and b of 1 to 3 digits (lengths drawn independently and uniformly). The level is
+    max(len(a), len(b))."""
+    la, lb = rng.randint(1, 3), rng.randint(1, 3)
     a, b = (rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1) for n in (la, lb))
     op = rng.choice("+-")
     return {"problem": f"What is {a}{op}{b}?", "answer": str(a + b if op == "+" else a - b), "level": max(la, lb)}

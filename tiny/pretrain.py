@@ -60,7 +60,8 @@ def corrupt(row, rate, gen):
 
 
 @torch.no_grad()
-def accuracy_by_level(model, tok, rows, temperature=0.0, n=1):
+def row_accuracy(model, tok, rows, temperature=0.0, n=1) -> list[float]:
+    """Per row, the share of its n responses (greedy at temperature 0) that score 1."""
     import rollout
     import reward
 
@@ -68,18 +69,27 @@ def accuracy_by_level(model, tok, rows, temperature=0.0, n=1):
     out = rollout.generate(model, prompts, n, max_new_tokens=16, eos_ids=[tok.eos_token_id],
                            pad_id=tok.pad_token_id, temperature=temperature)
     texts = out.texts(tok)
+    return [sum(reward.score(t, r["answer"]) for t in texts[i * n:(i + 1) * n]) / n for i, r in enumerate(rows)]
+
+
+def by_level(rows, scores) -> dict:
+    """Mean score of the rows of each level, levels in order."""
     acc = {}
-    for r, t in zip([r for r in rows for _ in range(n)], texts):
-        acc.setdefault(r["level"], []).append(reward.score(t, r["answer"]))
+    for r, s in zip(rows, scores):
+        acc.setdefault(r["level"], []).append(s)
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
-def greedy_accuracy(model, tok, rows):
-    """accuracy_by_level in the middle of training: eval mode for the measurement, then back."""
+def accuracy_by_level(model, tok, rows, temperature=0.0, n=1):
+    return by_level(rows, row_accuracy(model, tok, rows, temperature, n))
+
+
+def greedy_accuracy(model, tok, rows) -> list[float]:
+    """row_accuracy (greedy) in the middle of training: eval mode for the measurement, then back."""
     model.eval()
-    acc = accuracy_by_level(model, tok, rows)
+    scores = row_accuracy(model, tok, rows)
     model.train()
-    return acc
+    return scores
 
 
 def main():
@@ -155,10 +165,10 @@ def main():
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
         if args.report_every and step % args.report_every == 0 and step:
-            print("greedy held-out accuracy by level:", greedy_accuracy(model, tok, test), flush=True)
+            print("greedy held-out accuracy by level:", by_level(test, greedy_accuracy(model, tok, test)), flush=True)
         if args.stop_when and step % 100 == 0 and step:
-            by_level = greedy_accuracy(model, tok, val)
-            acc = by_level[stop_level] if stop_level else mean_accuracy(by_level, val)
+            scores = [s for r, s in zip(val, greedy_accuracy(model, tok, val)) if stop_level in (0, r["level"])]
+            acc = sum(scores) / len(scores)
             print(f"validation level {stop_level}: {acc:.2f}", flush=True)
             if acc >= stop_acc:
                 break
@@ -171,20 +181,12 @@ def main():
                             "steps_done": step + 1, "seconds": round(time.time() - t0)})
 
 
-def mean_accuracy(by_level: dict, rows: list[dict]) -> float:
-    """Accuracy over all of `rows` from accuracy_by_level's per-level figures."""
-    counts = {}
-    for r in rows:
-        counts[r["level"]] = counts.get(r["level"], 0) + 1
-    return sum(by_level[k] * n for k, n in counts.items()) / len(rows)
-
-
-def report_rows(test: list[dict]) -> list[dict]:
+def report_rows(test: list[dict], task: str = "add") -> list[dict]:
     """The held-out test set plus, for the add task, 100 fresh problems (fixed seed) of each level it lacks (the
     arith task's held-out split has every level)."""
-    rng = random.Random(8)
-    if "-" in "".join(r["problem"] for r in test):
+    if task == "arith":
         return test
+    rng = random.Random(8)
     return test + [problem(rng, lv) for lv in (1, 2, 3, 4) if lv not in {r["level"] for r in test} for _ in range(100)]
 
 
@@ -200,7 +202,7 @@ def report(out: str, test: list[dict], args: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
-    acc, sampled = level_accuracies(model, tok, report_rows(test), samples=4)
+    acc, sampled = level_accuracies(model, tok, report_rows(test, args["task"]), samples=4)
     print("accuracy by level, greedy:", acc, "sampled (T=1, 4 each):", sampled)
     with open(os.path.join(out, "pretrain_report.json"), "w") as f:
         json.dump({"args": args, "greedy_accuracy_by_level": acc, "sampled_accuracy_by_level": sampled,

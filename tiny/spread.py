@@ -21,29 +21,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from eval import build_prompt, prompt_settings  # noqa: E402
+from tiny.pretrain import row_accuracy  # noqa: E402
 
 EDGES = np.linspace(0, 1, 11)
-
-
-@torch.no_grad()
-def per_prompt_accuracy(model, tok, rows, samples: int, seed: int = 0, batch: int = 64) -> np.ndarray:
-    """Share of `samples` responses at temperature 1 that score 1, per row (seeded)."""
-    import reward
-    import rollout
-
-    system, template = prompt_settings(model.name_or_path)
-    torch.manual_seed(seed)
-    acc = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        prompts = [build_prompt(tok, r["problem"], system, template) for r in chunk]
-        out = rollout.generate(model, prompts, samples, max_new_tokens=16, eos_ids=[tok.eos_token_id],
-                               pad_id=tok.pad_token_id, temperature=1.0)
-        texts = out.texts(tok)
-        for j, r in enumerate(chunk):
-            acc.append(np.mean([reward.score(t, r["answer"]) for t in texts[j * samples:(j + 1) * samples]]))
-    return np.array(acc)
 
 
 def histogram(acc: np.ndarray) -> dict:
@@ -64,7 +44,9 @@ def profile(model_dir: str, data_dir: str, samples: int, train_prompts: int) -> 
         rows = [json.loads(line) for line in open(os.path.join(data_dir, f"{split}.jsonl"))]
         if split == "train":
             rows = random.Random(0).sample(rows, min(train_prompts, len(rows)))
-        acc = per_prompt_accuracy(model, tok, rows, samples)
+        # 64 prompts a call (each call seeded alike by rollout.generate: the committed spread.json's draws)
+        acc = np.array([a for i in range(0, len(rows), 64)
+                        for a in row_accuracy(model, tok, rows[i:i + 64], temperature=1.0, n=samples)])
         out[split] = {"accuracy": acc.round(4).tolist(), "levels": [r["level"] for r in rows],
                       "histogram": histogram(acc), "mean": float(acc.mean()),
                       "strictly_between": float(((acc > 0) & (acc < 1)).mean())}
