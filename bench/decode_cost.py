@@ -249,10 +249,17 @@ def main():
             new = 9
             prompt = max(9, ctx - new // 2)  # the cache holds about `ctx` tokens over the measured steps
             if cuda:
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            first = run(big, batch, prompt, new, eos, cache=args.cache)  # compiles / captures graphs, if the path does
-            t1 = min(run(big, batch, prompt, 1, eos, cache=args.cache) for _ in range(2))
-            tn = min(run(big, batch, prompt, new, eos, cache=args.cache) for _ in range(2))
+            reps = 1 if cuda else 2  # GPU time is scarce and its timings steady; the prefill dominates a run
+            try:
+                first = run(big, batch, prompt, new, eos, cache=args.cache)  # compiles / captures graphs, if any
+                t1 = min(run(big, batch, prompt, 1, eos, cache=args.cache) for _ in range(reps))
+                tn = min(run(big, batch, prompt, new, eos, cache=args.cache) for _ in range(reps))
+            except torch.OutOfMemoryError as e:  # one shape too large must not lose the others' figures
+                print(f"| {batch}, {ctx} | out of memory | | | | {str(e).splitlines()[0][:120]} |")
+                results["measured"].append({"batch": batch, "context": ctx, "error": "out of memory"})
+                continue
             ms = 1000 * (tn - t1) / (new - 1)
             p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged")
             dev = 1000 * (p["total"] - (p["cache concatenation"] if args.cache != "dynamic" else 0)) / args.bandwidth
@@ -263,6 +270,9 @@ def main():
             results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
                                         "host_ms_narrow": host, "first_call_s": first, "warm_call_s": tn,
                                         "peak_gib": peak})
+            if args.json:  # after every shape: a run stopped at its time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
         if args.cache != "dynamic":  # greedy tokens of this path against the dynamic path's, same weights
             a, b = [], []
             run(big, 8, 64, 16, eos, cache=args.cache, temperature=0.0, out=a)
