@@ -90,6 +90,19 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
         cache_implementation="static" if cache == "static" else None)
 
 
+def attention_backends():
+    """sdpa without cuDNN's attention while we generate and train: on Hopper (and newer) torch puts cuDNN first for
+    an sdpa call with a mask, and cuDNN builds an execution plan for every shape it has not seen (its cache key
+    holds the batch and the key length). A decoding step's key length is new at every step, and the trainer's
+    micro-batches vary in shape, so each step would pay a plan build (tens of ms: bench/results/gpu,
+    2026-11-29). Flash, memory-efficient and math kernels stay allowed, so nothing changes on a CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) \
+        if SKIP_CUDNN_ATTENTION else contextlib.nullcontext()
+
+
+SKIP_CUDNN_ATTENTION = True  # False: torch's own choice (bench/gen_in_trainer.py compares the two)
 GQA_ATTENTION = "sdpa_gqa"  # the name under which sdpa_gqa_attention is registered with transformers
 DECODE_GQA = True  # a model on sdpa decodes with sdpa_gqa_attention (False: transformers' sdpa, for comparisons)
 
@@ -130,7 +143,7 @@ def _generating(model, gqa_attention: bool | None = None):
     train mode with gradient checkpointing on; the unsharded trainer generates with its policy) and its
     generation_config hidden (a default one in its place), so that no field we left unset is filled from
     the checkpoint's settings; with `gqa_attention` (default DECODE_GQA), a model on sdpa decodes with
-    sdpa_gqa_attention. All restored after."""
+    sdpa_gqa_attention; sdpa without cuDNN (attention_backends). All restored after."""
     saved, training = model.generation_config, model.training
     attn = model.config._attn_implementation
     model.generation_config = GenerationConfig()
@@ -139,7 +152,8 @@ def _generating(model, gqa_attention: bool | None = None):
         _register_gqa_attention()
         model.config._attn_implementation = GQA_ATTENTION
     try:
-        yield
+        with attention_backends():
+            yield
     finally:
         model.generation_config = saved
         model.train(training)

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/
-# if present, see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-# Parts, in the order they run (SMOKE_PARTS=decode,steps by default; add rollout for bench/rollout.py):
-#   3. (last) a full train.py step as configs/1.5b.yaml runs it, paged cache (FSDP2 on one rank, bf16 generation copy, gradient
-#      checkpointing, 32 prompts x 8 rollouts, 512 new tokens) at a micro-batch of 65,536 tokens, with the update
-#      phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %);
-#   2. rollout tokens/s with the dynamic (against plain generate), static and paged caches;
-#   1. (first) ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k beside bench/decode_cost.py's
-#      prediction, and the host time of a step at the real depth on this GPU (JSON in $OUT when set); the same for
-#      the paged path (continuous batching: ms a step, graph-capture time, peak memory, greedy agreement); then at
-#      two shapes with transformers' sdpa instead of rollout's sdpa_gqa decoding attention.
-# Exits non-zero if any part fails. Budget: the parts' limits add up to 7 min 55 s (default parts); a session
-# has 15 minutes of GPU time in all, machine start included.   bash bench/gpu_smoke.sh
+# One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
+# see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
+# Parts, in the order they run (SMOKE_PARTS=trainer,decode,steps by default; add sdpa and rollout for more):
+#   trainer: ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
+#      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed.
+#      The 2026-11-29 run found ~95 ms a step in train.py against 24-31 ms in decode_cost.py (which re-decoded seen
+#      lengths); the prediction to check: cuDNN's per-shape plan builds are the difference, gone with it off;
+#   decode: ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k, at fresh lengths,
+#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at one shape (with sdpa it builds a
+#      dense mask: 213-694 ms a step on 2026-11-29);
+#   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
+#   rollout: bench/rollout.py tokens/s per cache;
+#   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
+#      gradient checkpointing, 32 prompts x 8 rollouts, 512 new tokens; the dynamic cache with sdpa, paged with
+#      flash-attention) at a micro-batch of 65,536 tokens, with the update phase's peak memory
+#      (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %).
+# Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
+# GPU time in all, machine start included.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -33,23 +38,23 @@ MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
-# a step). Order: the decoding measurements first (the open questions), then rollouts, then a train.py step.
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-decode,steps}
+# a step).
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-trainer,decode,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
-[[ $PARTS == *decode* ]] && step 120 $PY bench/decode_cost.py --device cuda \
+[[ $PARTS == *trainer* ]] && step 110 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
+  --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
+  --data.num_subsets=1 --data.max_prompts=32
+[[ $PARTS == *decode* ]] && step 110 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
-# the paged path (continuous batching, the configs' default; CUDA graphs captured by transformers on a GPU): its
-# ms a step is the one unknown that decides bench/phase_cost.py's prediction (>= 25 % of the decode bound if under
-# ~10 ms); first-call (graph capture) time, peak memory, greedy agreement with the dynamic path. With sdpa the
-# paged path builds a dense (forward tokens x cache tokens) mask: small batches only
-PAGED_SHAPES=128:1024,256:1024; [ "$ATTN" = flash_attention_2 ] && PAGED_SHAPES=128:1024,512:1024,1024:1024
-[[ $PARTS == *decode* ]] && step 100 $PY bench/decode_cost.py --device cuda --cache paged --measure $PAGED_SHAPES \
+# the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
+# (graph capture) time, peak memory, greedy agreement with the dynamic path
+PAGED_SHAPES=128:1024; [ "$ATTN" = flash_attention_2 ] && PAGED_SHAPES=128:1024,512:1024,1024:1024
+[[ $PARTS == *decode* ]] && step 50 $PY bench/decode_cost.py --device cuda --cache paged --measure $PAGED_SHAPES \
   --json ${OUT:-/tmp}/decode_cost_paged.json
-# the same with transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout.generate's
-# sdpa_gqa attention saves, at two shapes
-[[ $PARTS == *decode* ]] && step 45 $PY bench/decode_cost.py --device cuda --attention sdpa \
-  --measure 128:1024,256:3072 --json ${OUT:-/tmp}/decode_cost_sdpa.json
+# transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
+[[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
+  --measure 128:1024 --json ${OUT:-/tmp}/decode_cost_sdpa.json
 # generation alone, 32 prompts x 4 rollouts x 256 tokens with each cache: the dynamic one once against plain
 # generate, the static one twice (the first call compiles), the paged one once
 [[ $PARTS == *rollout* ]] && step 90 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \

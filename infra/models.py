@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import grpo
+import rollout
 from infra.config import Config
 
 
@@ -28,8 +29,9 @@ class Policy(torch.nn.Module):
         (N,) of token tgt[j] under the distribution computed at position src[j] (usually tgt[j] - 1).
         attention_mask: (b, L) padding mask, None for packed rows (position_ids restarting at 0 for each
         sequence; transformers keeps the sequences apart), or a custom (b, 1, L, L) mask (make_micro_batches)."""
-        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
+        with rollout.attention_backends():  # no cuDNN plan build per new micro-batch shape (its backward too)
+            hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
         return grpo.token_logprobs(hidden.flatten(0, 1)[src], self.hf.lm_head.weight, input_ids.flatten()[tgt],
                                    temperature, chunk)  # (N,), (N,)
 
@@ -106,9 +108,12 @@ def train_mode(policy: Policy):
     """The policy in train mode for the update passes only (so gradient checkpointing, which transformers
     applies only while training, is active), back in eval mode after: the log-prob passes and, unsharded,
     generation (which turns its KV cache off for a checkpointing model in train mode) run in eval mode.
-    build_models zeroes every dropout rate, so the two modes compute the same function."""
+    build_models zeroes every dropout rate, so the two modes compute the same function. sdpa without cuDNN
+    (rollout.attention_backends) for the whole pass, backward and checkpointed recomputation included, so
+    that a recomputed forward takes the kernel its forward took."""
     policy.train()
     try:
-        yield
+        with rollout.attention_backends():
+            yield
     finally:
         policy.eval()

@@ -172,3 +172,21 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     assert t["dynamic, sdpa (5.17: repeat_kv), eager"] > t["dynamic, sdpa_gqa, eager (rollout.generate today)"] > bound
     slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0)
     assert slow["host_bound"] == 1.0 and slow["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3)
+
+
+def test_gen_in_trainer_measures_every_stage():
+    """bench/gen_in_trainer.py (the GPU script's first part) runs on CPU through the trainer's own pieces: a one-rank
+    gloo group, build_models' FSDP2 policy and separate generation copy, sync_generation_weights; a row per stage,
+    model, prompt kind and cuDNN setting, each with two positive times."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gen_in_trainer.py"), "--config",
+           os.path.join(ROOT, "configs", "tiny.yaml"), "--group", "--prompts", "4", "--n", "2", "--new", "9"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "MASTER_PORT": "29583"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in res.stdout.splitlines()
+            if line.startswith("| ") and line[2:3].isdigit()]
+    assert {(r[0], r[1], r[3]) for r in rows} == {
+        ("1 alone", "loaded copy", "off"), ("1 alone", "loaded copy", "allowed"),
+        ("2 process group", "loaded copy", "off"), ("3 trainer's models", "loaded copy", "off"),
+        ("3 trainer's models", "trainer's copy", "off"), ("3 trainer's models", "trainer's copy", "allowed")}
+    assert len(rows) == 12 and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)

@@ -449,3 +449,27 @@ def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_pa
     assert observed == state["rollouts_cold"] + state["rollouts_train"] - 22 - sum(unscored)
     assert cur.alpha.sum() < 1  # the random model's real rewards are 0; the placeholders were not counted
     assert all(r["train/reward"] < 0.05 for r in rows)
+
+
+def test_sdpa_never_reaches_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch):
+    """Every sdpa call of a train.py step (rollouts, log-prob passes, the update's forward and, with gradient
+    checkpointing, its recomputation inside backward) runs with cuDNN's attention switched off
+    (rollout.attention_backends: on a GPU cuDNN would build a plan for every new shape), and the setting is given
+    back after the run. On a CPU cuDNN is never used, so this checks the switch, not a kernel."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.is_grad_enabled(),
+                      torch._C._current_graph_task_id() >= 0))  # cuDNN allowed, grad mode, inside backward
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    state, _ = train.main(small_run(tiny_model_dir, tmp_path / "run", "--run.max_steps=1",
+                                    "--model.gradient_checkpointing=true"))
+    assert state["step"] == 1
+    assert not any(allowed for allowed, _, _ in calls)
+    assert any(not grad for _, grad, _ in calls) and any(grad for _, grad, _ in calls)  # generation and update
+    assert any(in_backward for _, _, in_backward in calls)  # checkpointed recomputation
+    assert torch.backends.cuda.cudnn_sdp_enabled()
