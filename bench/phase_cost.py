@@ -1,13 +1,17 @@
 """A whole rollout phase of one rank, predicted per generation path (issue 28, items 1 and 3: the cost model).
 
 One rank's rollouts of a `configs/1.5b.yaml` step (1,024 responses, lengths as bench/long_tail.py draws them) are
-decoded step by step under each path's batching, and each decoding step is charged the larger of its host time
-and its device time (bytes / bandwidth):
+decoded step by step under each path's batching, and each decoding step is charged its host time plus its device
+time (bytes / bandwidth): every path waits for the device once a step (the stopping check), and on the H200
+(2026-11-29, six shapes of the eager dynamic path) the sum was within -8..+25 % of the measured step (mean 14 %),
+the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
 
 - host: eager decoding launches one kernel per non-view aten op, `kernels` a step as bench/decode_cost.py counts
   them through rollout.generate (1,205 with transformers' sdpa on 5.17, 1,149 with rollout's sdpa_gqa attention),
-  at `--host-us` each: the open parameter, 55 us by default, what the one H200 measurement implies
-  (bench/results/decode_cost.md). A CUDA-graphed step (a static cache compiled by transformers, or continuous
+  at `--host-us` each: 18.4 us by default, measured on an H200 machine (2026-11-29, bench/results/gpu: the
+  narrow model's eager step, 22.2 ms for 1,202 kernels; the real width at batch 128 implies at most 23 us). The
+  55 us that train.py's decoding implied (86 ms a step, 2026-11-28) included, we predict, a cuDNN attention plan
+  built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step (a static cache compiled by transformers, or continuous
   batching's captured graphs) is charged `--graph-host-ms` a step instead (an assumption until a GPU measures it).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), the dynamic cache's concatenation (read and rewritten
@@ -78,7 +82,7 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
-                  host_us: float, graph_host_ms: float) -> dict:
+                  host_us: float, graph_host_ms: float, overlap: bool = False) -> dict:
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
     batching, cache, kv_mult, kernels = PATHS[path]
     limit = cfg.rollout.max_new_tokens
@@ -91,7 +95,7 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         read = cached
     device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "dynamic" else 0)) / bandwidth
     host = np.full(len(rows), kernels * host_us * 1e-6 if kernels else graph_host_ms * 1e-3)
-    step = np.maximum(device, host)
+    step = np.maximum(device, host) if overlap else device + host
     return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),
             "slots": int(rows.sum())}
 
@@ -109,11 +113,12 @@ def main():
     ap.add_argument("--params", type=float, default=1.54e9)
     ap.add_argument("--kv-bytes", type=float, default=28 * 1024, help="KV cache bytes per token (bench/memory.py)")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3)")
-    ap.add_argument("--host-us", type=float, default=55.0, help="host time per eager kernel on the GPU machine")
+    ap.add_argument("--host-us", type=float, default=18.4, help="host time per eager kernel on the GPU machine")
     ap.add_argument("--graph-host-ms", type=float, default=1.0, help="host time of a CUDA-graphed decoding step")
     ap.add_argument("--tflops", type=float, default=989e12 * 0.4, help="training FLOP/s per GPU (bf16, 40 %% MFU)")
     ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--overlap", action="store_true", help="charge a step max(host, device), not their sum")
     args = ap.parse_args()
     cfg = load_config(["--config", args.config])
     n = cfg.rollout.rollouts_per_step // args.ranks
@@ -121,8 +126,8 @@ def main():
     print(f"{os.path.relpath(args.config, ROOT)}: {n} rollouts per rank, max_new_tokens {limit}, KV budget "
           f"{cfg.rollout.max_batch_tokens:,} tokens; lengths lognormal(median 600, sigma 0.7) + {args.runaway:.0%} at "
           f"{limit}; {args.params / 1e9:.2f}B bf16, {args.kv_bytes / 1024:.0f} KiB KV a token, "
-          f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.0f} us an eager kernel, {args.graph_host_ms} ms a "
-          f"graphed step; {args.seeds} seeds\n")
+          f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, {args.graph_host_ms} ms a "
+          f"graphed step; a step {'max(host, device)' if args.overlap else 'host + device'}; {args.seeds} seeds\n")
     res = {p: [] for p in PATHS}
     bounds, tokens = [], []
     for seed in range(args.seeds):
@@ -133,7 +138,7 @@ def main():
         tokens.append(int(resp.sum()))
         for p in PATHS:
             res[p].append(phase_seconds(p, prompt, resp, cfg, W, args.kv_bytes, args.bandwidth, args.host_us,
-                                        args.graph_host_ms))
+                                        args.graph_host_ms, args.overlap))
     bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
     print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps |")
     print("|---|---|---|---|---|---|")
