@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
+from transformers.cache_utils import DynamicLayer
 
 
 class Interrupted(Exception):
@@ -220,7 +221,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
                 response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         else:
             gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
-                                   gen_cfg, seed * 1_000_003 + b, pad_id, cache == "dynamic" and share_prefill)
+                                   gen_cfg, seed * 1_000_003 + b, pad_id, cache, share_prefill)
             response_ids[batch, :gen.shape[1]] = gen
         tokens += int((response_ids[batch] != pad_id).sum())
         bar.update(len(batch))
@@ -230,9 +231,10 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
 
 
 def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen_cfg: GenerationConfig, seed: int,
-                     pad_id: int, share_prefill: bool) -> torch.Tensor:
+                     pad_id: int, cache: str, share_prefill: bool) -> torch.Tensor:
     """One `generate` call on left-padded rows (prompt token ids): the generated ids (b, t), t <= max_new_tokens.
-    share_prefill: each distinct prompt (prompt_of_row) is prefilled once for all its rows."""
+    cache "dynamic": kv_cache's, for the prompt and max_new_tokens; share_prefill (dynamic): each distinct prompt
+    (prompt_of_row) is prefilled once for all its rows. "static": transformers' StaticCache."""
     device = next(model.parameters()).device
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (b, L) left-padded
@@ -243,30 +245,75 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
     ids, attn = ids.to(device), attn.to(device)
     with _seeded(device, seed), _generating(model):
         extra = {}
-        if share_prefill and L > 1:
-            extra[_cache_kwarg(model)] = prefill_once_per_prompt(model, ids, attn, prompt_of_row)
+        if cache == "dynamic":
+            kv = extra[_cache_kwarg(model)] = kv_cache(model, L + gen_cfg.max_new_tokens)
+            if share_prefill and L > 1:
+                prefill_once_per_prompt(model, ids, attn, prompt_of_row, kv)
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
     return out[:, L:].cpu()
 
 
+class PreallocatedLayer(DynamicLayer):
+    """transformers' DynamicLayer (one decoder layer's KV cache, as `generate` uses it by default), except that each
+    step's keys and values are written into buffers allocated once for `capacity` tokens, and attention is handed
+    a view of their filled part. DynamicLayer concatenates the whole cache with the new token at every step: it
+    reads and rewrites the cache (twice the bytes attention reads, bench/decode_cost.py) and holds two copies at
+    the end. Same keys and values in the same layout, so the same tokens (tested). Whatever replaces `keys`
+    (reorder_cache, batch_select_indices, ...) is honoured: the next update copies it into fresh buffers."""
+
+    def __init__(self, capacity: int, **kwargs):
+        super().__init__(**kwargs)
+        self.capacity = capacity
+        self.buffers = None  # (keys, values): (b, kv_heads, capacity, head_dim) each
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q, buf = self.get_seq_length(), key_states.shape[-2], self.buffers
+        ours = buf is not None and n > 0 and self.keys.data_ptr() == buf[0].data_ptr() \
+            and self.keys.stride() == buf[0].stride() and self.keys.shape[:2] == buf[0].shape[:2]
+        if not ours or n + q > buf[0].shape[-2]:  # first update, keys replaced from outside, or full
+            self.capacity = max(self.capacity, 2 * (n + q) if ours else n + q)
+            b, h, _, d = key_states.shape
+            buf = (key_states.new_empty(b, h, self.capacity, d),
+                   value_states.new_empty(b, h, self.capacity, value_states.shape[-1]))
+            if n:
+                buf[0][:, :, :n].copy_(self.keys)
+                buf[1][:, :, :n].copy_(self.values)
+            self.buffers = buf
+        buf[0][:, :, n:n + q].copy_(key_states)
+        buf[1][:, :, n:n + q].copy_(value_states)
+        self.keys, self.values = buf[0][:, :, :n + q], buf[1][:, :, :n + q]
+        return self.keys, self.values
+
+
+PREALLOCATE = True  # the dynamic path's KV cache: PreallocatedLayer (False: transformers' DynamicLayer, to compare)
+
+
+def kv_cache(model, capacity: int):
+    """The dynamic path's KV cache for `generate`: transformers' DynamicCache with its layer types from the model's
+    config (sliding-window layers stay transformers'), full-attention layers preallocated for `capacity` tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if PREALLOCATE:
+        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 @torch.no_grad()
-def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int]):
+def prefill_once_per_prompt(model, ids, attn, prompt_of_row: list[int], cache):
     """The KV cache of ids[:, :-1] (left-padded, (b, L)), computed once per distinct prompt and copied to the
     rows of its rollouts; `generate` then starts from the last prompt token. With n rollouts per prompt this
     divides the prefill compute by n (what vLLM's prefix caching does for a group), which matters when
-    prompts are long against responses. Position ids as `generate` computes them from the mask."""
-    from transformers import DynamicCache
-
+    prompts are long against responses. Position ids as `generate` computes them from the mask. `cache`: an
+    empty dynamic cache (kv_cache), filled here and returned."""
     first_row = {}
     for row, p in enumerate(prompt_of_row):
         first_row.setdefault(p, row)
     index = {p: k for k, p in enumerate(first_row)}  # distinct prompts in first-seen order
     first = torch.tensor(list(first_row.values()), device=ids.device)  # (u,) one row per distinct prompt
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (b, L)
-    try:
-        cache = DynamicCache(config=model.config)  # per-layer types (sliding window) from the config
-    except TypeError:  # transformers < 4.56
-        cache = DynamicCache()
     model(input_ids=ids[first, :-1], attention_mask=attn[first, :-1], position_ids=pos[first, :-1],
           use_cache=True, **{_cache_kwarg(model): cache})
     cache.reorder_cache(torch.tensor([index[p] for p in prompt_of_row], device=ids.device))  # (u,) -> (b,)

@@ -303,3 +303,54 @@ def test_weights_updated_in_place_are_seen(tiny_model_dir, cache):
     after = rollout.generate(model, prompts, 2, cache=cache, **kw)
     assert torch.equal(after.response_ids, rollout.generate(model, prompts, 2, **kw).response_ids)
     assert not torch.equal(after.response_ids, before.response_ids)
+
+
+@pytest.mark.parametrize("share_prefill", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_preallocated_cache_gives_transformers_dynamic_cache_tokens(tiny_model_dir, monkeypatch, share_prefill,
+                                                                    temperature):
+    """The dynamic path's cache (rollout.PreallocatedLayer: written in place into buffers allocated once, attention
+    given a view) decodes exactly the tokens of transformers' DynamicCache (concatenation every step), greedy and
+    sampled, mixed prompt lengths, with and without the shared prefill (whose reorder replaces the layer's keys:
+    the next step copies them into fresh buffers); and it is the cache generate used, written in place."""
+    from transformers import DynamicCache
+
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok(t).input_ids for t in ("What is 1+1?", "What is 12+345?", "Hi", "What is 4321+5?")]
+    kw = dict(max_new_tokens=12, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=3, temperature=temperature,
+              share_prefill=share_prefill)
+    made = []
+    real = rollout.kv_cache
+    monkeypatch.setattr(rollout, "kv_cache", lambda *a: made.append(real(*a)) or made[-1])
+    ours = rollout.generate(model, prompts, 3, **kw)
+    layers = made[0].layers
+    assert isinstance(made[0], DynamicCache) and all(isinstance(l, rollout.PreallocatedLayer) for l in layers)
+    assert all(l.keys.data_ptr() == l.buffers[0].data_ptr() and l.buffers[0].shape[-2] == l.capacity for l in layers)
+    assert layers[0].get_seq_length() == max(map(len, prompts)) + ours.response_ids.shape[1] - 1  # the last token
+    monkeypatch.setattr(rollout, "PREALLOCATE", False)                                              # is not cached
+    theirs = rollout.generate(model, prompts, 3, **kw)
+    assert torch.equal(ours.response_ids, theirs.response_ids) and torch.equal(ours.lengths, theirs.lengths)
+
+
+def test_preallocated_layer_follows_crop_reorder_and_growth():
+    """PreallocatedLayer's bookkeeping against a plain concatenation: appends in place, a crop (a view of its
+    buffer) is overwritten by the next update, a reorder (keys replaced) is copied into fresh buffers, and an
+    update past the capacity grows the buffers (doubling) without losing what was cached."""
+    torch.manual_seed(0)
+    layer, ref = rollout.PreallocatedLayer(capacity=6), None
+    steps = [("add", 3), ("add", 1), ("crop", 2), ("add", 2), ("reorder", None), ("add", 1), ("add", 4), ("add", 1)]
+    for op, n in steps:
+        if op == "add":
+            k, v = torch.randn(3, 2, n, 4), torch.randn(3, 2, n, 4)
+            ref = (k, v) if ref is None else (torch.cat([ref[0], k], -2), torch.cat([ref[1], v], -2))
+            keys, values = layer.update(k, v)
+            assert torch.equal(keys, ref[0]) and torch.equal(values, ref[1])
+        elif op == "crop":
+            layer.crop(-n)
+            ref = (ref[0][..., :-n, :], ref[1][..., :-n, :])
+        else:
+            idx = torch.tensor([2, 0, 0])
+            layer.reorder_cache(idx)
+            ref = (ref[0][idx], ref[1][idx])
+        assert layer.get_seq_length() == ref[0].shape[-2]
+    assert layer.capacity >= 12 and layer.keys.data_ptr() == layer.buffers[0].data_ptr()
