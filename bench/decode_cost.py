@@ -46,7 +46,7 @@ def kind(op: str) -> str:
     if "scaled_dot_product" in op:
         return "attention"
     if op == "cat":
-        return "cache concatenation"
+        return "concatenation"
     if op in ("clone", "copy_", "index_select", "index", "gather", "_to_copy", "contiguous", "index_copy_"):
         return "other copies"
     return "elementwise and sampling"
@@ -125,11 +125,12 @@ def kv_cache_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int) -> float
     return cfg["num_hidden_layers"] * 2 * batch * ctx * cfg["num_key_value_heads"] * d * dtype_bytes
 
 
-def model_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int, gqa_copy: bool) -> dict:
+def model_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int, gqa_copy: bool, preallocated: bool = True) -> dict:
     """Bytes read + written per decoding step, by kind, at context `ctx` (the tokens already in the cache, padding
-    included). Matmuls read their weights and activations. The dynamic cache concatenates every layer's K and V
-    with the new token's (reads the cache, writes it one longer; generate does the same with its token ids and
-    attention mask). Attention reads K and V: `kv` heads wide, or,
+    included). Matmuls read their weights and activations. The cache: rollout's PreallocatedLayer (preallocated)
+    writes the new token's K and V in place ("cache writes"); transformers' DynamicLayer concatenates every layer's
+    K and V with the new token's (reads the cache, writes it one longer). generate concatenates its token ids and
+    attention mask either way. Attention reads K and V: `kv` heads wide, or,
     when transformers repeats the KV heads for every query head (gqa_copy: `repeat_kv`, transformers 5.17 with a
     padding mask), heads wide, after a copy that reads the expanded cache and writes it heads wide."""
     L, h = cfg["num_hidden_layers"], cfg["hidden_size"]
@@ -143,10 +144,15 @@ def model_bytes(cfg: dict, batch: int, ctx: float, dtype_bytes: int, gqa_copy: b
         + batch * b * (h + V)
     attention = L * (wide + 2 * batch * heads * d * b)  # K, V read; q in, output out
     copies = L * 2 * wide if gqa_copy else 0  # repeat_kv: the expanded cache read, the heads-wide copy written
-    cat = L * (2 * kv_layer + 2 * 2 * batch * kv * d * b)  # read the cache and the new token, write both
-    cat += 2 * 2 * batch * (ctx + 1) * 8  # generate's token ids and attention mask (int64), each read and rewritten
+    new_token = L * 2 * 2 * batch * kv * d * b  # the new token's K and V, read and written
+    writes = new_token if preallocated else 0
+    cat = 0 if preallocated else L * 2 * kv_layer + new_token  # DynamicLayer: read the cache and the token, write both
+    # small ones: rotary's rotate_half on q and k in every layer, its cos/sin table (fp32), and three int64 (b, t)
+    # tensors generate extends by a token (ids, attention mask and one more: counted on 5.17 and 5.24)
+    small = L * 2 * batch * (heads + kv) * d * b + 2 * batch * d * 4 + 3 * 2 * batch * (ctx + 1) * 8
     return {"weights": weights, "activations": acts, "kv read": attention, "repeat_kv copy": copies,
-            "cache concatenation": cat, "total": weights + acts + attention + copies + cat}
+            "cache writes": writes, "cache concatenation": cat, "small concatenations": small,
+            "total": weights + acts + attention + copies + writes + cat + small}
 
 
 def main():
@@ -181,7 +187,7 @@ def main():
                                                   "num_key_value_heads", "intermediate_size", "vocab_size")}
     ctx = args.prompt - 1 + args.new_tokens / 2 + 0.5  # mean cache length over the measured steps (padded)
     gqa_copy = m["ops"].get("clone", 0) >= 2 * real["num_hidden_layers"] or "repeat_interleave" in m["ops"]
-    pred = model_bytes(ncfg, args.batch, ctx, 4, gqa_copy)
+    pred = model_bytes(ncfg, args.batch, ctx, 4, gqa_copy, rollout.PREALLOCATE)
     kv_cache = kv_cache_bytes(ncfg, args.batch, ctx, 4)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
     print(f"{platform.node()}: {where}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -198,7 +204,8 @@ def main():
     print("| bytes per step, narrow model | measured | byte model | model / measured |\n|---|---|---|---|")
     measured_total = sum(m["bytes"].values())
     pairs = {"matmul": pred["weights"] + pred["activations"], "attention": pred["kv read"],
-             "cache concatenation": pred["cache concatenation"], "other copies": pred["repeat_kv copy"]}
+             "concatenation": pred["cache concatenation"] + pred["small concatenations"],
+             "other copies": pred["repeat_kv copy"] + pred["cache writes"]}
     for k, v in sorted(m["bytes"].items()):
         model_v = pairs.get(k)
         print(f"| {k} | {v / 1e6:.3f} MB | " + (f"{model_v / 1e6:.3f} MB | {model_v / v:.2f} |" if model_v else
@@ -211,7 +218,7 @@ def main():
     print(f"| {name}, bf16, this path ({'repeat_kv' if gqa_copy else 'no KV copy'}) | weights | KV read | repeat_kv "
           f"copy | cache cat | total | device at {args.bandwidth / 1e12:.1f} TB/s |\n|---|---|---|---|---|---|---|")
     for batch, ctx in ((64, 1024), (128, 1024), (128, 3072), (256, 1024), (256, 3072), (512, 1024), (512, 3072)):
-        p = model_bytes(real, batch, ctx, 2, gqa_copy)
+        p = model_bytes(real, batch, ctx, 2, gqa_copy, rollout.PREALLOCATE)
         print(f"| batch {batch}, context {ctx} | " + " | ".join(f"{p[k] / 1e9:.2f} GB" for k in (
             "weights", "kv read", "repeat_kv copy", "cache concatenation", "total")) +
               f" | {1000 * p['total'] / args.bandwidth:.1f} ms |")
@@ -223,7 +230,7 @@ def main():
           "model: max(host, device) .. host + device | host cost per op that the measurement implies |")
     print("|---|---|---|---|---|---|")
     for batch, measured in ((64, 74.0), (128, 86.0)):
-        dev = 1000 * model_bytes(real, batch, 1156, 2, True)["total"] / args.bandwidth
+        dev = 1000 * model_bytes(real, batch, 1156, 2, True, preallocated=False)["total"] / args.bandwidth
         host = m["host_ms"]
         print(f"| {batch} | {measured:.0f} | {dev:.1f} ms | {host:.1f} ms | {max(host, dev):.1f} .. {host + dev:.1f} ms | "
               f"{1000 * (measured - dev) / m['kernels']:.0f} us |")
@@ -264,8 +271,9 @@ def main():
                 results["measured"].append({"batch": batch, "context": ctx, "error": "out of memory"})
                 continue
             ms = 1000 * (tn - t1) / (new - 1)
-            p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged")
-            dev = 1000 * (p["total"] - (p["cache concatenation"] if args.cache != "dynamic" else 0)) / args.bandwidth
+            p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged",
+                            rollout.PREALLOCATE or args.cache != "dynamic")  # static, paged: written in place
+            dev = 1000 * p["total"] / args.bandwidth
             host = m["host_ms"]
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "

@@ -14,8 +14,9 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step (a static cache compiled by transformers, or continuous
   batching's captured graphs) is charged `--graph-host-ms` a step instead (an assumption until a GPU measures it).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
-  which copies the cache 6 heads wide and reads the copy), the dynamic cache's concatenation (read and rewritten
-  every step: +2x), and for a static cache the whole preallocated length, read whether written or not.
+  which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
+  rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place), and for a static cache
+  the whole preallocated length, read whether written or not.
 
 Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
@@ -39,8 +40,9 @@ from long_tail import lengths  # noqa: E402
 
 # (batching, cache layout, KV read multiplier, host: kernels a step or None for a CUDA-graphed step)
 PATHS = {
-    "dynamic, sdpa (5.17: repeat_kv), eager": ("padded", "dynamic", 18.0, 1205),
-    "dynamic, sdpa_gqa, eager (rollout.generate today)": ("padded", "dynamic", 1.0, 1149),
+    "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
+    "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
+    "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)": ("padded", "preallocated", 1.0, 1149),
     "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, None),
     "paged, eager": ("paged", "paged", 1.0, 1149),
     "paged, CUDA graphs": ("paged", "paged", 1.0, None),
@@ -93,7 +95,7 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
     else:
         rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         read = cached
-    device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "dynamic" else 0)) / bandwidth
+    device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
     host = np.full(len(rows), kernels * host_us * 1e-6 if kernels else graph_host_ms * 1e-3)
     step = np.maximum(device, host) if overlap else device + host
     return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),

@@ -109,11 +109,14 @@ def test_rollout_axis_statistics_on_constructed_curves():
     assert "-10.00 [-10.00, -10.00]" in row and "worse" in row and "| 3 |" in row  # 0.2 flat vs 0.2 -> 0.4: -0.1
 
 
+@pytest.mark.parametrize("preallocated", [True, False])
 @pytest.mark.parametrize("gqa", [True, False])
-def test_decode_cost_byte_model_matches_counted_bytes(gqa, monkeypatch):
+def test_decode_cost_byte_model_matches_counted_bytes(gqa, preallocated, monkeypatch):
     """bench/decode_cost.py: one decoding step of rollout.generate (GQA heads, left padding), its aten ops counted;
-    the byte model of each kind it models (matmuls, attention, the cache's concatenation, repeat_kv copies where
-    the installed transformers makes them) within 10 % of the bytes counted, and a sync or two, not one a layer.
+    the byte model of each kind it models (matmuls, attention, the cache's concatenation with transformers'
+    DynamicLayer or only generate's ids and mask with rollout's PreallocatedLayer, whose in-place writes are
+    counted as copies, repeat_kv copies where the installed transformers makes them) within 10 % of the bytes
+    counted, and a sync or two, not one a layer.
     rollout.generate's own decoding attention (gqa) reads the KV cache once: attention moves at most 1.5x the
     cache's bytes (issue 28's goal), with no copy of it, whatever transformers version."""
     import decode_cost
@@ -121,18 +124,21 @@ def test_decode_cost_byte_model_matches_counted_bytes(gqa, monkeypatch):
 
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(rollout, "DECODE_GQA", gqa)
+    monkeypatch.setattr(rollout, "PREALLOCATE", preallocated)
     torch.manual_seed(0)
     model = decode_cost.narrow_model(layers=3, heads=6, kv_heads=2, head_dim=8, vocab=128, intermediate=96)
     m = decode_cost.per_step(model, batch=4, prompt=20, new=6, eos=128 + 7)
     cfg = {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                  "num_key_value_heads", "intermediate_size", "vocab_size")}
     copies = m["bytes"].get("other copies", 0) > 0.5 * m["bytes"]["attention"]  # repeat_kv on this version
-    pred = decode_cost.model_bytes(cfg, 4, 20 - 1 + 6 / 2 + 0.5, 4, copies)
+    pred = decode_cost.model_bytes(cfg, 4, 20 - 1 + 6 / 2 + 0.5, 4, copies, preallocated)
     assert pred["weights"] + pred["activations"] == pytest.approx(m["bytes"]["matmul"], rel=0.1)
     assert pred["kv read"] == pytest.approx(m["bytes"]["attention"], rel=0.1)
-    assert pred["cache concatenation"] == pytest.approx(m["bytes"]["cache concatenation"], rel=0.1)
+    assert pred["cache concatenation"] + pred["small concatenations"] == pytest.approx(m["bytes"]["concatenation"],
+                                                                                       rel=0.1)
     if copies:
-        assert pred["repeat_kv copy"] == pytest.approx(m["bytes"]["other copies"], rel=0.1)
+        assert pred["repeat_kv copy"] + pred["cache writes"] == pytest.approx(m["bytes"]["other copies"], rel=0.1)
+    assert m["bytes"].get("other copies", 0) >= 0.99 * pred["cache writes"]
     assert 20 < m["kernels"] / 3 < 80 and 1 <= m["syncs"] <= 3
     if gqa:
         moved = m["bytes"]["attention"] + m["bytes"].get("other copies", 0)
@@ -169,7 +175,9 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0)["seconds"]
          for p in phase_cost.PATHS}
     assert t["paged, CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
-    assert t["dynamic, sdpa (5.17: repeat_kv), eager"] > t["dynamic, sdpa_gqa, eager (rollout.generate today)"] > bound
+    assert t["dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager"] > \
+        t["dynamic (DynamicLayer: concatenated), sdpa_gqa, eager"] > \
+        t["dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)"] > bound
     slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0)
     assert slow["host_bound"] == 1.0 and slow["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3 + bound)  # host + device
     overlapped = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, True)
@@ -197,7 +205,7 @@ def test_gen_in_trainer_measures_every_stage():
 def test_decode_step_model_against_the_h200_measurement():
     """The per-step model bench/phase_cost.py charges (host + device) against the H200's measured eager dynamic
     steps (bench/results/gpu, 2026-11-29): the committed device figures are decode_cost.model_bytes' own for the
-    1.5B config at 4.8 TB/s, and host + device is within 30 % of every measured step and closer on average than
+    1.5B config at 4.8 TB/s (within 1 %), and host + device is within 30 % of every measured step and closer on average than
     max(host, device), the rule it replaced."""
     import decode_cost
 
@@ -206,8 +214,9 @@ def test_decode_step_model_against_the_h200_measurement():
     assert d["attention"] == "sdpa_gqa" and len(d["measured"]) == 6
     err_sum, err_max = [], []
     for m in d["measured"]:
-        device = 1000 * decode_cost.model_bytes(real, m["batch"], m["context"], 2, False)["total"] / 4.8e12
-        assert device == pytest.approx(m["device_ms_model"], rel=1e-6)
+        device = 1000 * decode_cost.model_bytes(real, m["batch"], m["context"], 2, False,  # that run: DynamicLayer
+                                                preallocated=False)["total"] / 4.8e12
+        assert device == pytest.approx(m["device_ms_model"], rel=0.01)  # + the small concatenations modelled since
         err_sum.append(abs((m["host_ms_narrow"] + device) / m["ms_per_step"] - 1))
         err_max.append(abs(max(m["host_ms_narrow"], device) / m["ms_per_step"] - 1))
     assert max(err_sum) < 0.3 and np.mean(err_sum) < np.mean(err_max)
