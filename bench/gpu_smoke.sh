@@ -12,7 +12,7 @@
 #   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
 #   rollout: bench/rollout.py tokens/s per cache;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
-#      gradient checkpointing, 32 prompts x 8 rollouts, 512 new tokens; the dynamic cache with sdpa, paged with
+#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens; the dynamic cache with sdpa, paged with
 #      flash-attention) at a micro-batch of 65,536 tokens, with the update phase's peak memory
 #      (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %).
 # Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
@@ -36,16 +36,17 @@ CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged; CACHE=${SMOKE_CAC
 BUDGET=600000; [ "$ATTN" = flash_attention_2 ] || BUDGET=262144
 MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
+# (32 x 4: one generation batch, so that even at the ~95 ms a step of 2026-11-29 the step ends inside its limit)
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
 # a step).
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-8} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-trainer,decode,steps}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-trainer,decode,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
-[[ $PARTS == *trainer* ]] && step 110 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
+[[ $PARTS == *trainer* ]] && step 100 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
   --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
   --data.num_subsets=1 --data.max_prompts=32
-[[ $PARTS == *decode* ]] && step 110 $PY bench/decode_cost.py --device cuda \
+[[ $PARTS == *decode* ]] && step 100 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
@@ -66,7 +67,7 @@ PAGED_SHAPES=128:1024; [ "$ATTN" = flash_attention_2 ] && PAGED_SHAPES=128:1024,
 [[ $PARTS == *steps* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-150} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-170} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \
