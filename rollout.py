@@ -91,16 +91,21 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
         cache_implementation="static" if cache == "static" else None)
 
 
+@contextlib.contextmanager
 def attention_backends():
-    """sdpa without cuDNN's attention while we generate and train: on Hopper (and newer) torch puts cuDNN first for
-    an sdpa call with a mask, and cuDNN builds an execution plan for every shape it has not seen (its cache key
-    holds the batch and the key length). A decoding step's key length is new at every step, and the trainer's
-    micro-batches vary in shape, so each step would pay a plan build (tens of ms: bench/results/gpu,
-    2026-11-29). Flash, memory-efficient and math kernels stay allowed, so nothing changes on a CPU."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) \
-        if SKIP_CUDNN_ATTENTION else contextlib.nullcontext()
+    """sdpa without cuDNN's attention while we generate and train (every other backend as it was): on Hopper (and
+    newer) torch puts cuDNN first for sdpa (with cuDNN >= 9.15), and cuDNN builds an execution plan for every shape
+    it has not seen (its plan cache keys on the batch, the key length and the strides). A decoding step's key
+    length is new at every step, and the trainer's micro-batches vary in shape, so each step would pay a plan
+    build (tens of ms: bench/results/gpu, 2026-11-29). The flag is process-wide, so threads (continuous batching's
+    manager, autograd's) see it too. Nothing changes on a CPU, which has no cuDNN attention."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    if SKIP_CUDNN_ATTENTION:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 SKIP_CUDNN_ATTENTION = True  # False: torch's own choice (bench/gen_in_trainer.py compares the two)
@@ -247,7 +252,7 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
         extra = {}
         if cache == "dynamic":
             kv = extra[_cache_kwarg(model)] = kv_cache(model, L + gen_cfg.max_new_tokens)
-            if share_prefill and L > 1:
+            if share_prefill and L > 1 and len(set(prompt_of_row)) < len(rows):  # some prompt has several rows
                 prefill_once_per_prompt(model, ids, attn, prompt_of_row, kv)
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
     return out[:, L:].cpu()
@@ -255,16 +260,29 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
 
 class PreallocatedLayer(DynamicLayer):
     """transformers' DynamicLayer (one decoder layer's KV cache, as `generate` uses it by default), except that each
-    step's keys and values are written into buffers allocated once for `capacity` tokens, and attention is handed
-    a view of their filled part. DynamicLayer concatenates the whole cache with the new token at every step: it
-    reads and rewrites the cache (twice the bytes attention reads, bench/decode_cost.py) and holds two copies at
-    the end. Same keys and values in the same layout, so the same tokens (tested). Whatever replaces `keys`
-    (reorder_cache, batch_select_indices, ...) is honoured: the next update copies it into fresh buffers."""
+    step's keys and values are written into buffers allocated for `capacity` tokens when the call starts, and
+    attention is handed a view of their filled part. DynamicLayer concatenates the layer's whole cache with the
+    new token at every step: it reads and rewrites the cache, twice the bytes attention reads
+    (bench/decode_cost.py). The same values (attention reads a strided view), so the same tokens (tested).
+    Whatever replaces `keys` from outside (crop's view is kept; batch_select_indices, ...) is honoured: the next
+    update copies it into fresh buffers. reorder_cache (the shared prefill's prompts -> rows) writes straight
+    into fresh full-size buffers, so the prompts' buffers are freed layer by layer."""
 
     def __init__(self, capacity: int, **kwargs):
         super().__init__(**kwargs)
         self.capacity = capacity
         self.buffers = None  # (keys, values): (b, kv_heads, capacity, head_dim) each
+
+    def _fresh(self, keys, values):
+        """New buffers holding `keys`/`values` (b, h, n, d) at their start; keys and values become views of them."""
+        n = keys.shape[-2]
+        if n > self.capacity:
+            self.capacity = 2 * n
+        b, h, _, d = keys.shape
+        self.buffers = (keys.new_empty(b, h, self.capacity, d), values.new_empty(b, h, self.capacity, values.shape[-1]))
+        self.buffers[0][:, :, :n].copy_(keys)
+        self.buffers[1][:, :, :n].copy_(values)
+        self.keys, self.values = self.buffers[0][:, :, :n], self.buffers[1][:, :, :n]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -273,18 +291,29 @@ class PreallocatedLayer(DynamicLayer):
         ours = buf is not None and n > 0 and self.keys.data_ptr() == buf[0].data_ptr() \
             and self.keys.stride() == buf[0].stride() and self.keys.shape[:2] == buf[0].shape[:2]
         if not ours or n + q > buf[0].shape[-2]:  # first update, keys replaced from outside, or full
-            self.capacity = max(self.capacity, 2 * (n + q) if ours else n + q)
-            b, h, _, d = key_states.shape
-            buf = (key_states.new_empty(b, h, self.capacity, d),
-                   value_states.new_empty(b, h, self.capacity, value_states.shape[-1]))
+            if n + q > self.capacity:
+                self.capacity = 2 * (n + q)
+            self.buffers = None  # the old ones go before the new ones are made
             if n:
-                buf[0][:, :, :n].copy_(self.keys)
-                buf[1][:, :, :n].copy_(self.values)
-            self.buffers = buf
+                self._fresh(self.keys, self.values)
+            else:
+                self._fresh(key_states[:, :, :0], value_states[:, :, :0])
+            buf = self.buffers
         buf[0][:, :, n:n + q].copy_(key_states)
         buf[1][:, :, n:n + q].copy_(value_states)
         self.keys, self.values = buf[0][:, :, :n + q], buf[1][:, :, :n + q]
         return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            idx = beam_idx.to(self.keys.device)
+            keys, values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+            self.buffers = self.keys = self.values = None  # this layer's old buffers freed first
+            self._fresh(keys, values)
+
+    def reset(self) -> None:
+        self.buffers = None
+        super().reset()
 
 
 PREALLOCATE = True  # the dynamic path's KV cache: PreallocatedLayer (False: transformers' DynamicLayer, to compare)

@@ -147,12 +147,13 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     stats, t_grad = [], time.time()
     if cfg.cures.sigma == "gradient":
         responses = out.responses()
-        for j, i in enumerate(mine):
-            rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
-            stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
-                                                   (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
-                                                   cfg.rollout.temperature)) if rs
-                         else (i, 0.0, 0.0, 0.0))  # no scored response: no gradient measured, sigma_i = 0
+        with rollout.attention_backends():  # forward and backward at a new length per response: no cuDNN plans
+            for j, i in enumerate(mine):
+                rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
+                stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
+                                                       (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
+                                                       cfg.rollout.temperature)) if rs
+                             else (i, 0.0, 0.0, 0.0))  # no scored response: no gradient measured, sigma_i = 0
     t_grad = time.time() - t_grad
     counts = all_gather_list(counts)
     idx, c, n = (np.array(x) for x in zip(*counts))

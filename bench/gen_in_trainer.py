@@ -10,7 +10,8 @@ not the device's bytes). Stages, each timed on the same prompts:
   2. after setup_distributed (the one-rank process group train.py makes on a GPU; on CPU with --group);
   3. after build_models (the FSDP2 policy and reference beside it) and sync_generation_weights (the first
      collective, where NCCL starts its threads), for model 1 and for the trainer's own generation copy.
-Prompts: the trainer's (load_subsets, its EOS ids) and decode_cost's synthetic two (an EOS outside the vocabulary).
+Prompts: the trainer's (load_subsets) and decode_cost's synthetic two; an EOS outside the vocabulary, so that every
+row decodes every step.
 ms a step = (a call of --new tokens - a call of 1) / (--new - 1), at key lengths not decoded before in the process
 (fresh, as in a rollout) and again (seen); with cuDNN's sdpa attention off (rollout's default) and allowed
 (torch's own choice: cuDNN first on Hopper, a plan built per new shape). Also printed: the CPUs the process may
@@ -80,7 +81,6 @@ def main():
     lens = sorted(map(len, train_prompts))
     gen1 = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.bfloat16 if cuda else torch.float32,
                                                 attn_implementation=cfg.model.attn_implementation).to(device).eval()
-    eos = rollout.stop_token_ids(tokenizer, gen1, cfg.rollout.stop_at_im_end)
     L = lens[len(lens) // 2]
     B = len(train_prompts) * args.n
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; {cfg.model.path}, "
@@ -93,13 +93,14 @@ def main():
         print(f"<!-- {stage}: {where()} -->", flush=True)
         rollout.SKIP_CUDNN_ATTENTION = not cudnn
         for case in ("trainer's prompts", "synthetic (2 prompts)"):
-            shift[0] += 1  # every measurement at lengths of its own, so that `fresh` is fresh
+            shift[0] += args.new + 2  # every measurement at key lengths of its own, so that `fresh` is fresh
             pad = [1] * shift[0]
             if case == "trainer's prompts":
-                prompts, counts, stop = [pad + p for p in train_prompts], [args.n] * len(train_prompts), eos
+                prompts, counts = [pad + p for p in train_prompts], [args.n] * len(train_prompts)
             else:
                 prompts = [pad + [1 + (i % 50) for i in range(L)], pad + [1 + (i % 50) for i in range(L - 8)]]
-                counts, stop = [B // 2, B - B // 2], [gen1.config.vocab_size + 7]  # decode_cost's kind
+                counts = [B // 2, B - B // 2]  # decode_cost's kind
+            stop = [gen1.config.vocab_size + 7]  # never sampled: every row decodes every step
             fresh, seen = step_ms(model, prompts, counts, stop, tokenizer.pad_token_id, args.new)
             print(f"| {stage} | {name} | {case} | {'allowed' if cudnn else 'off'} | {fresh:.1f} | {seen:.1f} |",
                   flush=True)

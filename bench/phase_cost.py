@@ -3,7 +3,7 @@
 One rank's rollouts of a `configs/1.5b.yaml` step (1,024 responses, lengths as bench/long_tail.py draws them) are
 decoded step by step under each path's batching, and each decoding step is charged its host time plus its device
 time (bytes / bandwidth): every path waits for the device once a step (the stopping check), and on the H200
-(2026-11-29, six shapes of the eager dynamic path) the sum was within -8..+25 % of the measured step (mean 14 %),
+(2026-11-29, six shapes of the eager dynamic path) the sum was within -11..+25 % of the measured step (mean 14 %),
 the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
 
 - host: eager decoding launches one kernel per non-view aten op, `kernels` a step as bench/decode_cost.py counts

@@ -48,7 +48,21 @@ def main():
     ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the plain-generate baseline")
     ap.add_argument("--repeats", type=int, default=2, help="timings of each; the last (warm) one is kept")
+    ap.add_argument("--forced", action="store_true", help="every response exactly --max-new-tokens long (EOS "
+                    "suppressed until then), so the phase's decoding steps are fixed")
+    ap.add_argument("--transformers-cache", action="store_true", help="the dynamic path on transformers' "
+                    "DynamicLayer (concatenation every step) instead of rollout.PreallocatedLayer")
     args = ap.parse_args()
+    rollout.PREALLOCATE = not args.transformers_cache
+    if args.forced:
+        real = rollout.sampling_config
+
+        def forced(max_new_tokens, *a, **kw):
+            cfg = real(max_new_tokens, *a, **kw)
+            cfg.min_new_tokens = max_new_tokens
+            return cfg
+        rollout.sampling_config = forced
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +74,10 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; model {args.model}; {len(prompts)} prompts x {args.n}, prompt lengths "
           f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.max_new_tokens} new tokens, rollout cache {args.cache}, "
-          f"share_prefill {not args.no_share_prefill}")
+          f"share_prefill {not args.no_share_prefill}"
+          + (f", KV layer {'DynamicLayer (transformers)' if args.transformers_cache else 'PreallocatedLayer'}"
+             if args.cache == "dynamic" else "")
+          + (", forced lengths" if args.forced else ""))
     results = {}
     for label in (("plain", "rollout") if args.plain else ("rollout",)) * args.repeats:  # alternate, keep the last
         if dev.type == "cuda":

@@ -282,7 +282,7 @@ def validate_config(cfg: Config):
     if cfg.rollout.cache == "paged" and not attn.startswith("flash_attention") and forward_tokens * cache_tokens > mask_limit:
         raise ValueError(f"rollout.cache=paged with model.attn_implementation={attn} builds a dense (forward tokens x "
                          f"cache tokens) mask: {forward_tokens:,} x {cache_tokens:,} here (on an H200 such a path "
-                         f"decoded 7-25x slower a step than the dynamic cache). Use flash_attention_2, or "
+                         f"decoded 8-23x slower a step than the dynamic cache at the same batch). Use flash_attention_2, or "
                          f"rollout.cache=dynamic, or a rollout.max_batch_tokens of at most "
                          f"{mask_limit // rollout.PAGED_FORWARD_TOKENS:,}")
     if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:

@@ -29,7 +29,7 @@ class Policy(torch.nn.Module):
         (N,) of token tgt[j] under the distribution computed at position src[j] (usually tgt[j] - 1).
         attention_mask: (b, L) padding mask, None for packed rows (position_ids restarting at 0 for each
         sequence; transformers keeps the sequences apart), or a custom (b, 1, L, L) mask (make_micro_batches)."""
-        with rollout.attention_backends():  # no cuDNN plan build per new micro-batch shape (its backward too)
+        with rollout.attention_backends():  # no cuDNN plan per new shape (in the update, train_mode's covers backward)
             hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
         return grpo.token_logprobs(hidden.flatten(0, 1)[src], self.hf.lm_head.weight, input_ids.flatten()[tgt],

@@ -325,7 +325,8 @@ def test_preallocated_cache_gives_transformers_dynamic_cache_tokens(tiny_model_d
     ours = rollout.generate(model, prompts, 3, **kw)
     layers = made[0].layers
     assert isinstance(made[0], DynamicCache) and all(isinstance(l, rollout.PreallocatedLayer) for l in layers)
-    assert all(l.keys.data_ptr() == l.buffers[0].data_ptr() and l.buffers[0].shape[-2] == l.capacity for l in layers)
+    assert all(l.keys.data_ptr() == l.buffers[0].data_ptr() and l.buffers[0].shape[-2] == l.capacity
+               and l.buffers[0].shape[0] == 4 * 3 for l in layers)  # one buffer a layer, every row (no prompts' left)
     assert layers[0].get_seq_length() == max(map(len, prompts)) + ours.response_ids.shape[1] - 1  # the last token
     monkeypatch.setattr(rollout, "PREALLOCATE", False)                                              # is not cached
     theirs = rollout.generate(model, prompts, 3, **kw)

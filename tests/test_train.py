@@ -451,9 +451,11 @@ def test_unscored_rollouts_are_counted_apart_and_left_out(tiny_model_dir, tmp_pa
     assert all(r["train/reward"] < 0.05 for r in rows)
 
 
-def test_sdpa_never_reaches_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigma", ["accuracy", "gradient"])
+def test_sdpa_never_reaches_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch, sigma):
     """Every sdpa call of a train.py step (rollouts, log-prob passes, the update's forward and, with gradient
-    checkpointing, its recomputation inside backward) runs with cuDNN's attention switched off
+    checkpointing, its recomputation inside backward; with sigma=gradient, Eq. 21's per-response gradients on the
+    cold start) runs with cuDNN's attention switched off
     (rollout.attention_backends: on a GPU cuDNN would build a plan for every new shape), and the setting is given
     back after the run. On a CPU cuDNN is never used, so this checks the switch, not a kernel."""
     real = torch.nn.functional.scaled_dot_product_attention
@@ -467,7 +469,7 @@ def test_sdpa_never_reaches_cudnn_attention(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     state, _ = train.main(small_run(tiny_model_dir, tmp_path / "run", "--run.max_steps=1",
-                                    "--model.gradient_checkpointing=true"))
+                                    "--model.gradient_checkpointing=true", f"--cures.sigma={sigma}"))
     assert state["step"] == 1
     assert not any(allowed for allowed, _, _ in calls)
     assert any(not grad for _, grad, _ in calls) and any(grad for _, grad, _ in calls)  # generation and update
