@@ -147,13 +147,12 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     stats, t_grad = [], time.time()
     if cfg.cures.sigma == "gradient":
         responses = out.responses()
-        with rollout.attention_backends():  # forward and backward at a new length per response: no cuDNN plans
-            for j, i in enumerate(mine):
-                rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
-                stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
-                                                       (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
-                                                       cfg.rollout.temperature)) if rs
-                             else (i, 0.0, 0.0, 0.0))  # no scored response: no gradient measured, sigma_i = 0
+        for j, i in enumerate(mine):
+            rs = [r for b, r in enumerate(responses[j * k:(j + 1) * k]) if scored[j, b]]
+            stats.append((i, *cures.gradient_stats(gen, subset[i]["prompt_ids"], rs,
+                                                   (correct[j][scored[j]] > 0).tolist(), cfg.cures.grad_param,
+                                                   cfg.rollout.temperature)) if rs
+                         else (i, 0.0, 0.0, 0.0))  # no scored response: no gradient measured, sigma_i = 0
     t_grad = time.time() - t_grad
     counts = all_gather_list(counts)
     idx, c, n = (np.array(x) for x in zip(*counts))
@@ -518,6 +517,14 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
 
 
 def main(argv=None):
+    """A run (run_training), with sdpa kept off cuDNN's attention throughout (rollout.attention_backends):
+    generation, the log-prob passes, the update with its backward and checkpointed recomputation, and Eq. 21's
+    gradients all vary in shape from call to call, where cuDNN would build a plan for each new shape."""
+    with rollout.attention_backends():
+        return run_training(argv)
+
+
+def run_training(argv=None):
     argv, t_start = sys.argv[1:] if argv is None else argv, time.time()
     if "--help" in argv or "-h" in argv:
         print(usage(__doc__))

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 import grpo
-import rollout
 from infra.config import Config
 
 
@@ -29,9 +28,8 @@ class Policy(torch.nn.Module):
         (N,) of token tgt[j] under the distribution computed at position src[j] (usually tgt[j] - 1).
         attention_mask: (b, L) padding mask, None for packed rows (position_ids restarting at 0 for each
         sequence; transformers keeps the sequences apart), or a custom (b, 1, L, L) mask (make_micro_batches)."""
-        with rollout.attention_backends():  # no cuDNN plan per new shape (in the update, train_mode's covers backward)
-            hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
+        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state  # (b, L, d)
         return grpo.token_logprobs(hidden.flatten(0, 1)[src], self.hf.lm_head.weight, input_ids.flatten()[tgt],
                                    temperature, chunk)  # (N,), (N,)
 
@@ -108,12 +106,9 @@ def train_mode(policy: Policy):
     """The policy in train mode for the update passes only (so gradient checkpointing, which transformers
     applies only while training, is active), back in eval mode after: the log-prob passes and, unsharded,
     generation (which turns its KV cache off for a checkpointing model in train mode) run in eval mode.
-    build_models zeroes every dropout rate, so the two modes compute the same function. sdpa without cuDNN
-    (rollout.attention_backends) for the whole pass, backward and checkpointed recomputation included, so
-    that a recomputed forward takes the kernel its forward took."""
+    build_models zeroes every dropout rate, so the two modes compute the same function."""
     policy.train()
     try:
-        with rollout.attention_backends():
-            yield
+        yield
     finally:
         policy.eval()
