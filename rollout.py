@@ -273,12 +273,12 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = capacity
         self.buffers = None  # (keys, values): (b, kv_heads, capacity, head_dim) each
 
-    def _fresh(self, keys, values):
-        """New buffers holding `keys`/`values` (b, h, n, d) at their start; keys and values become views of them."""
-        n = keys.shape[-2]
-        if n > self.capacity:
-            self.capacity = 2 * n
-        b, h, _, d = keys.shape
+    def _fresh(self, keys, values, need: int):
+        """New buffers for at least `need` tokens (twice that when past the capacity) holding `keys`/`values`
+        (b, h, n, d) at their start; keys and values become views of them."""
+        if need > self.capacity:
+            self.capacity = 2 * need
+        b, h, n, d = keys.shape
         self.buffers = (keys.new_empty(b, h, self.capacity, d), values.new_empty(b, h, self.capacity, values.shape[-1]))
         self.buffers[0][:, :, :n].copy_(keys)
         self.buffers[1][:, :, :n].copy_(values)
@@ -290,14 +290,9 @@ class PreallocatedLayer(DynamicLayer):
         n, q, buf = self.get_seq_length(), key_states.shape[-2], self.buffers
         ours = buf is not None and n > 0 and self.keys.data_ptr() == buf[0].data_ptr() \
             and self.keys.stride() == buf[0].stride() and self.keys.shape[:2] == buf[0].shape[:2]
-        if not ours or n + q > buf[0].shape[-2]:  # first update, keys replaced from outside, or full
-            if n + q > self.capacity:
-                self.capacity = 2 * (n + q)
-            self.buffers = None  # the old ones go before the new ones are made
-            if n:
-                self._fresh(self.keys, self.values)
-            else:
-                self._fresh(key_states[:, :, :0], value_states[:, :, :0])
+        if not ours or n + q > self.capacity:  # first update, keys replaced from outside, or full
+            self.buffers = None  # freed now unless keys still view them (then after the copy)
+            self._fresh(self.keys if n else key_states[:, :, :0], self.values if n else value_states[:, :, :0], n + q)
             buf = self.buffers
         buf[0][:, :, n:n + q].copy_(key_states)
         buf[1][:, :, n:n + q].copy_(value_states)
@@ -309,7 +304,7 @@ class PreallocatedLayer(DynamicLayer):
             idx = beam_idx.to(self.keys.device)
             keys, values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
             self.buffers = self.keys = self.values = None  # this layer's old buffers freed first
-            self._fresh(keys, values)
+            self._fresh(keys, values, keys.shape[-2])
 
     def reset(self) -> None:
         self.buffers = None
