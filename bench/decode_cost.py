@@ -237,6 +237,12 @@ def main():
     results = {"device": where, "transformers": transformers.__version__, "attention": args.attention,
                "attention_bytes_over_kv_cache": attn_moved / kv_cache, "kernels": m["kernels"], "syncs": m["syncs"],
                "host_ms_narrow": m["host_ms"], "repeat_kv": bool(gqa_copy), "measured": []}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     if args.measure:
         print(f"\nMeasured on {where}: ms per decoding step of the real-width model (random weights), beside the "
               f"model (device bytes at {args.bandwidth / 1e12:.1f} TB/s; host = the narrow model's step on this device)"
@@ -281,9 +287,7 @@ def main():
             results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
                                         "host_ms_narrow": host, "first_call_s": first, "warm_call_s": tn,
                                         "peak_gib": peak})
-            if args.json:  # after every shape: a run stopped at its time limit keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=1)
+            save()  # after every shape: a run stopped at its time limit keeps what it measured
         if args.cache != "dynamic":  # greedy tokens of this path against the dynamic path's, same weights
             a, b = [], []
             run(big, 8, 64, 16, eos, cache=args.cache, temperature=0.0, out=a)
@@ -291,9 +295,7 @@ def main():
             agree = float((a[0].response_ids == b[0].response_ids).float().mean())
             print(f"greedy agreement with the dynamic path (8 rows x 16 tokens): {agree:.1%}")
             results["greedy_agreement"] = agree
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save()
 
 
 if __name__ == "__main__":

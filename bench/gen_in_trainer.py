@@ -87,14 +87,15 @@ def main():
           f"{cfg.model.attn_implementation}; batch {B}, prompts of {lens[0]}-{lens[-1]} tokens (median {L}), "
           f"{args.new} new tokens\n\n| stage | model | prompts | cuDNN attention | ms a step, fresh lengths | "
           "ms a step, seen lengths |\n|---|---|---|---|---|---|", flush=True)
-    shift = [0]
+    shift = 0
 
     def measure(stage, name, model, cudnn=False):
+        nonlocal shift
         print(f"<!-- {stage}: {where()} -->", flush=True)
         rollout.SKIP_CUDNN_ATTENTION = not cudnn
         for case in ("trainer's prompts", "synthetic (2 prompts)"):
-            shift[0] += args.new + 2  # every measurement at key lengths of its own, so that `fresh` is fresh
-            pad = [1] * shift[0]
+            shift += args.new + 2  # every measurement at key lengths of its own, so that `fresh` is fresh
+            pad = [1] * shift
             if case == "trainer's prompts":
                 prompts, counts = [pad + p for p in train_prompts], [args.n] * len(train_prompts)
             else:
@@ -116,10 +117,9 @@ def main():
     policy, ref, gen = build_models(cfg, device, world)
     sync_generation_weights(policy, gen)
     measure("3 trainer's models", "loaded copy", gen1)
-    if gen is not gen1:
-        name = "trainer's copy" if gen is not policy.hf else "policy (unsharded)"
-        measure("3 trainer's models", name, gen)
-        measure("3 trainer's models", name, gen, cudnn=True)
+    name = "trainer's copy" if gen is not policy.hf else "policy (unsharded)"
+    measure("3 trainer's models", name, gen)
+    measure("3 trainer's models", name, gen, cudnn=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

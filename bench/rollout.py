@@ -8,6 +8,7 @@ num_return_sequences. Both use the KV cache and pure sampling. Prints generated 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,20 +49,13 @@ def main():
     ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the plain-generate baseline")
     ap.add_argument("--repeats", type=int, default=2, help="timings of each; the last (warm) one is kept")
-    ap.add_argument("--forced", action="store_true", help="every response exactly --max-new-tokens long (EOS "
-                    "suppressed until then), so the phase's decoding steps are fixed")
+    ap.add_argument("--forced", action="store_true", help="every rollout.generate response exactly "
+                    "--max-new-tokens long (EOS suppressed until then), so the phase's decoding steps are fixed; "
+                    "the plain baseline is not forced: use with --no-plain")
     ap.add_argument("--transformers-cache", action="store_true", help="the dynamic path on transformers' "
                     "DynamicLayer (concatenation every step) instead of rollout.PreallocatedLayer")
     args = ap.parse_args()
     rollout.PREALLOCATE = not args.transformers_cache
-    if args.forced:
-        real = rollout.sampling_config
-
-        def forced(max_new_tokens, *a, **kw):
-            cfg = real(max_new_tokens, *a, **kw)
-            cfg.min_new_tokens = max_new_tokens
-            return cfg
-        rollout.sampling_config = forced
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,23 +72,26 @@ def main():
           + (f", KV layer {'DynamicLayer (transformers)' if args.transformers_cache else 'PreallocatedLayer'}"
              if args.cache == "dynamic" else "")
           + (", forced lengths" if args.forced else ""))
+    from trl_compare import forced_lengths  # bench/, beside this script
+
     results = {}
-    for label in (("plain", "rollout") if args.plain else ("rollout",)) * args.repeats:  # alternate, keep the last
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        if label == "plain":
-            with torch.no_grad():
-                tokens = plain_generate(model, tok, prompts, args.n, args.max_new_tokens)
-        else:
-            out = rollout.generate(model, prompts, args.n, max_new_tokens=args.max_new_tokens,
-                                   eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
-                                   max_batch_tokens=args.max_batch_tokens, cache=args.cache,
-                                   share_prefill=not args.no_share_prefill)
-            tokens = int(out.lengths.sum())
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        results[label] = (tokens, time.perf_counter() - t0)
+    with forced_lengths(args.max_new_tokens) if args.forced else contextlib.nullcontext():
+        for label in (("plain", "rollout") if args.plain else ("rollout",)) * args.repeats:  # alternate, keep the last
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if label == "plain":
+                with torch.no_grad():
+                    tokens = plain_generate(model, tok, prompts, args.n, args.max_new_tokens)
+            else:
+                out = rollout.generate(model, prompts, args.n, max_new_tokens=args.max_new_tokens,
+                                       eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                                       max_batch_tokens=args.max_batch_tokens, cache=args.cache,
+                                       share_prefill=not args.no_share_prefill)
+                tokens = int(out.lengths.sum())
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            results[label] = (tokens, time.perf_counter() - t0)
     print("| generator | tokens | seconds | tokens/s |\n|---|---|---|---|")
     for label, (tokens, dt) in results.items():
         print(f"| {label} | {tokens} | {dt:.2f} | {tokens / dt:.0f} |")

@@ -17,6 +17,7 @@ suppressed until then), so each generates and trains on the same number of token
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -31,30 +32,36 @@ sys.path.insert(0, ROOT)
 M, G = 64, 8
 
 
-def ours(steps, out, new, extra=()):
+@contextlib.contextmanager
+def forced_lengths(new: int):
+    """rollout.generate's responses all exactly `new` tokens long (EOS suppressed until then: min_new_tokens), for
+    benchmarks that need a fixed number of decoding steps; train.py never does this."""
     import rollout
+
+    real = rollout.sampling_config
+
+    def forced(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        cfg.min_new_tokens = new
+        return cfg
+
+    rollout.sampling_config = forced
+    try:
+        yield
+    finally:
+        rollout.sampling_config = real
+
+
+def ours(steps, out, new, extra=()):
     import train
-
-    if new > 16:  # forced length: EOS suppressed until max_new_tokens (bench only; train.py never does this)
-        real = rollout.sampling_config
-
-        def forced(*args, **kwargs):
-            cfg = real(*args, **kwargs)
-            cfg.min_new_tokens = new
-            return cfg
-
-        rollout.sampling_config = forced
 
     overrides = [*extra, "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--run.out_dir={out}",
                  "--cures.sampling=uniform", "--cures.allocation=uniform", f"--rollout.prompts_per_step={M}",
                  f"--rollout.rollouts_per_step={M * G}", f"--rollout.max_new_tokens={new}",
                  f"--train.mini_batch_prompts={M}", f"--run.max_steps={steps}", "--run.save_every=0", "--eval.data=",
                  "--data.num_subsets=1", f"--train.steps_per_subset={steps}"]
-    try:
+    with forced_lengths(new) if new > 16 else contextlib.nullcontext():  # 16: the tiny task's natural length
         train.main(overrides)
-    finally:
-        if new > 16:
-            rollout.sampling_config = real
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return [r["time/step"] for r in rows if r["step"] > 1]  # step 1 warms up
 
