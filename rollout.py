@@ -135,26 +135,117 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def _register_gqa_attention():
     """Register sdpa_gqa_attention (and sdpa's mask builder) under GQA_ATTENTION, once."""
+    _register(GQA_ATTENTION, sdpa_gqa_attention, "sdpa")
+
+
+def _register(name: str, fn, mask_like: str):
+    """Register `fn` with transformers' attention interface under `name` (and `mask_like`'s mask builder), once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    if GQA_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)
-        AttentionMaskInterface.register(GQA_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
+
+
+TORCH_FLASH = "torch_flash_varlen"  # the name under which paged_varlen_attention is registered (see there)
+PAGED_TORCH_FLASH = True  # a paged call on a model not on flash-attention decodes with paged_varlen_attention
+#                          (False: transformers' sdpa, which builds a dense mask: 8-23x slower a step, bench/results/gpu)
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None = None):
+    """Causal attention over packed sequences: q (Tq, h, d), k and v (Tk, h_kv, d), h a multiple of h_kv (GQA);
+    sequence i's queries are q[cu_q[i]:cu_q[i+1]], its keys k[cu_k[i]:cu_k[i+1]], and its queries are the last
+    positions of its keys (bottom-right causal: a prompt chunk after its cached part, or one decoding token).
+    Rows of q past cu_q[-1] (padding) are zeros here and unspecified on the kernel. -> (Tq, h, d).
+    On CUDA in fp16/bf16: torch's own FlashAttention-2 kernel (aten::_flash_attention_forward, what
+    torch.nn.attention.varlen calls; no flash-attn package needed), which reads each KV head once for its
+    h / h_kv query heads and launches once, with no host sync (CUDA-graph capturable). Elsewhere (CPU, fp32):
+    the obvious loop over sequences with sdpa, the reference the GPU check (bench/varlen_check.py) holds the
+    kernel to."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                       scale=scale)[0]
+    out = q.new_zeros(q.shape)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = cq[i:i + 2], ck[i:i + 2]
+        if q1 == q0:
+            continue
+        nq, nk = q1 - q0, k1 - k0
+        allowed = torch.arange(nk, device=q.device)[None] <= torch.arange(nk - nq, nk, device=q.device)[:, None]
+        out[q0:q1] = torch.nn.functional.scaled_dot_product_attention(  # (h, nq, d)
+            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), attn_mask=allowed,
+            scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def paged_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Continuous batching's attention (`generate_batch`, rollout.cache=paged) on varlen_attention, for a model
+    without the flash-attn package: transformers' paged path on sdpa builds a dense (forward tokens x cache
+    tokens) mask and cannot capture CUDA graphs; registered under a name with "flash" in it (TORCH_FLASH),
+    transformers builds no mask and captures its graphs, as for flash-attention, and with no version digit in the
+    name it does not look for flash-attn's paged decoding kernel (each step gathers the batch's keys instead:
+    bench/phase_cost.py charges that copy). query (1, h, Tq, d): the forward's tokens packed; key and value: the
+    tokens of each sequence so far, gathered from the paged cache, (1, h_kv, Tk, d) or (Tk, h_kv, d);
+    cu_seq_lens_q/k and their maxima from the batch (per layer type when the model mixes them)."""
+    if getattr(module, "sliding_window", None) or kwargs.get("block_table") is not None or dropout:
+        raise ValueError(f"{TORCH_FLASH} is full causal attention over gathered keys: no sliding window, block "
+                         "table or dropout (use a flash-attention implementation)")
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+    max_q = kwargs.get("max_length_q", kwargs.get("max_seqlen_q"))
+    max_k = kwargs.get("max_length_k", kwargs.get("max_seqlen_k"))
+    if isinstance(cu_k, dict):  # per layer type
+        cu_k, max_k = cu_k["full_attention"], max_k["full_attention"]
+    if key.dim() == 4:
+        key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (Tk, h_kv, d)
+    out = varlen_attention(query[0].transpose(0, 1).contiguous(), key.contiguous(), value.contiguous(),
+                           cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), scaling)
+    return out[None], None  # (1, Tq, h, d), as the flash implementations return it
+
+
+def _paged_varlen_attention_writing(module, query, key, value, attention_mask, cache=None, **kwargs):
+    """paged_varlen_attention for transformers before 5.24, whose continuous batching hands the attention
+    function the forward's new keys and values with the cache (as `paged|<name>`): written to the cache and each
+    sequence's keys gathered here (the layer does it itself from 5.24)."""
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+    return paged_varlen_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def _paged_attention(model) -> str:
+    """The attention implementation a paged call runs with: the model's own when it is a flash-attention one,
+    else paged_varlen_attention, registered now. transformers before 5.24 runs continuous batching on
+    `paged|<name>` and hands that function the new tokens to write into the cache (its `update` takes the read
+    and write indices); given the prefixed name already, it keeps it instead of re-checking the name for a
+    flash-attn package."""
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    attn = model.config._attn_implementation
+    if not PAGED_TORCH_FLASH or "flash" in attn:
+        return attn
+    if "read_index" in inspect.signature(PagedAttentionCache.update).parameters:  # transformers < 5.24
+        _register(f"paged|{TORCH_FLASH}", _paged_varlen_attention_writing, "flash_attention_2")
+        return f"paged|{TORCH_FLASH}"
+    _register(TORCH_FLASH, paged_varlen_attention, "flash_attention_2")
+    return TORCH_FLASH
 
 
 @contextlib.contextmanager
-def _generating(model, gqa_attention: bool | None = None):
+def _generating(model, gqa_attention: bool | None = None, attention: str | None = None):
     """While `generate` runs: the model in eval mode (transformers turns the KV cache off for a model in
     train mode with gradient checkpointing on; the unsharded trainer generates with its policy) and its
     generation_config hidden (a default one in its place), so that no field we left unset is filled from
     the checkpoint's settings; with `gqa_attention` (default DECODE_GQA), a model on sdpa decodes with
-    sdpa_gqa_attention; sdpa without cuDNN (attention_backends). All restored after."""
+    sdpa_gqa_attention; `attention`: another registered implementation to run with instead; sdpa without cuDNN
+    (attention_backends). All restored after."""
     saved, training = model.generation_config, model.training
     attn = model.config._attn_implementation
     model.generation_config = GenerationConfig()
     model.eval()
-    if (DECODE_GQA if gqa_attention is None else gqa_attention) and attn == "sdpa":
+    if attention is not None:
+        model.config._attn_implementation = attention
+    elif (DECODE_GQA if gqa_attention is None else gqa_attention) and attn == "sdpa":
         _register_gqa_attention()
         model.config._attn_implementation = GQA_ATTENTION
     try:
@@ -371,8 +462,8 @@ def _generate_paged(model, inputs: list[list[int]], gen_cfg: GenerationConfig, s
     hints = WorkloadHints(max_prompt_length=max(map(len, inputs)), max_generated_length=gen_cfg.max_new_tokens,
                           num_requests=len(inputs))
     results = {}
-    with _seeded(device, seed), _generating(model, gqa_attention=False), \
-            model.continuous_batching_context_manager(  # the paged path has its own attention
+    with _seeded(device, seed), _generating(model, attention=_paged_attention(model)), \
+            model.continuous_batching_context_manager(
                 generation_config=gen_cfg, continuous_batching_config=cb, block=True, timeout=5,
                 warmup=device.type == "cuda", workload_hints=hints) as manager:
         ids = manager.add_requests(inputs=inputs, max_new_tokens=gen_cfg.max_new_tokens)

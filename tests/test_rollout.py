@@ -1,6 +1,8 @@
 """rollout.py: batching plan, output layout, stop tokens, reproducibility, and the log-probs of sampled
 responses against the trainer's forward pass."""
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ import rollout
 from infra.batching import make_micro_batches
 from infra.config import load_config
 from infra.models import Policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plan_batches_respects_kv_budget_and_covers_everything():
@@ -88,6 +92,63 @@ def test_paged_cache_continuous_batching(tiny_model_dir):
     assert torch.equal(paged.response_mask, dynamic.response_mask) and torch.equal(paged.finished, dynamic.finished)
     sampled = rollout.generate(model, [prompts[1]], 8, temperature=1.0, cache="paged", **kw)
     assert sampled.response_ids.shape[0] == 8 and len({tuple(r) for r in sampled.responses()}) > 1
+
+
+def _dense_causal_attention(q, k, v, scale):
+    """One sequence's attention written out: q (nq, h, d) the last nq positions of k, v (nk, h_kv, d); every KV
+    head repeated for its query heads, scores masked above the diagonal, softmax in float64."""
+    nq, h, _ = q.shape
+    nk, h_kv, _ = k.shape
+    k, v = k.double().repeat_interleave(h // h_kv, 1), v.double().repeat_interleave(h // h_kv, 1)  # (nk, h, d)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    pos = torch.arange(nk - nq, nk)[:, None]  # (nq, 1) each query's position among the keys
+    scores = scores.masked_fill(torch.arange(nk)[None] > pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_varlen_attention_matches_dense_causal_attention():
+    """rollout.varlen_attention (paged_varlen_attention's kernel; its CPU branch, the reference the GPU check holds
+    torch's flash kernel to) against attention written out per sequence: packed sequences of a prompt prefilled
+    whole, a prompt chunk after its cached part, decoding tokens, an empty one; GQA, 6 query heads on 2 KV heads."""
+    torch.manual_seed(0)
+    shapes = [(7, 7), (3, 10), (1, 12), (0, 4), (1, 1), (5, 9)]  # (queries, keys) per sequence
+    h, h_kv, d, scale = 6, 2, 16, 0.3
+    cu_q = torch.tensor([0] + [sum(s[0] for s in shapes[:i + 1]) for i in range(len(shapes))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(s[1] for s in shapes[:i + 1]) for i in range(len(shapes))], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]) + 2, h, d)  # two padding rows past the last sequence
+    k, v = torch.randn(int(cu_k[-1]), h_kv, d), torch.randn(int(cu_k[-1]), h_kv, d)
+    out = rollout.varlen_attention(q, k, v, cu_q, cu_k, max(s[0] for s in shapes), max(s[1] for s in shapes), scale)
+    assert out.shape == q.shape and not out[int(cu_q[-1]):].any()
+    for i in range(len(shapes)):
+        q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        want = _dense_causal_attention(q[q0:q1], k[k0:k1], v[k0:k1], scale)
+        torch.testing.assert_close(out[q0:q1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("torch_flash", [True, False])
+def test_paged_path_attention_without_flash_attn(monkeypatch, torch_flash):
+    """A model on sdpa generates on the paged path through paged_varlen_attention (torch's flash kernel on a GPU,
+    its reference here) for every layer of every forward, prefill and decoding, or, with PAGED_TORCH_FLASH off,
+    through transformers' sdpa; the same greedy tokens as the dynamic path either way (a pretrained model, whose
+    tokens depend on attention), for prompts of different lengths, and the model's attention setting given back."""
+    model, tok = _model_and_tok(os.path.join(ROOT, "models", "arith"))  # pretrained: its tokens depend on attention
+    calls = []
+    kernel = rollout.varlen_attention
+    monkeypatch.setattr(rollout, "varlen_attention", lambda q, *a, **k: calls.append(q.shape[0]) or kernel(q, *a, **k))
+    monkeypatch.setattr(rollout, "PAGED_TORCH_FLASH", torch_flash)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {q}?"}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for q in ("7+77", "26-816", "3*4")]
+    kw = dict(max_new_tokens=24, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=0.0)
+    dynamic = rollout.generate(model, prompts, 2, **kw)
+    paged = rollout.generate(model, prompts, 2, cache="paged", **kw)
+    assert torch.equal(paged.response_ids, dynamic.response_ids)
+    assert len({tuple(r) for r in dynamic.responses()}) == 3  # the prompts' responses differ
+    layers = model.config.num_hidden_layers
+    if torch_flash:  # a call per layer per forward: a decoding forward packs one token per running sequence
+        assert len(calls) % layers == 0 and len(calls) >= layers * int(dynamic.lengths.max()) and min(calls) >= 1
+    else:
+        assert calls == []
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_stop_token_ids_eos_and_optional_end_of_turn():
