@@ -157,15 +157,21 @@ def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float |
     """Causal attention over packed sequences: q (Tq, h, d), k and v (Tk, h_kv, d), h a multiple of h_kv (GQA);
     sequence i's queries are q[cu_q[i]:cu_q[i+1]], its keys k[cu_k[i]:cu_k[i+1]], and its queries are the last
     positions of its keys (bottom-right causal: a prompt chunk after its cached part, or one decoding token).
-    Rows of q past cu_q[-1] (padding) are zeros here and unspecified on the kernel. -> (Tq, h, d).
-    On CUDA in fp16/bf16: torch's own FlashAttention-2 kernel (aten::_flash_attention_forward, what
+    Rows of q past cu_q[-1] (padding) are zeros on the CPU and unspecified on the kernel. -> (Tq, h, d).
+    On CUDA (fp16/bf16): torch's own FlashAttention-2 kernel (aten::_flash_attention_forward, what
     torch.nn.attention.varlen calls; no flash-attn package needed), which reads each KV head once for its
-    h / h_kv query heads and launches once, with no host sync (CUDA-graph capturable). Elsewhere (CPU, fp32):
-    the obvious loop over sequences with sdpa, the reference the GPU check (bench/varlen_check.py) holds the
-    kernel to."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
-                                                       scale=scale)[0]
+    h / h_kv query heads and launches once, with no host sync (CUDA-graph capturable). On the CPU:
+    varlen_attention_reference, which bench/varlen_check.py holds the kernel to on a GPU."""
+    if not q.is_cuda:
+        return varlen_attention_reference(q, k, v, cu_q, cu_k, scale)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"varlen_attention on CUDA runs torch's flash kernel, fp16 or bf16 only, not {q.dtype}")
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+def varlen_attention_reference(q, k, v, cu_q, cu_k, scale: float | None = None):
+    """varlen_attention as the obvious loop: one sdpa call per sequence, its queries the last positions of its keys."""
     out = q.new_zeros(q.shape)
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):

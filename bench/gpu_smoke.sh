@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-# Parts, in the order they run (SMOKE_PARTS=trainer,decode,steps by default; add sdpa and rollout for more):
+# Parts, in the order they run (SMOKE_PARTS=varlen,trainer,decode,steps by default; add sdpa and rollout for more):
+#   varlen: torch's flash kernel (rollout.varlen_attention, the paged path's attention without flash-attn) against
+#      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (never run yet);
 #   trainer: ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
 #      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed.
 #      The 2026-11-29 run found ~95 ms a step in train.py against 24-31 ms in decode_cost.py (which re-decoded seen
 #      lengths); the prediction to check: cuDNN's per-shape plan builds are the difference, gone with it off;
 #   decode: ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k, at fresh lengths,
-#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at one shape (with sdpa it builds a
-#      dense mask: 213-694 ms a step on 2026-11-29);
+#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at three shapes (without flash-attn
+#      through rollout.paged_varlen_attention and transformers' CUDA graphs; with sdpa's dense mask it decoded at
+#      213-694 ms a step on 2026-11-29), with its greedy agreement with the dynamic path;
 #   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
 #   rollout: bench/rollout.py tokens/s per cache;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
-#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens; the dynamic cache with sdpa, paged with
-#      flash-attention) at a micro-batch of 65,536 tokens, with the update phase's peak memory
+#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens, the configs' paged cache (SMOKE_CACHE=dynamic
+#      for the eager path measured on 2026-11-29)) at a micro-batch of 65,536 tokens, with the update phase's peak memory
 #      (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %).
 # Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
 # GPU time in all, machine start included.   bash bench/gpu_smoke.sh
@@ -30,28 +33,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 $PY -c "import math_verify" 2>/dev/null || echo "math-verify missing (carry wheels in .whl/, README): train.py's answer checker cannot start"
 ATTN=sdpa; $PY -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
-# the train.py step's cache: with sdpa the paged path decoded at 213-694 ms a step on the H200 (2026-11-29), against
-# 24-31 ms for the dynamic cache, so paged only with flash-attention (never run on a GPU yet)
-CACHE=dynamic; [ "$ATTN" = flash_attention_2 ] && CACHE=paged; CACHE=${SMOKE_CACHE:-$CACHE}
-BUDGET=600000; [ "$ATTN" = flash_attention_2 ] || BUDGET=262144
+# the train.py step's cache: paged, as the configs (without flash-attn: rollout.paged_varlen_attention, torch's kernel)
+CACHE=${SMOKE_CACHE:-paged}
+BUDGET=600000
 MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
 # (32 x 4: one generation batch, so that even at the ~95 ms a step of 2026-11-29 the step ends inside its limit)
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
 # a step).
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-trainer,decode,steps}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,trainer,decode,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
-[[ $PARTS == *trainer* ]] && step 100 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
+[[ $PARTS == *varlen* ]] && step 40 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
+[[ $PARTS == *trainer* ]] && step 90 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
   --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
   --data.num_subsets=1 --data.max_prompts=32
-[[ $PARTS == *decode* ]] && step 100 $PY bench/decode_cost.py --device cuda \
+[[ $PARTS == *decode* ]] && step 90 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
-PAGED_SHAPES=128:1024; [ "$ATTN" = flash_attention_2 ] && PAGED_SHAPES=128:1024,512:1024,1024:1024
-[[ $PARTS == *decode* ]] && step 50 $PY bench/decode_cost.py --device cuda --cache paged --measure $PAGED_SHAPES \
+[[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024,512:3072 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
 # transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
 [[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
@@ -67,7 +69,7 @@ PAGED_SHAPES=128:1024; [ "$ATTN" = flash_attention_2 ] && PAGED_SHAPES=128:1024,
 [[ $PARTS == *steps* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-170} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-130} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \

@@ -16,7 +16,10 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
   rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place), and for a static cache
-  the whole preallocated length, read whether written or not.
+  the whole preallocated length, read whether written or not. Continuous batching with flash-attn's paged kernel
+  reads the cache in place through the block table; without flash-attn (rollout.paged_varlen_attention, torch's
+  flash kernel), transformers first gathers each sequence's keys and values out of the paged cache (a read and a
+  write of them) for the kernel to read: 3x.
 
 Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
@@ -45,7 +48,8 @@ PATHS = {
     "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)": ("padded", "preallocated", 1.0, 1149),
     "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, None),
     "paged, eager": ("paged", "paged", 1.0, 1149),
-    "paged, CUDA graphs": ("paged", "paged", 1.0, None),
+    "paged, flash-attn (block table), CUDA graphs": ("paged", "paged", 1.0, None),
+    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "paged", 3.0, None),
 }
 
 

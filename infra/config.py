@@ -279,10 +279,12 @@ def validate_config(cfg: Config):
     micro_batch_layout(cfg)  # train.pack, and share_prompt's attention needs
     cache_tokens, attn = cfg.rollout.max_batch_tokens, cfg.model.attn_implementation
     forward_tokens, mask_limit = min(rollout.PAGED_FORWARD_TOKENS, cache_tokens), 2**32
-    if cfg.rollout.cache == "paged" and not attn.startswith("flash_attention") and forward_tokens * cache_tokens > mask_limit:
-        raise ValueError(f"rollout.cache=paged with model.attn_implementation={attn} builds a dense (forward tokens x "
-                         f"cache tokens) mask: {forward_tokens:,} x {cache_tokens:,} here (on an H200 such a path "
-                         f"decoded 8-23x slower a step than the dynamic cache at the same batch). Use flash_attention_2, or "
+    dense_mask = "flash" not in attn and not rollout.PAGED_TORCH_FLASH  # else rollout.paged_varlen_attention
+    if cfg.rollout.cache == "paged" and dense_mask and forward_tokens * cache_tokens > mask_limit:
+        raise ValueError(f"rollout.cache=paged with model.attn_implementation={attn} and rollout.PAGED_TORCH_FLASH "
+                         f"off builds a dense (forward tokens x cache tokens) mask: {forward_tokens:,} x "
+                         f"{cache_tokens:,} here (on an H200 such a path decoded 8-23x slower a step than the dynamic "
+                         f"cache at the same batch). Use flash_attention_2, or rollout.PAGED_TORCH_FLASH, or "
                          f"rollout.cache=dynamic, or a rollout.max_batch_tokens of at most "
                          f"{mask_limit // rollout.PAGED_FORWARD_TOKENS:,}")
     if cfg.cures.sigma == "gradient" and cfg.cures.allocation == "cures" and cfg.cures.cold_start_rollouts <= 0:

@@ -174,7 +174,10 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     assert (palloc >= pcached).all()
     t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0)["seconds"]
          for p in phase_cost.PATHS}
-    assert t["paged, CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
+    assert t["paged, flash-attn (block table), CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
+    weights = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0)["seconds"]
+    gathered = t["paged, torch's flash kernel (keys gathered), CUDA graphs"]
+    assert gathered - weights == pytest.approx(3 * (bound - weights))  # the cache's bytes three times
     assert t["dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager"] > \
         t["dynamic (DynamicLayer: concatenated), sdpa_gqa, eager"] > \
         t["dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)"] > bound
@@ -220,3 +223,27 @@ def test_decode_step_model_against_the_h200_measurement():
         err_sum.append(abs((m["host_ms_narrow"] + device) / m["ms_per_step"] - 1))
         err_max.append(abs(max(m["host_ms_narrow"], device) / m["ms_per_step"] - 1))
     assert max(err_sum) < 0.3 and np.mean(err_sum) < np.mean(err_max)
+
+
+def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
+    """bench/gpu_smoke.sh: the default parts' time limits add up to at most 8 minutes (a session has 15 of GPU time,
+    machine start and one rerun included), and every bench script it runs exists; bench/varlen_check.py (its first
+    part) runs here on the CPU (the reference against itself) and writes its JSON."""
+    import re
+
+    text = open(os.path.join(ROOT, "bench", "gpu_smoke.sh")).read()
+    parts = re.search(r"PARTS=\$\{SMOKE_PARTS:-([a-z,]+)\}", text).group(1).split(",")
+    limits = []
+    for line in text.splitlines():
+        m = re.match(r"\[\[ \$PARTS == \*(\w+)\* \]\] && step \$?\{?(?:SMOKE_STEP_LIMIT:-)?(\d+)\}? ", line)
+        if m and m.group(1) in parts:
+            limits.append(int(m.group(2)))
+    assert len(limits) == 6 and sum(limits) <= 480, limits
+    for script in set(re.findall(r"bench/(\w+\.py)", text)):
+        assert os.path.exists(os.path.join(ROOT, "bench", script)), script
+    out = tmp_path / "v.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "varlen_check.py"), "--device", "cpu",
+                          "--reps", "1", "--measure", "128:1024", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "-> ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.load(open(out))["shapes"][0]["kernel_ms_layer"] > 0

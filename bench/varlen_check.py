@@ -1,0 +1,113 @@
+"""rollout.varlen_attention on a GPU: torch's flash kernel against the reference, and what a decoding step of it costs.
+
+The paged path of a model without the flash-attn package decodes through rollout.paged_varlen_attention, whose
+kernel is aten::_flash_attention_forward on CUDA; on a CPU the same function runs varlen_attention_reference (one
+sdpa call per sequence), which tests/test_rollout.py holds to attention written out. Here, on the GPU:
+
+1. agreement: a packed batch at Qwen2.5-Math-1.5B's head shape (12 query heads on 2 KV heads of 128) mixing whole
+   prompts, prompt chunks after a cached part and decoding tokens, bf16: the kernel against the reference computed
+   in fp32 from the same bf16 inputs; it fails above --tol (max abs difference);
+2. cost, per layer of a decoding step (one query token per sequence): the kernel's time, and the gather that
+   transformers' continuous batching does before it (each sequence's keys and values copied out of the paged
+   cache by index: bench/phase_cost.py charges attention 3x the cache's bytes for the two), against the bytes at
+   --bandwidth.
+
+    python bench/varlen_check.py                    # on cuda (bench/gpu_smoke.sh runs it); --device cpu: the
+                                                    # reference against itself, to check the script runs
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rollout  # noqa: E402
+
+
+def packed(shapes, h, h_kv, d, device, dtype, gen):
+    """q (Tq, h, d), k, v (Tk, h_kv, d) and cumulative lengths for sequences of (queries, keys)."""
+    cu_q = torch.tensor([0] + [sum(s[0] for s in shapes[:i + 1]) for i in range(len(shapes))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(s[1] for s in shapes[:i + 1]) for i in range(len(shapes))], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), h, d, generator=gen).to(device, dtype)
+    k = torch.randn(int(cu_k[-1]), h_kv, d, generator=gen).to(device, dtype)
+    v = torch.randn(int(cu_k[-1]), h_kv, d, generator=gen).to(device, dtype)
+    return q, k, v, cu_q.to(device), cu_k.to(device)
+
+
+def timed(fn, reps: int, cuda: bool) -> float:
+    """Median milliseconds of fn() over reps calls after two warm-up calls."""
+    times = []
+    for i in range(reps + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=28, help="layers a decoding step runs (per-step figures)")
+    ap.add_argument("--tol", type=float, default=2e-2, help="max abs difference allowed in bf16")
+    ap.add_argument("--measure", default="128:1024,512:1024,128:3072,512:3072", help="batch:context,... to time")
+    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s (H200)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    h, h_kv, d = args.heads, args.kv_heads, args.head_dim
+    gen = torch.Generator().manual_seed(0)
+    where = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"{where}, torch {torch.__version__}; {h} query heads on {h_kv} KV heads of {d}, {dtype}")
+
+    shapes = [(300, 300), (37, 37), (64, 700), (128, 1100)] + [(1, 200 + 23 * i) for i in range(60)]
+    q, k, v, cu_q, cu_k = packed(shapes, h, h_kv, d, device, dtype, gen)
+    scale = d ** -0.5
+    got = rollout.varlen_attention(q, k, v, cu_q, cu_k, max(s[0] for s in shapes), max(s[1] for s in shapes), scale)
+    want = rollout.varlen_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, scale)
+    err = float((got.float() - want).abs().max())
+    print(f"agreement, {len(shapes)} packed sequences (prefill, chunks after a cached part, decoding): max abs "
+          f"difference {err:.2e} (tolerance {args.tol:.0e}) -> {'ok' if err <= args.tol else 'FAILED'}")
+    results = {"device": where, "torch": torch.__version__, "max_abs_diff": err, "tolerance": args.tol, "shapes": []}
+
+    print("\n| batch, context | kernel a layer | gather a layer | a step (x%d layers): kernel + gather | KV bytes at "
+          "bandwidth, a step | kernel's share of the bandwidth |" % args.layers)
+    print("|---|---|---|---|---|---|")
+    for spec in filter(None, args.measure.split(",")):
+        batch, ctx = map(int, spec.split(":"))
+        if not cuda:
+            batch, ctx = min(batch, 8), min(ctx, 64)
+        qd, kd, vd, cq, ck = packed([(1, ctx)] * batch, h, h_kv, d, device, dtype, gen)
+        pool_k, pool_v = torch.cat([kd, kd]), torch.cat([vd, vd])  # a paged cache twice the batch's tokens
+        index = torch.randperm(pool_k.shape[0], generator=gen)[:kd.shape[0]].to(device)
+        kernel = timed(lambda: rollout.varlen_attention(qd, kd, vd, cq, ck, 1, ctx, scale), args.reps, cuda)
+        gather = timed(lambda: (pool_k.index_select(0, index), pool_v.index_select(0, index)), args.reps, cuda)
+        kv = 2 * batch * ctx * h_kv * d * qd.element_size()  # one layer's K and V
+        bound = 1000 * kv / args.bandwidth
+        print(f"| {batch}, {ctx:,} | {kernel:.3f} ms | {gather:.3f} ms | {args.layers * (kernel + gather):.1f} ms | "
+              f"{args.layers * bound:.1f} ms | {bound / kernel:.0%} |")
+        results["shapes"].append({"batch": batch, "context": ctx, "kernel_ms_layer": kernel, "gather_ms_layer": gather,
+                                  "kv_bound_ms_layer": bound})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    sys.exit(0 if err <= args.tol else 1)
+
+
+if __name__ == "__main__":
+    main()
