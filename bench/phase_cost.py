@@ -11,8 +11,14 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   at `--host-us` each: 18.4 us by default, measured on an H200 machine (2026-11-29, bench/results/gpu: the
   narrow model's eager step, 22.2 ms for 1,202 kernels; the real width at batch 128 implies at most 23 us). The
   55 us that train.py's decoding implied (86 ms a step, 2026-11-28) included, we predict, a cuDNN attention plan
-  built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step (a static cache compiled by transformers, or continuous
-  batching's captured graphs) is charged `--graph-host-ms` a step instead (an assumption until a GPU measures it).
+  built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step of a static
+  cache compiled by transformers is charged `--graph-host-ms` a step instead (an assumption until a GPU measures
+  it). Continuous batching adds its own host work every step, eager or graphed: its scheduler, the step's inputs
+  and each request's bookkeeping, in Python, `--cb-host-ms` + `--cb-host-us-per-row` x the step's rows (measured on
+  this CPU through rollout.generate by bench/cb_host.py: 1.3-2.5 ms + 22-23 us a request, transformers 5.24 and
+  5.17). With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
+  batching", on whenever it captures graphs and needs no mask), so a graphed paged step is charged
+  max(host, device).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
   rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place), and for a static cache
@@ -41,16 +47,19 @@ import rollout  # noqa: E402
 from infra.config import load_config  # noqa: E402
 from long_tail import lengths  # noqa: E402
 
-# (batching, cache layout, KV read multiplier, host: kernels a step or None for a CUDA-graphed step)
+# (batching, cache layout, KV read multiplier, host: eager kernels a step, or "graph" for a CUDA-graphed step)
 PATHS = {
     "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
     "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
     "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)": ("padded", "preallocated", 1.0, 1149),
-    "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, None),
+    "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, "graph"),
     "paged, eager": ("paged", "paged", 1.0, 1149),
-    "paged, flash-attn (block table), CUDA graphs": ("paged", "paged", 1.0, None),
-    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "paged", 3.0, None),
+    "paged, flash-attn (block table), CUDA graphs": ("paged", "paged", 1.0, "graph"),
+    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "paged", 3.0, "graph"),
 }
+
+
+CB_HOST_MS, CB_HOST_US_PER_ROW = 2.0, 23.0  # bench/cb_host.py on the CI CPU, 2026-11-29: 1.3 / 2.5 ms + 23.0 / 21.9 us
 
 
 def padded_steps(prompt, resp, batches, limit: int):
@@ -88,7 +97,8 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
-                  host_us: float, graph_host_ms: float, overlap: bool = False) -> dict:
+                  host_us: float, graph_host_ms: float, overlap: bool = False, cb_host_ms: float = CB_HOST_MS,
+                  cb_host_us_per_row: float = CB_HOST_US_PER_ROW) -> dict:
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
     batching, cache, kv_mult, kernels = PATHS[path]
     limit = cfg.rollout.max_new_tokens
@@ -100,8 +110,13 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         read = cached
     device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
-    host = np.full(len(rows), kernels * host_us * 1e-6 if kernels else graph_host_ms * 1e-3)
-    step = np.maximum(device, host) if overlap else device + host
+    graphed = kernels == "graph"
+    if batching == "paged":  # continuous batching's own host work (with graphs it replaces the step's launches)
+        host = (cb_host_ms + cb_host_us_per_row * 1e-3 * rows) * 1e-3 + (0.0 if graphed else kernels * host_us * 1e-6)
+    else:
+        host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else kernels * host_us * 1e-6)
+    async_batching = graphed and batching == "paged"  # the next batch prepared while the device runs this one
+    step = np.maximum(device, host) if overlap or async_batching else device + host
     return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),
             "slots": int(rows.sum())}
 
@@ -120,7 +135,12 @@ def main():
     ap.add_argument("--kv-bytes", type=float, default=28 * 1024, help="KV cache bytes per token (bench/memory.py)")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3)")
     ap.add_argument("--host-us", type=float, default=18.4, help="host time per eager kernel on the GPU machine")
-    ap.add_argument("--graph-host-ms", type=float, default=1.0, help="host time of a CUDA-graphed decoding step")
+    ap.add_argument("--graph-host-ms", type=float, default=1.0, help="host time of a CUDA-graphed decoding step "
+                    "of a compiled static cache")
+    ap.add_argument("--cb-host-ms", type=float, default=CB_HOST_MS, help="continuous batching's host time a step, "
+                    "fixed part (bench/cb_host.py)")
+    ap.add_argument("--cb-host-us-per-row", type=float, default=CB_HOST_US_PER_ROW, help="continuous batching's "
+                    "host time a step, per request in the step (bench/cb_host.py)")
     ap.add_argument("--tflops", type=float, default=989e12 * 0.4, help="training FLOP/s per GPU (bf16, 40 %% MFU)")
     ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -133,7 +153,9 @@ def main():
           f"{cfg.rollout.max_batch_tokens:,} tokens; lengths lognormal(median 600, sigma 0.7) + {args.runaway:.0%} at "
           f"{limit}; {args.params / 1e9:.2f}B bf16, {args.kv_bytes / 1024:.0f} KiB KV a token, "
           f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, {args.graph_host_ms} ms a "
-          f"graphed step; a step {'max(host, device)' if args.overlap else 'host + device'}; {args.seeds} seeds\n")
+          f"graphed static step, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row; a step "
+          f"{'max(host, device)' if args.overlap else 'host + device (graphed paged: max, async batching)'}; "
+          f"{args.seeds} seeds\n")
     res = {p: [] for p in PATHS}
     bounds, tokens = [], []
     for seed in range(args.seeds):
@@ -144,7 +166,7 @@ def main():
         tokens.append(int(resp.sum()))
         for p in PATHS:
             res[p].append(phase_seconds(p, prompt, resp, cfg, W, args.kv_bytes, args.bandwidth, args.host_us,
-                                        args.graph_host_ms, args.overlap))
+                                        args.graph_host_ms, args.overlap, args.cb_host_ms, args.cb_host_us_per_row))
     bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
     print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps |")
     print("|---|---|---|---|---|---|")

@@ -172,19 +172,29 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     prow, pcached, palloc = phase_cost.padded_steps(prompt, resp, batches, 512)
     assert len(prow) == sum(int(resp[b].max()) for b in batches) and prow.sum() >= resp.sum()
     assert (palloc >= pcached).all()
-    t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0)["seconds"]
+    free = dict(cb_host_ms=0.0, cb_host_us_per_row=0.0)  # no host time at all
+    t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **free)["seconds"]
          for p in phase_cost.PATHS}
     assert t["paged, flash-attn (block table), CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
-    weights = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0)["seconds"]
+    weights = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0, **free)["seconds"]
     gathered = t["paged, torch's flash kernel (keys gathered), CUDA graphs"]
     assert gathered - weights == pytest.approx(3 * (bound - weights))  # the cache's bytes three times
     assert t["dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager"] > \
         t["dynamic (DynamicLayer: concatenated), sdpa_gqa, eager"] > \
         t["dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)"] > bound
-    slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0)
+    slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, **free)
     assert slow["host_bound"] == 1.0 and slow["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3 + bound)  # host + device
-    overlapped = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, True)
+    overlapped = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, True,
+                                          **free)
     assert overlapped["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3)  # max(host, device): the host alone
+    # continuous batching's scheduler: 1 ms + 1 ms a row a step, on top of the eager kernels, alongside the device
+    # (max) once graphs are captured (async batching)
+    cb = dict(cb_host_ms=1.0, cb_host_us_per_row=1000.0)
+    eager = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
+    assert eager["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum()) + bound)
+    graphed = phase_cost.phase_seconds("paged, flash-attn (block table), CUDA graphs", prompt, resp, cfg, 3e9,
+                                       28 * 1024, 3.35e12, 0.0, 0.0, **cb)
+    assert graphed["host_bound"] == 1.0 and graphed["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum()))
 
 
 def test_gen_in_trainer_measures_every_stage():
