@@ -138,14 +138,16 @@ def _register_gqa_attention():
     _register(GQA_ATTENTION, sdpa_gqa_attention, "sdpa")
 
 
-def _register(name: str, fn, mask_like: str):
+def _register(name: str, fn, mask_like: str | None = None):
     """Register `fn` with transformers' attention interface under `name` (and `mask_like`'s mask builder), once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
+        if mask_like is not None:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
 
 
 TORCH_FLASH = "torch_flash_varlen"  # the name under which paged_varlen_attention is registered (see there)
@@ -159,8 +161,9 @@ def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float |
     positions of its keys (bottom-right causal: a prompt chunk after its cached part, or one decoding token).
     Rows of q past cu_q[-1] (padding) are zeros on the CPU and unspecified on the kernel. -> (Tq, h, d).
     On CUDA (fp16/bf16): torch's own FlashAttention-2 kernel (aten::_flash_attention_forward, what
-    torch.nn.attention.varlen calls; no flash-attn package needed), which reads each KV head once for its
-    h / h_kv query heads and launches once, with no host sync (CUDA-graph capturable). On the CPU:
+    torch.nn.attention.varlen calls; no flash-attn package needed): one launch, no host sync (CUDA-graph
+    capturable); with max_q = 1 it reads each KV head once for its h / h_kv query heads, with more (the padded
+    queries of transformers' graphed steps) once per query head (bench/varlen_check.py measures both). On the CPU:
     varlen_attention_reference, which bench/varlen_check.py holds the kernel to on a GPU."""
     if not q.is_cuda:
         return varlen_attention_reference(q, k, v, cu_q, cu_k, scale)
@@ -191,8 +194,9 @@ def paged_varlen_attention(module, query, key, value, attention_mask, scaling=No
     without the flash-attn package: transformers' paged path on sdpa builds a dense (forward tokens x cache
     tokens) mask and cannot capture CUDA graphs; registered under a name with "flash" in it (TORCH_FLASH),
     transformers builds no mask and captures its graphs, as for flash-attention, and with no version digit in the
-    name it does not look for flash-attn's paged decoding kernel (each step gathers the batch's keys instead:
-    bench/phase_cost.py charges that copy). query (1, h, Tq, d): the forward's tokens packed; key and value: the
+    name it does not look for flash-attn's paged decoding kernel: every step takes transformers' varlen path, which
+    lists every cached token's place in the cache on the host and gathers each sequence's keys (bench/phase_cost.py
+    charges both, bench/cb_host.py measures the first). query (1, h, Tq, d): the forward's tokens packed; key and value: the
     tokens of each sequence so far, gathered from the paged cache, (1, h_kv, Tk, d) or (Tk, h_kv, d);
     cu_seq_lens_q/k and their maxima from the batch (per layer type when the model mixes them)."""
     if getattr(module, "sliding_window", None) or kwargs.get("block_table") is not None or dropout:
@@ -220,20 +224,25 @@ def _paged_varlen_attention_writing(module, query, key, value, attention_mask, c
 
 
 def _paged_attention(model) -> str:
-    """The attention implementation a paged call runs with: the model's own when it is a flash-attention one,
-    else paged_varlen_attention, registered now. transformers before 5.24 runs continuous batching on
-    `paged|<name>` and hands that function the new tokens to write into the cache (its `update` takes the read
-    and write indices); given the prefixed name already, it keeps it instead of re-checking the name for a
-    flash-attn package."""
+    """The attention implementation a paged call runs with: the model's own when it is a flash-attention one, when
+    flash-attn is installed (transformers then switches a model on sdpa to it itself) or when the model is on
+    CUDA in fp32 (torch's flash kernel takes fp16/bf16); else paged_varlen_attention, registered now (no mask
+    builder: continuous batching builds none for flash-like attention). transformers before 5.24 runs
+    continuous batching on `paged|<name>` and hands that function the new tokens to write into the cache (its
+    `update` takes the read and write indices); given the prefixed name already, it keeps it instead of
+    re-checking the name for a flash-attn package."""
     from transformers.generation.continuous_batching import PagedAttentionCache
+    from transformers.utils import is_flash_attn_2_available
 
     attn = model.config._attn_implementation
-    if not PAGED_TORCH_FLASH or "flash" in attn:
+    p = next(model.parameters())
+    fp32_cuda = p.is_cuda and p.dtype not in (torch.float16, torch.bfloat16)
+    if not PAGED_TORCH_FLASH or "flash" in attn or fp32_cuda or is_flash_attn_2_available():
         return attn
     if "read_index" in inspect.signature(PagedAttentionCache.update).parameters:  # transformers < 5.24
-        _register(f"paged|{TORCH_FLASH}", _paged_varlen_attention_writing, "flash_attention_2")
+        _register(f"paged|{TORCH_FLASH}", _paged_varlen_attention_writing)
         return f"paged|{TORCH_FLASH}"
-    _register(TORCH_FLASH, paged_varlen_attention, "flash_attention_2")
+    _register(TORCH_FLASH, paged_varlen_attention)
     return TORCH_FLASH
 
 

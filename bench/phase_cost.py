@@ -14,9 +14,11 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step of a static
   cache compiled by transformers is charged `--graph-host-ms` a step instead (an assumption until a GPU measures
   it). Continuous batching adds its own host work every step, eager or graphed: its scheduler, the step's inputs
-  and each request's bookkeeping, in Python, `--cb-host-ms` + `--cb-host-us-per-row` x the step's rows (measured on
-  this CPU through rollout.generate by bench/cb_host.py: 1.3-2.5 ms + 22-23 us a request, transformers 5.24 and
-  5.17). With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
+  and each request's bookkeeping, in Python, `--cb-host-ms` + `--cb-host-us-per-row` x the step's rows, plus, on
+  steps that take its varlen path (every step without flash-attn's block table; with it, the steps that admit
+  requests), `--cb-host-ns-per-token` x the tokens in the cache (the read indices it lists); measured on this CPU
+  through rollout.generate by bench/cb_host.py: 1.2 ms + 19 us a request + 105 ns a cached token, transformers
+  5.24 and 5.17. With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
   batching", on whenever it captures graphs and needs no mask), so a graphed paged step is charged
   max(host, device).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
@@ -25,7 +27,8 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   the whole preallocated length, read whether written or not. Continuous batching with flash-attn's paged kernel
   reads the cache in place through the block table; without flash-attn (rollout.paged_varlen_attention, torch's
   flash kernel), transformers first gathers each sequence's keys and values out of the paged cache (a read and a
-  write of them) for the kernel to read: 3x.
+  write of them), and the kernel, given padded queries under CUDA graphs, reads each KV head once per query head
+  (6 for 12 on 2): 8x.
 
 Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
@@ -47,19 +50,24 @@ import rollout  # noqa: E402
 from infra.config import load_config  # noqa: E402
 from long_tail import lengths  # noqa: E402
 
-# (batching, cache layout, KV read multiplier, host: eager kernels a step, or "graph" for a CUDA-graphed step)
+# (batching, cache layout, KV read multiplier, host: eager kernels a step, or "graph" for a CUDA-graphed step).
+# Continuous batching's layouts: "block table" (flash-attn's kernel reads the paged cache in place; its decoding
+# steps skip the varlen inputs) or "gathered" (transformers' varlen path every step: each sequence's keys copied out
+# of the paged cache, a read and a write, then read by torch's flash kernel once per query head, 6 for 12 query
+# heads on 2 KV heads, since under CUDA graphs transformers pads the queries and the kernel cannot fold a KV head's
+# query heads into one pass: 2 + 6 = 8x; bench/varlen_check.py measures it).
 PATHS = {
     "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
     "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
     "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)": ("padded", "preallocated", 1.0, 1149),
     "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, "graph"),
-    "paged, eager": ("paged", "paged", 1.0, 1149),
-    "paged, flash-attn (block table), CUDA graphs": ("paged", "paged", 1.0, "graph"),
-    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "paged", 3.0, "graph"),
+    "paged, flash-attn (block table), eager": ("paged", "block table", 1.0, 1149),
+    "paged, flash-attn (block table), CUDA graphs": ("paged", "block table", 1.0, "graph"),
+    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", 8.0, "graph"),
 }
 
 
-CB_HOST_MS, CB_HOST_US_PER_ROW = 2.0, 23.0  # bench/cb_host.py on the CI CPU, 2026-11-29: 1.3 / 2.5 ms + 23.0 / 21.9 us
+CB_HOST_MS, CB_HOST_US_PER_ROW, CB_HOST_NS_PER_TOKEN = 1.2, 19.0, 105.0  # bench/cb_host.py, both versions (cb_host.md)
 
 
 def padded_steps(prompt, resp, batches, limit: int):
@@ -76,9 +84,10 @@ def padded_steps(prompt, resp, batches, limit: int):
 
 def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
     """Per decoding step of continuous batching (rows join while their prompt and the running rows' KV fit the
-    budget; a finished row leaves at once): (rows, tokens in the cache). As bench/long_tail.py's simulate_paged."""
+    budget; a finished row leaves at once): (rows, tokens in the cache, rows that joined). As bench/long_tail.py's
+    simulate_paged."""
     nxt, p, g, n = 0, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
-    rows, cached = [], []
+    rows, cached, joined = [], [], []
     while nxt < len(resp) or len(n):
         used = int((p + g).sum())
         join = []
@@ -90,15 +99,17 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
             np.concatenate([n, resp[join]])
         rows.append(len(n))
         cached.append(int((p + g).sum()))
+        joined.append(len(join))
         g = g + 1
         keep = g < n
         p, g, n = p[keep], g[keep], n[keep]
-    return np.array(rows), np.array(cached)
+    return np.array(rows), np.array(cached), np.array(joined)
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
                   host_us: float, graph_host_ms: float, overlap: bool = False, cb_host_ms: float = CB_HOST_MS,
-                  cb_host_us_per_row: float = CB_HOST_US_PER_ROW) -> dict:
+                  cb_host_us_per_row: float = CB_HOST_US_PER_ROW, cb_host_ns_per_token: float = CB_HOST_NS_PER_TOKEN
+                  ) -> dict:
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
     batching, cache, kv_mult, kernels = PATHS[path]
     limit = cfg.rollout.max_new_tokens
@@ -107,12 +118,14 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         rows, cached, allocated = padded_steps(prompt, resp, batches, limit)
         read = allocated if cache == "static" else cached
     else:
-        rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+        rows, cached, joined = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         read = cached
     device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
     graphed = kernels == "graph"
     if batching == "paged":  # continuous batching's own host work (with graphs it replaces the step's launches)
-        host = (cb_host_ms + cb_host_us_per_row * 1e-3 * rows) * 1e-3 + (0.0 if graphed else kernels * host_us * 1e-6)
+        varlen = np.ones(len(rows), bool) if cache == "gathered" else joined > 0  # steps that list every cached token
+        host = (cb_host_ms + cb_host_us_per_row * 1e-3 * rows + cb_host_ns_per_token * 1e-6 * cached * varlen) * 1e-3 \
+            + (0.0 if graphed else kernels * host_us * 1e-6)
     else:
         host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else kernels * host_us * 1e-6)
     async_batching = graphed and batching == "paged"  # the next batch prepared while the device runs this one
@@ -122,7 +135,7 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
 
 
 def decode_bound(prompt, resp, cfg, weight_bytes, kv_bytes, bandwidth) -> float:
-    rows, cached = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+    rows, cached, _ = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
     return float(((weight_bytes + cached * kv_bytes) / bandwidth).sum())
 
 
@@ -141,6 +154,8 @@ def main():
                     "fixed part (bench/cb_host.py)")
     ap.add_argument("--cb-host-us-per-row", type=float, default=CB_HOST_US_PER_ROW, help="continuous batching's "
                     "host time a step, per request in the step (bench/cb_host.py)")
+    ap.add_argument("--cb-host-ns-per-token", type=float, default=CB_HOST_NS_PER_TOKEN, help="continuous batching's "
+                    "host time a step of its varlen path, per token in the cache (bench/cb_host.py)")
     ap.add_argument("--tflops", type=float, default=989e12 * 0.4, help="training FLOP/s per GPU (bf16, 40 %% MFU)")
     ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -153,7 +168,8 @@ def main():
           f"{cfg.rollout.max_batch_tokens:,} tokens; lengths lognormal(median 600, sigma 0.7) + {args.runaway:.0%} at "
           f"{limit}; {args.params / 1e9:.2f}B bf16, {args.kv_bytes / 1024:.0f} KiB KV a token, "
           f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, {args.graph_host_ms} ms a "
-          f"graphed static step, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row; a step "
+          f"graphed static step, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row "
+          f"(+ {args.cb_host_ns_per_token} ns a cached token on varlen steps); a step "
           f"{'max(host, device)' if args.overlap else 'host + device (graphed paged: max, async batching)'}; "
           f"{args.seeds} seeds\n")
     res = {p: [] for p in PATHS}
@@ -166,13 +182,14 @@ def main():
         tokens.append(int(resp.sum()))
         for p in PATHS:
             res[p].append(phase_seconds(p, prompt, resp, cfg, W, args.kv_bytes, args.bandwidth, args.host_us,
-                                        args.graph_host_ms, args.overlap, args.cb_host_ms, args.cb_host_us_per_row))
+                                        args.graph_host_ms, args.overlap, args.cb_host_ms, args.cb_host_us_per_row,
+                                        args.cb_host_ns_per_token))
     bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
     print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps |")
     print("|---|---|---|---|---|---|")
     for p, r in res.items():
         s = np.mean([x["seconds"] for x in r])
-        print(f"| {p} | {np.mean([x['steps'] for x in r]):,.0f} | {s:.1f} s | {tok / s:,.0f} | {bound / s:.0%} | "
+        print(f"| {p} | {np.mean([x['steps'] for x in r]):,.0f} | {s:.1f} s | {tok / s:,.0f} | {bound / s:.1%} | "
               f"{np.mean([x['host_bound'] for x in r]):.0%} |")
     print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | |")
     # a whole configs/1.5b.yaml step on `ranks` GPUs: the phase, the cold start spread over the subset's steps,

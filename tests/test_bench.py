@@ -160,7 +160,7 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     rng = np.random.default_rng(0)
     resp = long_tail.lengths(200, rng, 120, 0.7, 0.05, 512)
     prompt = np.minimum(np.exp(rng.normal(np.log(150), 0.5, 200)), 1024).astype(int)
-    rows, cached = phase_cost.paged_steps(prompt, resp, 60000, 64)
+    rows, cached, joined = phase_cost.paged_steps(prompt, resp, 60000, 64)
     assert rows.sum() == resp.sum() and rows.max() <= 64 and cached.max() <= 60000
     sim = long_tail.simulate_paged(prompt, resp, 60000, 64, 3e9, 28 * 1024, 3.35e12)
     assert sim["decode_steps"] == len(rows) and sim["slots"] == rows.sum()
@@ -172,29 +172,34 @@ def test_phase_cost_schedules_against_the_long_tail_simulator():
     prow, pcached, palloc = phase_cost.padded_steps(prompt, resp, batches, 512)
     assert len(prow) == sum(int(resp[b].max()) for b in batches) and prow.sum() >= resp.sum()
     assert (palloc >= pcached).all()
-    free = dict(cb_host_ms=0.0, cb_host_us_per_row=0.0)  # no host time at all
+    free = dict(cb_host_ms=0.0, cb_host_us_per_row=0.0, cb_host_ns_per_token=0.0)  # no host time at all
     t = {p: phase_cost.phase_seconds(p, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **free)["seconds"]
          for p in phase_cost.PATHS}
-    assert t["paged, flash-attn (block table), CUDA graphs"] == pytest.approx(bound) == pytest.approx(t["paged, eager"])
-    weights = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0, **free)["seconds"]
-    gathered = t["paged, torch's flash kernel (keys gathered), CUDA graphs"]
-    assert gathered - weights == pytest.approx(3 * (bound - weights))  # the cache's bytes three times
+    block, eager_block = "paged, flash-attn (block table), CUDA graphs", "paged, flash-attn (block table), eager"
+    gathered = "paged, torch's flash kernel (keys gathered), CUDA graphs"
+    assert t[block] == pytest.approx(bound) == pytest.approx(t[eager_block])
+    weights = phase_cost.phase_seconds(eager_block, prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0, **free)["seconds"]
+    assert t[gathered] - weights == pytest.approx(8 * (bound - weights))  # gather (2x) + a read per query head (6x)
+    assert joined.sum() == len(resp) and 0 < (joined > 0).sum() < len(rows)  # some steps admit new requests
     assert t["dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager"] > \
         t["dynamic (DynamicLayer: concatenated), sdpa_gqa, eager"] > \
         t["dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)"] > bound
-    slow = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, **free)
+    slow = phase_cost.phase_seconds(eager_block, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, **free)
     assert slow["host_bound"] == 1.0 and slow["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3 + bound)  # host + device
-    overlapped = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, True,
+    overlapped = phase_cost.phase_seconds(eager_block, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 1000.0, 0.0, True,
                                           **free)
     assert overlapped["seconds"] == pytest.approx(len(rows) * 1149 * 1e-3)  # max(host, device): the host alone
-    # continuous batching's scheduler: 1 ms + 1 ms a row a step, on top of the eager kernels, alongside the device
-    # (max) once graphs are captured (async batching)
-    cb = dict(cb_host_ms=1.0, cb_host_us_per_row=1000.0)
-    eager = phase_cost.phase_seconds("paged, eager", prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
-    assert eager["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum()) + bound)
-    graphed = phase_cost.phase_seconds("paged, flash-attn (block table), CUDA graphs", prompt, resp, cfg, 3e9,
-                                       28 * 1024, 3.35e12, 0.0, 0.0, **cb)
-    assert graphed["host_bound"] == 1.0 and graphed["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum()))
+    # continuous batching's own host work: 1 ms + 1 ms a row a step, + 1 ms a cached token on the steps that take
+    # the varlen path (every step without a block table; with it, those that admit requests), on top of the eager
+    # kernels, alongside the device (max) once graphs are captured (async batching)
+    cb = dict(cb_host_ms=1.0, cb_host_us_per_row=1000.0, cb_host_ns_per_token=1e6)
+    varlen = (cached * (joined > 0)).sum()
+    eager = phase_cost.phase_seconds(eager_block, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
+    assert eager["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum() + varlen) + bound)
+    graphed = phase_cost.phase_seconds(block, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
+    assert graphed["host_bound"] == 1.0 and graphed["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum() + varlen))
+    every = phase_cost.phase_seconds(gathered, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
+    assert every["seconds"] == pytest.approx(1e-3 * (len(rows) + rows.sum() + cached.sum()))
 
 
 def test_gen_in_trainer_measures_every_stage():
@@ -256,4 +261,4 @@ def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
                           "--reps", "1", "--measure", "128:1024", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "-> ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
-    assert json.load(open(out))["shapes"][0]["kernel_ms_layer"] > 0
+    assert json.load(open(out))["shapes"][0]["kernel_padded_ms_layer"] > 0
