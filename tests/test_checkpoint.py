@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cures
+import rollout
 import train
 from helpers import ROOT, TRAIN_DATA, final_weights, sigterm_at, small_run, tiny_default_run
 from infra.checkpoint import checkpoint_dirs, save_checkpoint
@@ -142,7 +143,8 @@ def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
     """What resume promises with rollout.cache=paged, whose scheduler is not bitwise reproducible: the saved
     state comes back exactly, so two runs resumed from one checkpoint draw the same prompts and allocate the
     same rollouts in the step after it (their sampled tokens may differ; with dynamic and static caches they
-    do not, test_resume_equals_uninterrupted_run)."""
+    do not, test_resume_equals_uninterrupted_run). train.py's paged generation runs through
+    rollout.paged_varlen_attention (a model on sdpa)."""
     import shutil
 
     draws, sample_and_allocate = [], train.sample_and_allocate
@@ -152,8 +154,11 @@ def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
         draws.append((step, out[0].tolist(), out[1].tolist()))
         return out
     monkeypatch.setattr(train, "sample_and_allocate", recording)
+    calls, kernel = [], rollout.varlen_attention  # the model is on sdpa: paged decodes via paged_varlen_attention
+    monkeypatch.setattr(rollout, "varlen_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     paged = ("--rollout.cache=paged", "--rollout.max_batch_tokens=4096")
     train.main(small_run(tiny_model_dir, str(tmp_path / "a"), "--run.max_steps=3", *paged))
+    assert calls
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     resumed = []
     for run in ("a", "b"):
