@@ -9,7 +9,7 @@
 #      The 2026-11-29 run found ~95 ms a step in train.py against 24-31 ms in decode_cost.py (which re-decoded seen
 #      lengths); the prediction to check: cuDNN's per-shape plan builds are the difference, gone with it off;
 #   decode: ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k, at fresh lengths,
-#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at three shapes (without flash-attn
+#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at two shapes (without flash-attn
 #      through rollout.paged_varlen_attention and transformers' CUDA graphs; with sdpa's dense mask it decoded at
 #      213-694 ms a step on 2026-11-29), with its greedy agreement with the dynamic path;
 #   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
@@ -53,7 +53,7 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
-[[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024,512:3072 \
+[[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
 # transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
 [[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
