@@ -207,10 +207,12 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
                       top_p: float, seed: int = 0, max_batch_tokens: int = 1 << 20, rank: int = 0,
                       world_size: int = 1, workers: int = 0, timeout: float = 10.0,
                       system_prompt: str = SYSTEM_PROMPT, user_template: str = USER_TEMPLATE,
-                      stop_at_im_end: bool = False, should_stop=None, progress: str = ""):
+                      stop_at_im_end: bool = False, should_stop=None, progress: str = "", cache: str = "dynamic"):
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
     them. Returns a list of per-problem records {"id", "answer", "responses", "scores", "unscored"} for the shard;
-    "unscored": the samples the checker never scored (reward.Scores.unscored; their score is a placeholder 0)."""
+    "unscored": the samples the checker never scored (reward.Scores.unscored; their score is a placeholder 0).
+    cache: rollout.generate's KV cache (paged: continuous batching, the fastest on a GPU for long samples of mixed
+    lengths, seeded but not bitwise reproducible)."""
     import rollout
 
     shard = problems[rank::world_size]
@@ -221,7 +223,7 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     out = rollout.generate(model, prompts, n_samples, max_new_tokens=max_new_tokens, eos_ids=eos,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                            seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens, should_stop=should_stop,
-                           progress=progress)
+                           progress=progress, cache=cache)
     texts = out.texts(tokenizer)
     golds = [shard[i]["answer"] for i in out.prompt_index.tolist()]
     scores = reward.score_batch(texts, golds, workers=workers, timeout=timeout)
@@ -248,6 +250,10 @@ def main():
                     help="greedy decoding for benchmarks evaluated with one sample")
     ap.add_argument("--max-new-tokens", type=int, default=3072)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 20)
+    ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic",
+                    help="rollout.generate's KV cache: dynamic (bitwise reproducible), static, or paged (continuous "
+                    "batching: on a GPU the fastest for long samples of mixed lengths, README Performance; seeded, "
+                    "not bitwise reproducible). Not a setting of the results: a resumed evaluation may change it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--system-prompt", default=None,
@@ -301,7 +307,7 @@ def main():
                                     temperature=temperature, top_p=args.top_p, seed=args.seed, rank=rank,
                                     world_size=world, max_batch_tokens=args.max_batch_tokens, timeout=args.timeout,
                                     system_prompt=system_prompt, user_template=user_template,
-                                    stop_at_im_end=stop_at_im_end)
+                                    stop_at_im_end=stop_at_im_end, cache=args.cache)
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, records)

@@ -497,7 +497,7 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
 
 def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int, stop: dict | None = None):
     """Held-out accuracy (mean score over every sample of every problem, all ranks) and the number of samples
-    the checker could not score (left out of the mean)."""
+    the checker could not score (left out of the mean); generated with the rollouts' cache (rollout.cache)."""
     with interruptible(stop) as should_stop:
         records = evaluation.evaluate_problems(
             gen, tokenizer, problems, n_samples=cfg.eval.samples,
@@ -506,7 +506,7 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
             timeout=cfg.run.reward_timeout, max_batch_tokens=cfg.rollout.max_batch_tokens,
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
             stop_at_im_end=cfg.rollout.stop_at_im_end, should_stop=should_stop,
-            progress="eval" if rank == 0 else "")
+            progress="eval" if rank == 0 else "", cache=cfg.rollout.cache)
     samples = all_gather_list([(s, b in r["unscored"]) for r in records for b, s in enumerate(r["scores"])])
     scores = [s for s, unscored in samples if not unscored]
     return {"eval/acc": float(np.mean(scores)) if scores else 0.0, "eval/unscored": len(samples) - len(scores)}

@@ -85,8 +85,10 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
     before = os.path.getmtime(out / "math500.jsonl")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0 and os.path.getmtime(out / "math500.jsonl") == before  # not recomputed
-    again = subprocess.run(cmd[:-2] + ["--samples", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0 and os.path.getmtime(out / "math500.jsonl") > before  # new settings: recomputed
+    again = subprocess.run(cmd[:-2] + ["--samples", "3", "--cache", "paged"], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert os.path.getmtime(out / "math500.jsonl") > before  # new settings: recomputed (on the paged cache)
     assert json.load(open(out / "summary.json"))[tiny_model_dir]["math500"]["n"] == 3
 
 
@@ -143,3 +145,26 @@ def test_one_stopping_rule_for_training_and_evaluation(tmp_path):
     assert run()[0] == first  # same settings: taken from the cache
     again, stats = run("--stop-at-im-end")
     assert again != first and stats["settings"]["stop_at_im_end"] is True
+
+
+def test_paged_evaluation_scores_what_the_dynamic_cache_scores(monkeypatch):
+    """evaluate_problems (train.py's held-out evaluation and eval.py's) on the paged cache (rollout.cache, eval.py
+    --cache): greedy answers of the pretrained models/arith equal the dynamic cache's, response for response, and
+    so do their scores; the model is on sdpa, so the paged path decodes through rollout.paged_varlen_attention."""
+    import rollout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(ROOT, "models", "arith")
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "arith", "test.jsonl"))][:12]
+    problems = [{"id": i, "problem": r["problem"], "answer": r["answer"]} for i, r in enumerate(rows)]
+    calls, kernel = [], rollout.varlen_attention
+    monkeypatch.setattr(rollout, "varlen_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kw = dict(n_samples=1, max_new_tokens=16, temperature=0.0, top_p=1.0, system_prompt="", user_template="{problem}")
+    dynamic = evaluation.evaluate_problems(model, tok, problems, **kw)
+    assert not calls
+    paged = evaluation.evaluate_problems(model, tok, problems, cache="paged", **kw)
+    assert calls
+    assert [r["responses"] for r in paged] == [r["responses"] for r in dynamic]
+    assert [r["scores"] for r in paged] == [r["scores"] for r in dynamic]
+    assert 0 < sum(r["scores"][0] for r in dynamic) < len(problems)  # some right, some wrong: the answers matter
