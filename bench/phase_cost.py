@@ -113,21 +113,20 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
     batching, cache, kv_mult, kernels = PATHS[path]
     limit = cfg.rollout.max_new_tokens
+    graphed = kernels == "graph"
+    launches = 0.0 if graphed else kernels * host_us * 1e-6  # eager: a launch per kernel
     if batching == "padded":
         batches = rollout.plan_batches(list(prompt), limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         rows, cached, allocated = padded_steps(prompt, resp, batches, limit)
         read = allocated if cache == "static" else cached
-    else:
+        host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else launches)
+    else:  # continuous batching's own host work besides the launches (with graphs: instead of them)
         rows, cached, joined = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         read = cached
-    device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
-    graphed = kernels == "graph"
-    if batching == "paged":  # continuous batching's own host work (with graphs it replaces the step's launches)
         varlen = np.ones(len(rows), bool) if cache == "gathered" else joined > 0  # steps that list every cached token
         host = (cb_host_ms + cb_host_us_per_row * 1e-3 * rows + cb_host_ns_per_token * 1e-6 * cached * varlen) * 1e-3 \
-            + (0.0 if graphed else kernels * host_us * 1e-6)
-    else:
-        host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else kernels * host_us * 1e-6)
+            + launches
+    device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
     async_batching = graphed and batching == "paged"  # the next batch prepared while the device runs this one
     step = np.maximum(device, host) if overlap or async_batching else device + host
     return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),
