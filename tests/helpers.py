@@ -1,4 +1,5 @@
-"""Shared test helpers: the small and tiny-default run arguments, a torchrun launcher, data-file writers."""
+"""Shared test helpers: the small and tiny-default run arguments, a torchrun launcher, data-file writers, a
+recorder of the paged path's attention calls."""
 
 import json
 import os
@@ -9,6 +10,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 TRAIN_DATA = os.path.join(ROOT, "data", "tiny", "train.jsonl")
+
+
+def varlen_calls(monkeypatch) -> list[int]:
+    """Record each call of rollout.varlen_attention (the paged path's attention without flash-attn) for the test:
+    the returned list gets the call's query tokens, and the kernel still runs."""
+    import rollout
+
+    calls, kernel = [], rollout.varlen_attention
+    monkeypatch.setattr(rollout, "varlen_attention", lambda q, *a, **k: calls.append(q.shape[0]) or kernel(q, *a, **k))
+    return calls
 
 
 def small_run(model_dir, out_dir, *extra):

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import cures
-import rollout
 import train
-from helpers import ROOT, TRAIN_DATA, final_weights, sigterm_at, small_run, tiny_default_run
+from helpers import ROOT, TRAIN_DATA, final_weights, sigterm_at, small_run, tiny_default_run, varlen_calls
 from infra.checkpoint import checkpoint_dirs, save_checkpoint
 from infra.config import load_config
 from infra.data import load_subsets
@@ -154,8 +153,7 @@ def test_paged_resume_restores_the_draws(tiny_model_dir, tmp_path, monkeypatch):
         draws.append((step, out[0].tolist(), out[1].tolist()))
         return out
     monkeypatch.setattr(train, "sample_and_allocate", recording)
-    calls, kernel = [], rollout.varlen_attention  # the model is on sdpa: paged decodes via paged_varlen_attention
-    monkeypatch.setattr(rollout, "varlen_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = varlen_calls(monkeypatch)  # the model is on sdpa: paged decodes via paged_varlen_attention
     paged = ("--rollout.cache=paged", "--rollout.max_batch_tokens=4096")
     train.main(small_run(tiny_model_dir, str(tmp_path / "a"), "--run.max_steps=3", *paged))
     assert calls

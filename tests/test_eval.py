@@ -151,15 +151,15 @@ def test_paged_evaluation_scores_what_the_dynamic_cache_scores(monkeypatch):
     """evaluate_problems (train.py's held-out evaluation and eval.py's) on the paged cache (rollout.cache, eval.py
     --cache): greedy answers of the pretrained models/arith equal the dynamic cache's, response for response, and
     so do their scores; the model is on sdpa, so the paged path decodes through rollout.paged_varlen_attention."""
-    import rollout
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import varlen_calls
 
     path = os.path.join(ROOT, "models", "arith")
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "arith", "test.jsonl"))][:12]
     problems = [{"id": i, "problem": r["problem"], "answer": r["answer"]} for i, r in enumerate(rows)]
-    calls, kernel = [], rollout.varlen_attention
-    monkeypatch.setattr(rollout, "varlen_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = varlen_calls(monkeypatch)
     kw = dict(n_samples=1, max_new_tokens=16, temperature=0.0, top_p=1.0, system_prompt="", user_template="{problem}")
     dynamic = evaluation.evaluate_problems(model, tok, problems, **kw)
     assert not calls

@@ -9,9 +9,8 @@ import torch
 import rollout
 from infra.batching import make_micro_batches
 from infra.config import load_config
+from helpers import ROOT, varlen_calls
 from infra.models import Policy
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plan_batches_respects_kv_budget_and_covers_everything():
@@ -132,9 +131,7 @@ def test_paged_path_attention_without_flash_attn(monkeypatch, torch_flash):
     through transformers' sdpa; the same greedy tokens as the dynamic path either way (a pretrained model, whose
     tokens depend on attention), for prompts of different lengths, and the model's attention setting given back."""
     model, tok = _model_and_tok(os.path.join(ROOT, "models", "arith"))  # pretrained: its tokens depend on attention
-    calls = []
-    kernel = rollout.varlen_attention
-    monkeypatch.setattr(rollout, "varlen_attention", lambda q, *a, **k: calls.append(q.shape[0]) or kernel(q, *a, **k))
+    calls = varlen_calls(monkeypatch)
     monkeypatch.setattr(rollout, "PAGED_TORCH_FLASH", torch_flash)
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {q}?"}], add_generation_prompt=True,
                                        tokenize=True, return_dict=True)["input_ids"] for q in ("7+77", "26-816", "3*4")]
