@@ -20,6 +20,7 @@ measured bytes at the narrow width first (the same formulas; they must agree bef
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -102,6 +103,33 @@ def run(model, batch: int, prompt: int, new: int, eos: int, counter=None, cache:
     return time.perf_counter() - t0
 
 
+class Captures:
+    """CUDA graphs captured while active (transformers' continuous batching captures one per new padded shape, in
+    each generate_batch call): how many, and the seconds between their capture_begin and capture_end."""
+
+    def __init__(self):
+        self.n, self.seconds = 0, 0.0
+
+    def __enter__(self):
+        graph = torch.cuda.CUDAGraph
+        self.saved = graph.capture_begin, graph.capture_end
+
+        def begin(g, *a, **k):
+            self.t0 = time.perf_counter()
+            return self.saved[0](g, *a, **k)
+
+        def end(g, *a, **k):
+            out = self.saved[1](g, *a, **k)
+            self.n, self.seconds = self.n + 1, self.seconds + time.perf_counter() - self.t0
+            return out
+
+        graph.capture_begin, graph.capture_end = begin, end
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.capture_end = self.saved
+
+
 def per_step(model, batch, prompt, new, eos):
     """Counts and host time of one decoding step: a run of `new` tokens minus a run of 1 (prefill + first
     token), divided by new - 1."""
@@ -170,6 +198,8 @@ def main():
     ap.add_argument("--json", default="", help="write the measurements and predictions here")
     ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic", help="the path --measure "
                     "times (the counting above is always the dynamic path's, in this thread)")
+    ap.add_argument("--paged-new", default="17:81", help="with --cache paged: new tokens of the short and the long "
+                    "run whose difference --measure times")
     ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
                     "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
@@ -257,10 +287,14 @@ def main():
         cuda = args.device.startswith("cuda")
         eos = real["vocab_size"] + 7
         results["cache"] = args.cache
+        # the paged path: two runs at the same prompt, --paged-new short:long new tokens, after a warm-up of the
+        # longer one; their difference is long - short decoding steps with the same prefill (a 1-token run against
+        # a 9-token one, as for the dynamic path, came out negative on 2026-11-30). Each generate_batch call
+        # captures its CUDA graphs anew (one per padded shape met), counted and timed apart
+        short, new = map(int, args.paged_new.split(":")) if args.cache == "paged" else (1, 9)
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
-            new = 9
-            prompt = max(25, ctx - new // 2)  # the cache holds about `ctx` tokens over the measured steps
+            prompt = max(25, ctx - (new + short) // 2)  # the cache holds about `ctx` tokens over the measured steps
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -269,32 +303,33 @@ def main():
                 # warm-up (compiles / captures graphs, if the path does) at other lengths: the measured calls then
                 # decode at key lengths this process has not seen, as every step of a real rollout does (a kernel
                 # that plans per shape, cuDNN's attention, pays there and is hidden by a repeat)
-                first = run(big, batch, prompt - 16, new, eos, cache=args.cache)
-                t1 = min(run(big, batch, prompt, 1, eos, cache=args.cache) for _ in range(reps))
-                tn = min(run(big, batch, prompt, new, eos, cache=args.cache) for _ in range(reps))
+                first = run(big, batch, prompt - (0 if args.cache == "paged" else 16), new, eos, cache=args.cache)
+                with Captures() if cuda else contextlib.nullcontext() as c1:
+                    t1 = min(run(big, batch, prompt, short, eos, cache=args.cache) for _ in range(reps))
+                with Captures() if cuda else contextlib.nullcontext() as cn:
+                    tn = min(run(big, batch, prompt, new, eos, cache=args.cache) for _ in range(reps))
             except torch.OutOfMemoryError as e:  # one shape too large must not lose the others' figures
                 print(f"| {batch}, {ctx} | out of memory | | | | {str(e).splitlines()[0][:120]} |")
                 results["measured"].append({"batch": batch, "context": ctx, "error": "out of memory"})
                 continue
-            ms = 1000 * (tn - t1) / (new - 1)
+            ms = 1000 * (tn - t1) / (new - short)
+            graphs = ""
+            if cuda and reps == 1 and cn.n:  # the steps' own time, the extra graphs' capture taken out
+                graphs = (f", graphs captured {c1.n} / {cn.n} ({c1.seconds:.2f} / {cn.seconds:.2f} s): "
+                          f"{1000 * (tn - t1 - cn.seconds + c1.seconds) / (new - short):.1f} ms a step without them")
+                results["captures"] = results.get("captures", []) + [{"batch": batch, "context": ctx, "short": [
+                    c1.n, c1.seconds], "long": [cn.n, cn.seconds]}]
             p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged",
                             rollout.PREALLOCATE or args.cache != "dynamic")  # static, paged: written in place
             dev = 1000 * p["total"] / args.bandwidth
             host = m["host_ms"]
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
-                  f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB |")
+                  f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB{graphs} |")
             results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
                                         "host_ms_narrow": host, "first_call_s": first, "warm_call_s": tn,
                                         "peak_gib": peak})
             save()  # after every shape: a run stopped at its time limit keeps what it measured
-        if args.cache != "dynamic":  # greedy tokens of this path against the dynamic path's, same weights
-            a, b = [], []
-            run(big, 8, 64, 16, eos, cache=args.cache, temperature=0.0, out=a)
-            run(big, 8, 64, 16, eos, cache="dynamic", temperature=0.0, out=b)
-            agree = float((a[0].response_ids == b[0].response_ids).float().mean())
-            print(f"greedy agreement with the dynamic path (8 rows x 16 tokens): {agree:.1%}")
-            results["greedy_agreement"] = agree
     save()
 
 

@@ -3,29 +3,30 @@
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
 # Parts, in the order they run (SMOKE_PARTS=varlen,trainer,decode,steps by default; add sdpa and rollout for more):
 #   varlen: torch's flash kernel (rollout.varlen_attention, the paged path's attention without flash-attn) against
-#      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (never run yet);
+#      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (2026-11-30:
+#      agrees, 7.8e-3; padded kernel + gather 17-18x the K/V bytes); then bench/paged_check.py: the paged path's
+#      greedy tokens held to a dense fp32 reference on models/arith (pretrained) and the random 1.5B;
 #   trainer: ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
-#      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed.
-#      The 2026-11-29 run found ~95 ms a step in train.py against 24-31 ms in decode_cost.py (which re-decoded seen
-#      lengths); the prediction to check: cuDNN's per-shape plan builds are the difference, gone with it off;
+#      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed
+#      (2026-11-30: allowed, fresh lengths cost 67-104 ms a step against 22-32 ms off: the ~95 ms of 2026-11-29);
 #   decode: ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k, at fresh lengths,
 #      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at two shapes (without flash-attn
-#      through rollout.paged_varlen_attention and transformers' CUDA graphs; with sdpa's dense mask it decoded at
-#      213-694 ms a step on 2026-11-29), with its greedy agreement with the dynamic path;
+#      through rollout.paged_varlen_attention and transformers' CUDA graphs), 17 against 81 new tokens, with the
+#      graphs each call captures counted and timed (2026-11-30: 30.3 / 94.0 ms a step at 128 / 512:1,024);
 #   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
 #   rollout: bench/rollout.py tokens/s per cache;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
 #      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens, the configs' paged cache (SMOKE_CACHE=dynamic
-#      for the eager path measured on 2026-11-29)) at a micro-batch of 65,536 tokens, with the update phase's peak memory
+#      for the eager path; 2026-11-30: 18.8 s a step paged, 28.6 s dynamic)) at a micro-batch of 65,536 tokens, with the update phase's peak memory
 #      (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %).
-# Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
+# Each part prints its seconds. Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
 # GPU time in all, machine start included.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 fail=0
-step() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED (exit $rc): $*"; fail=1; }; }
+step() { local limit=$1 t0=$SECONDS; shift; echo "== $*"; timeout "$limit" "$@"; local rc=$?; echo "-- $((SECONDS - t0)) s of $limit"; [ $rc -eq 0 ] || { echo "FAILED (exit $rc): $*"; fail=1; }; }
 if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import math_verify" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -45,15 +46,17 @@ MB=65536
 P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,trainer,decode,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
-[[ $PARTS == *varlen* ]] && step 40 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
-[[ $PARTS == *trainer* ]] && step 90 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
+[[ $PARTS == *varlen* ]] && step 35 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
+# the paged path's greedy tokens held to a dense fp32 reference (a pretrained model, then the real head shape)
+[[ $PARTS == *varlen* ]] && step 40 $PY bench/paged_check.py --model models/arith --model $MODEL --json ${OUT:-/tmp}/paged_check.json
+[[ $PARTS == *trainer* ]] && step 75 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
   --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
   --data.num_subsets=1 --data.max_prompts=32
-[[ $PARTS == *decode* ]] && step 90 $PY bench/decode_cost.py --device cuda \
+[[ $PARTS == *decode* ]] && step 55 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
-[[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \
+[[ $PARTS == *decode* ]] && step 105 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
 # transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
 [[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
@@ -66,10 +69,10 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
   --max-batch-tokens 600000 --cache static --no-plain
 [[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
-[[ $PARTS == *steps* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
+[[ $PARTS == *steps* ]] && step 55 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-130} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-115} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \

@@ -253,7 +253,7 @@ def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
         m = re.match(r"\[\[ \$PARTS == \*(\w+)\* \]\] && step \$?\{?(?:SMOKE_STEP_LIMIT:-)?(\d+)\}? ", line)
         if m and m.group(1) in parts:
             limits.append(int(m.group(2)))
-    assert len(limits) == 6 and sum(limits) <= 480, limits
+    assert len(limits) == 7 and sum(limits) <= 480, limits
     for script in set(re.findall(r"bench/(\w+\.py)", text)):
         assert os.path.exists(os.path.join(ROOT, "bench", script)), script
     out = tmp_path / "v.json"
@@ -262,3 +262,24 @@ def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "-> ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
     assert json.load(open(out))["shapes"][0]["kernel_padded_ms_layer"] > 0
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_paged_check_holds_greedy_tokens_to_the_dense_reference(monkeypatch, broken):
+    """bench/paged_check.py (gpu_smoke's check that the paged path decodes right on the GPU): on models/arith the
+    paged path's greedy tokens are the fp32 dense reference's argmax (gap 0 here, fp32 and the reference kernel),
+    and its calls went through rollout.varlen_attention; with that attention reading each sequence's values one
+    token off, the check fails on the gaps, while the dynamic path and its control stay at 0."""
+    import paged_check
+    import rollout
+
+    if broken:
+        kernel = rollout.varlen_attention
+        monkeypatch.setattr(rollout, "varlen_attention", lambda q, k, v, *a, **kw: kernel(q, k, v.roll(1, 0), *a, **kw))
+    res = paged_check.check(os.path.join(ROOT, "models", "arith"), "cpu", n_prompts=12, new=24, tol=0.25)
+    assert res["varlen_calls"] > 0 and res["varlen_expected"]
+    assert res["dynamic"]["max_gap"] < 1e-4 and res["control"]["max_gap"] < 1e-4 and res["dynamic"]["tokens"] > 50
+    if broken:
+        assert not res["ok"] and res["paged"]["max_gap"] > 1.0 and res["paged"]["rows_equal_dynamic"] < 1
+    else:
+        assert res["ok"] and res["paged"]["max_gap"] < 1e-4 and res["paged"]["rows_equal_dynamic"] == 1
