@@ -99,11 +99,12 @@ def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0, 
 
 
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None,
-                       progress: str = ""):
+                       progress: str = "", metrics: dict | None = None):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,), scored (B,)
     bool: False for the rare response the checker could not score at all (reward.Scores.unscored; it is left out
     of the Beta counts and of the loss), number of checker timeouts). `stop`: {"requested": bool}, checked
-    between generation batches (then StopRequested on every rank)."""
+    between generation batches (then StopRequested on every rank). `metrics`: the scoring's seconds are added to
+    its "time/reward" (a part of the phase that calls this)."""
     with interruptible(stop) as should_stop:
         out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
                                eos_ids=rollout.stop_token_ids(tokenizer, gen, cfg.rollout.stop_at_im_end),
@@ -114,7 +115,8 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     texts = out.texts(tokenizer)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
+    with timed(metrics if metrics is not None else {}, "time/reward"):
+        scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
     scored = torch.ones(len(scores), dtype=torch.bool)
     scored[scores.unscored] = False
     return out, torch.tensor(list(scores), dtype=torch.float32), scored, scores.timeouts
@@ -380,7 +382,7 @@ def draw_and_generate(subset, subset_id: int, step: int, cur: cures.Curriculum, 
         out, rewards, scored, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
             n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank, rnd), stop,
-            "rollouts" if rank == 0 else "")
+            "rollouts" if rank == 0 else "", metrics)
     generated = rollout_sums(out, rewards, scored, timeouts)  # every rollout is paid for, scored or not
     out, rewards = only_scored(out, rewards, scored, tokenizer.pad_token_id)
     observe_rollouts(cur, idx[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
@@ -485,6 +487,8 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
                     "rollouts/total": state["rollouts_train"] + state["rollouts_cold"],
                     "tokens/train": state["tokens_train"], "subset": subset_id, "time/step": time.time() - t_step,
                     "perf/rollout_tokens_per_s": tok["response_tokens"] / max(metrics["time/rollout_and_reward"], 1e-9),
+                    "perf/generation_tokens_per_s": tok["response_tokens"] / max(  # the phase without the scoring
+                        metrics["time/rollout_and_reward"] - metrics.get("time/reward", 0.0), 1e-9),
                     "perf/update_tokens_per_s": tok["update_tokens"] / max(metrics["time/update"], 1e-9)})
     if device.type == "cuda":  # the step's peak: the largest of its phases'
         metrics["perf/peak_mem_gb"] = max(v for k, v in metrics.items() if k.startswith("perf/peak_gb/"))

@@ -198,8 +198,8 @@ def main():
     ap.add_argument("--json", default="", help="write the measurements and predictions here")
     ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic", help="the path --measure "
                     "times (the counting above is always the dynamic path's, in this thread)")
-    ap.add_argument("--paged-new", default="17:81", help="with --cache paged: new tokens of the short and the long "
-                    "run whose difference --measure times")
+    ap.add_argument("--new", default="", help="short:long: new tokens of the two runs whose difference --measure "
+                    "times (default 1:9 for the dynamic path, which warms up at other lengths; 17:81 for paged)")
     ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
                     "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
@@ -287,11 +287,11 @@ def main():
         cuda = args.device.startswith("cuda")
         eos = real["vocab_size"] + 7
         results["cache"] = args.cache
-        # the paged path: two runs at the same prompt, --paged-new short:long new tokens, after a warm-up of the
-        # longer one; their difference is long - short decoding steps with the same prefill (a 1-token run against
-        # a 9-token one, as for the dynamic path, came out negative on 2026-11-30). Each generate_batch call
+        # two runs at the same prompt, --new short:long new tokens; their difference is long - short decoding
+        # steps with the same prefill. The paged path warms up with the longer run (a 1-token run against a 9-token
+        # one came out negative on 2026-11-30: the prefills and graph captures differed); each generate_batch call
         # captures its CUDA graphs anew (one per padded shape met), counted and timed apart
-        short, new = map(int, args.paged_new.split(":")) if args.cache == "paged" else (1, 9)
+        short, new = map(int, (args.new or ("17:81" if args.cache == "paged" else "1:9")).split(":"))
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
             prompt = max(25, ctx - (new + short) // 2)  # the cache holds about `ctx` tokens over the measured steps
@@ -326,7 +326,8 @@ def main():
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
                   f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB{graphs} |")
-            results["measured"].append({"batch": batch, "context": ctx, "ms_per_step": ms, "device_ms_model": dev,
+            results["measured"].append({"batch": batch, "context": ctx, "new": [short, new], "ms_per_step": ms,
+                                        "device_ms_model": dev,
                                         "host_ms_narrow": host, "first_call_s": first, "warm_call_s": tn,
                                         "peak_gib": peak})
             save()  # after every shape: a run stopped at its time limit keeps what it measured

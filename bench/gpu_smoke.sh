@@ -9,7 +9,7 @@
 #   trainer: ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
 #      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed
 #      (2026-11-30: allowed, fresh lengths cost 67-104 ms a step against 22-32 ms off: the ~95 ms of 2026-11-29);
-#   decode: ms per decoding step of rollout.generate at batch 128/256/512 and context 1k/3k, at fresh lengths,
+#   decode: ms per decoding step of rollout.generate at three shapes over 128 steps, at fresh lengths,
 #      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at two shapes (without flash-attn
 #      through rollout.paged_varlen_attention and transformers' CUDA graphs), 17 against 81 new tokens, with the
 #      graphs each call captures counted and timed (2026-11-30: 30.3 / 94.0 ms a step at 128 / 512:1,024);
@@ -52,8 +52,10 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 [[ $PARTS == *trainer* ]] && step 75 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
   --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
   --data.num_subsets=1 --data.max_prompts=32
+# (9 against 137 new tokens: 128 steps of growing responses; the 1-vs-9 sweep of six shapes on 2026-11-29 and -30
+# found 23-32 ms a step, while train.py's dynamic step of 2026-11-30 implied ~38 ms over 512 new tokens)
 [[ $PARTS == *decode* ]] && step 55 $PY bench/decode_cost.py --device cuda \
-  --measure 128:1024,256:1024,512:1024,128:3072,256:3072,512:3072 --json ${OUT:-/tmp}/decode_cost.json
+  --measure 128:1024,512:1024,512:3072 --new 9:137 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
 [[ $PARTS == *decode* ]] && step 105 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \

@@ -4,7 +4,7 @@ One rank's rollouts of a `configs/1.5b.yaml` step (1,024 responses, lengths as b
 decoded step by step under each path's batching, and each decoding step is charged its host time plus its device
 time (bytes / bandwidth): every path waits for the device once a step (the stopping check), and on the H200
 (2026-11-29, six shapes of the eager dynamic path) the sum was within -11..+25 % of the measured step (mean 14 %),
-the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
+the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger everywhere:
 
 - host: eager decoding launches one kernel per non-view aten op, `kernels` a step as bench/decode_cost.py counts
   them through rollout.generate (1,205 with transformers' sdpa on 5.17, 1,149 with rollout's sdpa_gqa attention),
@@ -19,8 +19,11 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   requests), `--cb-host-ns-per-token` x the tokens in the cache (the read indices it lists); measured on this CPU
   through rollout.generate by bench/cb_host.py: 1.2 ms + 19 us a request + 105 ns a cached token, transformers
   5.24 and 5.17. With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
-  batching", on whenever it captures graphs and needs no mask), so a graphed paged step is charged
-  max(host, device).
+  batching"), which would make a graphed paged step max(host, device); on the H200 (2026-11-30, torch's kernel,
+  bench/decode_cost.py --cache paged) it was 30.3 ms at batch 128, context 1,024 (max 17.4, sum 31.8 ms here) and
+  94.0 ms at 512 (max 66.0, sum 121.5 ms): little overlap, so every step is charged host + device and the fully
+  overlapped figure is printed beside it. A graphed paged call also captures a CUDA graph per padded shape it
+  meets (CAPTURE_S each, counted over the schedule's distinct (query tokens, KV read) buckets).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
   rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place), and for a static cache
@@ -28,7 +31,7 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger:
   reads the cache in place through the block table; without flash-attn (rollout.paged_varlen_attention, torch's
   flash kernel), transformers first gathers each sequence's keys and values out of the paged cache (a read and a
   write of them), and the kernel, given padded queries under CUDA graphs, reads each KV head once per query head
-  (6 for 12 on 2): 8x.
+  (6 for 12 on 2): 8x predicted, 17.5x measured (bench/varlen_check.py on the H200, 2026-11-30).
 
 Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
@@ -55,7 +58,8 @@ from long_tail import lengths  # noqa: E402
 # steps skip the varlen inputs) or "gathered" (transformers' varlen path every step: each sequence's keys copied out
 # of the paged cache, a read and a write, then read by torch's flash kernel once per query head, 6 for 12 query
 # heads on 2 KV heads, since under CUDA graphs transformers pads the queries and the kernel cannot fold a KV head's
-# query heads into one pass: 2 + 6 = 8x; bench/varlen_check.py measures it).
+# query heads into one pass: 2 + 6 = 8x predicted; bench/varlen_check.py measured 16.7-18.3x on an H200,
+# 2026-11-30: padded kernel 4.4-5.7x its max_q = 1 time, gather 6x the bytes; TORCH_KERNEL_KV_MULT).
 PATHS = {
     "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
     "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
@@ -63,11 +67,23 @@ PATHS = {
     "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, "graph"),
     "paged, flash-attn (block table), eager": ("paged", "block table", 1.0, 1149),
     "paged, flash-attn (block table), CUDA graphs": ("paged", "block table", 1.0, "graph"),
-    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", 8.0, "graph"),
+    "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", "torch kernel", "graph"),
 }
+TORCH_KERNEL_KV_MULT = 17.5  # (padded kernel + gather) / K and V bytes, bench/varlen_check.py on an H200 (2026-11-30)
+# transformers' continuous batching captures a CUDA graph per padded (query tokens, KV read) shape it meets in a
+# generate_batch call, queries padded to 64 tokens and KV to 16,384 (5.17's intervals); each capture took 29-47 ms
+# on the H200 (bench/decode_cost.py, 2026-11-30: 11-36 a call, 0.33-1.32 s)
+CAPTURE_S, Q_INTERVAL, KV_INTERVAL = 0.037, 64, 16384
 
 
 CB_HOST_MS, CB_HOST_US_PER_ROW, CB_HOST_NS_PER_TOKEN = 1.2, 19.0, 105.0  # bench/cb_host.py, both versions (cb_host.md)
+
+
+def cb_host_s(rows, cached, varlen, cb_host_ms: float = CB_HOST_MS, cb_host_us_per_row: float = CB_HOST_US_PER_ROW,
+              cb_host_ns_per_token: float = CB_HOST_NS_PER_TOKEN):
+    """Continuous batching's own host seconds a step (bench/cb_host.py): a fixed part, a part per request, and on
+    steps that take its varlen path (`varlen`), a part per token in the cache."""
+    return (cb_host_ms + cb_host_us_per_row * 1e-3 * rows + cb_host_ns_per_token * 1e-6 * cached * varlen) * 1e-3
 
 
 def padded_steps(prompt, resp, batches, limit: int):
@@ -84,10 +100,11 @@ def padded_steps(prompt, resp, batches, limit: int):
 
 def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
     """Per decoding step of continuous batching (rows join while their prompt and the running rows' KV fit the
-    budget; a finished row leaves at once): (rows, tokens in the cache, rows that joined). As bench/long_tail.py's
-    simulate_paged."""
+    budget; a finished row leaves at once): (rows, tokens in the cache, rows that joined, query tokens of the
+    forward). As bench/long_tail.py's simulate_paged (which does not split a large prefill into forwards of
+    rollout.PAGED_FORWARD_TOKENS as transformers does; neither does this)."""
     nxt, p, g, n = 0, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
-    rows, cached, joined = [], [], []
+    rows, cached, joined, q = [], [], [], []
     while nxt < len(resp) or len(n):
         used = int((p + g).sum())
         join = []
@@ -100,10 +117,11 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
         rows.append(len(n))
         cached.append(int((p + g).sum()))
         joined.append(len(join))
+        q.append(len(n) - len(join) + int(prompt[join].sum()))  # a token a running row + the joiners' prompts
         g = g + 1
         keep = g < n
         p, g, n = p[keep], g[keep], n[keep]
-    return np.array(rows), np.array(cached), np.array(joined)
+    return np.array(rows), np.array(cached), np.array(joined), np.array(q)
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
@@ -121,20 +139,24 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         read = allocated if cache == "static" else cached
         host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else launches)
     else:  # continuous batching's own host work besides the launches (with graphs: instead of them)
-        rows, cached, joined = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+        rows, cached, joined, q = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         read = cached
         varlen = np.ones(len(rows), bool) if cache == "gathered" else joined > 0  # steps that list every cached token
-        host = (cb_host_ms + cb_host_us_per_row * 1e-3 * rows + cb_host_ns_per_token * 1e-6 * cached * varlen) * 1e-3 \
-            + launches
+        host = cb_host_s(rows, cached, varlen, cb_host_ms, cb_host_us_per_row, cb_host_ns_per_token) + launches
+    kv_mult = TORCH_KERNEL_KV_MULT if kv_mult == "torch kernel" else kv_mult
     device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
-    async_batching = graphed and batching == "paged"  # the next batch prepared while the device runs this one
-    step = np.maximum(device, host) if overlap or async_batching else device + host
-    return {"seconds": float(step.sum()), "host_bound": float((host > device).mean()), "steps": len(rows),
-            "slots": int(rows.sum())}
+    step = np.maximum(device, host) if overlap else device + host
+    captures = 0
+    if graphed and batching == "paged":  # a graph per padded shape met (the call's first steps' shapes included)
+        keys = set(zip(-(-np.minimum(q, rollout.PAGED_FORWARD_TOKENS) // Q_INTERVAL), -(-cached // KV_INTERVAL)))
+        captures = len(keys)
+    return {"seconds": float(step.sum()) + captures * CAPTURE_S, "host_bound": float((host > device).mean()),
+            "steps": len(rows), "slots": int(rows.sum()), "captures": captures,
+            "overlapped": float(np.maximum(device, host).sum()) + captures * CAPTURE_S}
 
 
 def decode_bound(prompt, resp, cfg, weight_bytes, kv_bytes, bandwidth) -> float:
-    rows, cached, _ = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+    rows, cached, _, _ = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
     return float(((weight_bytes + cached * kv_bytes) / bandwidth).sum())
 
 
@@ -155,7 +177,9 @@ def main():
                     "host time a step, per request in the step (bench/cb_host.py)")
     ap.add_argument("--cb-host-ns-per-token", type=float, default=CB_HOST_NS_PER_TOKEN, help="continuous batching's "
                     "host time a step of its varlen path, per token in the cache (bench/cb_host.py)")
-    ap.add_argument("--tflops", type=float, default=989e12 * 0.4, help="training FLOP/s per GPU (bf16, 40 %% MFU)")
+    ap.add_argument("--tflops", type=float, default=265e12, help="training FLOP/s per GPU: the old and reference "
+                    "log-probs and the update of train.py's step on the H200 (2026-11-30, one rank, 12P a token: "
+                    "27 %% of 989 TFLOP/s; 40 %% was assumed before)")
     ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--overlap", action="store_true", help="charge a step max(host, device), not their sum")
@@ -169,7 +193,7 @@ def main():
           f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, {args.graph_host_ms} ms a "
           f"graphed static step, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row "
           f"(+ {args.cb_host_ns_per_token} ns a cached token on varlen steps); a step "
-          f"{'max(host, device)' if args.overlap else 'host + device (graphed paged: max, async batching)'}; "
+          f"{'max(host, device)' if args.overlap else 'host + device'}; a CUDA graph capture {CAPTURE_S * 1e3:.0f} ms; "
           f"{args.seeds} seeds\n")
     res = {p: [] for p in PATHS}
     bounds, tokens = [], []
@@ -184,13 +208,15 @@ def main():
                                         args.graph_host_ms, args.overlap, args.cb_host_ms, args.cb_host_us_per_row,
                                         args.cb_host_ns_per_token))
     bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
-    print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps |")
-    print("|---|---|---|---|---|---|")
+    print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps | "
+          "graphs captured | host and device overlapped: phase, share |")
+    print("|---|---|---|---|---|---|---|---|")
     for p, r in res.items():
-        s = np.mean([x["seconds"] for x in r])
+        s, o = np.mean([x["seconds"] for x in r]), np.mean([x["overlapped"] for x in r])
         print(f"| {p} | {np.mean([x['steps'] for x in r]):,.0f} | {s:.1f} s | {tok / s:,.0f} | {bound / s:.1%} | "
-              f"{np.mean([x['host_bound'] for x in r]):.0%} |")
-    print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | |")
+              f"{np.mean([x['host_bound'] for x in r]):.0%} | {np.mean([x['captures'] for x in r]):.0f} | "
+              f"{o:.1f} s, {bound / o:.1%} |")
+    print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | | | |")
     # a whole configs/1.5b.yaml step on `ranks` GPUs: the phase, the cold start spread over the subset's steps,
     # and the update: per token, old log-probs (2P) + reference (2P when kl_coef > 0) + forward and backward (6P) +
     # gradient checkpointing's recomputed forward (2P)

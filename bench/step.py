@@ -106,7 +106,8 @@ def report(rows: list[dict], args, extra: list[str], params) -> int:
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; {len(rows)} steps ({len(steady)} timed); config {args.config} {' '.join(extra)}")
-    keys = ["time/sync", "time/curriculum", "time/rollout_and_reward", "time/logprobs", "time/update", "time/step"]
+    keys = ["time/sync", "time/curriculum", "time/rollout_and_reward", "time/reward", "time/logprobs", "time/update",
+            "time/step"]  # time/reward: the scoring part of time/rollout_and_reward
     print("| phase | seconds per step | share |\n|---|---|---|")
     total = sum(r["time/step"] for r in steady) / len(steady)
     for k in keys:
@@ -115,7 +116,7 @@ def report(rows: list[dict], args, extra: list[str], params) -> int:
     cold = rows[0].get("time/cold_start")
     if cold:
         print(f"cold start (first step only): {cold:.2f} s")
-    for k in ("perf/rollout_tokens_per_s", "perf/update_tokens_per_s", "perf/peak_mem_gb", "train/response_len"):
+    for k in ("perf/rollout_tokens_per_s", "perf/generation_tokens_per_s", "perf/update_tokens_per_s", "perf/peak_mem_gb", "train/response_len"):
         if k in steady[-1]:
             print(f"{k}: {sum(r[k] for r in steady) / len(steady):.1f}")
     status = 0
