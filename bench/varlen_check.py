@@ -13,7 +13,8 @@ sdpa call per sequence), which tests/test_rollout.py holds to attention written 
    then reads each KV head once per query head), the kernel with max_q = 1 (it folds a KV head's query heads into
    one pass: its best), and the gather transformers does before it (each sequence's keys and values copied out
    of the paged cache by index); against the bytes of K and V at --bandwidth. bench/phase_cost.py charges the
-   padded kernel + gather 8x the cache's bytes (6 query heads a KV head + 2); the ratios printed check that.
+   padded kernel + gather TORCH_KERNEL_KV_MULT (17.5x) the cache's bytes, which this script measured on an H200
+   (2026-11-30: 16.7-18.3x, against 8x predicted from 6 query heads a KV head + 2).
 
     python bench/varlen_check.py                    # on cuda (bench/gpu_smoke.sh runs it); --device cpu: the
                                                     # reference against itself, to check the script runs
