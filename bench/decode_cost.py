@@ -199,7 +199,8 @@ def main():
     ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic", help="the path --measure "
                     "times (the counting above is always the dynamic path's, in this thread)")
     ap.add_argument("--new", default="", help="short:long: new tokens of the two runs whose difference --measure "
-                    "times (default 1:9 for the dynamic path, which warms up at other lengths; 17:81 for paged)")
+                    "times (default 1:9 for the dynamic path, which warms up at other lengths; 1:65 for static, 17:81 "
+                    "for paged, which warm up with the long run)")
     ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
                     "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
@@ -288,10 +289,11 @@ def main():
         eos = real["vocab_size"] + 7
         results["cache"] = args.cache
         # two runs at the same prompt, --new short:long new tokens; their difference is long - short decoding
-        # steps with the same prefill. The paged path warms up with the longer run (a 1-token run against a 9-token
-        # one came out negative on 2026-11-30: the prefills and graph captures differed); each generate_batch call
-        # captures its CUDA graphs anew (one per padded shape met), counted and timed apart
-        short, new = map(int, (args.new or ("17:81" if args.cache == "paged" else "1:9")).split(":"))
+        # steps with the same prefill. The dynamic path warms up at other lengths (fresh key lengths, as a rollout
+        # meets them); static and paged warm up with the longer run itself: a static cache compiles (and captures)
+        # per cache length, and each paged generate_batch call captures its CUDA graphs anew (one per padded shape
+        # met; a 1-token run against a 9-token one came out negative on 2026-11-30), captures counted apart
+        short, new = map(int, (args.new or {"dynamic": "1:9", "static": "1:65", "paged": "17:81"}[args.cache]).split(":"))
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
             prompt = max(25, ctx - (new + short) // 2)  # the cache holds about `ctx` tokens over the measured steps
@@ -303,7 +305,7 @@ def main():
                 # warm-up (compiles / captures graphs, if the path does) at other lengths: the measured calls then
                 # decode at key lengths this process has not seen, as every step of a real rollout does (a kernel
                 # that plans per shape, cuDNN's attention, pays there and is hidden by a repeat)
-                first = run(big, batch, prompt - (0 if args.cache == "paged" else 16), new, eos, cache=args.cache)
+                first = run(big, batch, prompt - (16 if args.cache == "dynamic" else 0), new, eos, cache=args.cache)
                 with Captures() if cuda else contextlib.nullcontext() as c1:
                     t1 = min(run(big, batch, prompt, short, eos, cache=args.cache) for _ in range(reps))
                 with Captures() if cuda else contextlib.nullcontext() as cn:

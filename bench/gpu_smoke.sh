@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-# Parts, in the order they run (SMOKE_PARTS=varlen,trainer,decode,steps by default; add sdpa and rollout for more):
+# Parts, in the order they run (SMOKE_PARTS=varlen,decode,static,steps by default; add trainer, sdpa and rollout):
 #   varlen: torch's flash kernel (rollout.varlen_attention, the paged path's attention without flash-attn) against
 #      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (2026-11-30:
 #      agrees, 7.8e-3; padded kernel + gather 17-18x the K/V bytes); then bench/paged_check.py: the paged path's
 #      greedy tokens held to a dense fp32 reference on models/arith (pretrained) and the random 1.5B;
-#   trainer: ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
+#   trainer (not by default since it ran): ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
 #      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed
 #      (2026-11-30: allowed, fresh lengths cost 67-104 ms a step against 22-32 ms off: the ~95 ms of 2026-11-29);
 #   decode: ms per decoding step of rollout.generate at three shapes over 128 steps, at fresh lengths,
 #      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at two shapes (without flash-attn
 #      through rollout.paged_varlen_attention and transformers' CUDA graphs), 17 against 81 new tokens, with the
 #      graphs each call captures counted and timed (2026-11-30: 30.3 / 94.0 ms a step at 128 / 512:1,024);
+#   static: the static cache compiled by transformers (CUDA graphs) at 128:1,024 over 136 steps;
 #   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
 #   rollout: bench/rollout.py tokens/s per cache;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
@@ -43,7 +44,7 @@ MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
 # a step).
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,trainer,decode,steps}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,decode,static,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 [[ $PARTS == *varlen* ]] && step 35 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
@@ -60,6 +61,11 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
 [[ $PARTS == *decode* ]] && step 105 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
+# the static cache, which transformers compiles (torch.compile, CUDA graphs) on a GPU: never measured, and since
+# 2026-11-30 predicted ahead of the paged path on torch's kernel for a whole phase (bench/phase_cost.py) on an
+# assumed 1 ms of host a step; the first call's seconds are the compile's
+[[ $PARTS == *static* ]] && step 75 $PY bench/decode_cost.py --device cuda --cache static --measure 128:1024 \
+  --new 1:137 --json ${OUT:-/tmp}/decode_cost_static.json
 # transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
 [[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
   --measure 128:1024 --json ${OUT:-/tmp}/decode_cost_sdpa.json
