@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-# Parts, in the order they run (SMOKE_PARTS=varlen,decode,static,steps by default; add trainer, sdpa and rollout):
+# Parts, in the order they run (SMOKE_PARTS=varlen,decode,phase,static,steps by default; add trainer, sweep, sdpa
+# and rollout):
 #   varlen: torch's flash kernel (rollout.varlen_attention, the paged path's attention without flash-attn) against
 #      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (2026-11-30:
 #      agrees, 7.8e-3; padded kernel + gather 17-18x the K/V bytes); then bench/paged_check.py: the paged path's
 #      greedy tokens held to a dense fp32 reference on models/arith (pretrained) and the random 1.5B;
-#   trainer (not by default since it ran): ms a decoding step inside the trainer's setting, stage by stage (bench/gen_in_trainer.py): alone, after
-#      the process group, beside the FSDP2 models; at fresh and seen key lengths; cuDNN attention off and allowed
-#      (2026-11-30: allowed, fresh lengths cost 67-104 ms a step against 22-32 ms off: the ~95 ms of 2026-11-29);
-#   decode: ms per decoding step of rollout.generate at three shapes over 128 steps, at fresh lengths,
-#      beside bench/decode_cost.py's model (JSON in $OUT); then the paged path at two shapes (without flash-attn
-#      through rollout.paged_varlen_attention and transformers' CUDA graphs), 17 against 81 new tokens, with the
-#      graphs each call captures counted and timed (2026-11-30: 30.3 / 94.0 ms a step at 128 / 512:1,024);
-#   static: the static cache compiled by transformers (CUDA graphs) at 128:1,024 over 136 steps;
-#   sdpa: the same at one shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
+#   trainer (optional since it answered): ms a decoding step inside the trainer's setting, stage by stage
+#      (bench/gen_in_trainer.py), cuDNN attention off and allowed (2026-11-30: allowed, fresh key lengths cost
+#      67-104 ms a step against 22-25 ms off: the ~95 ms of 2026-11-29);
+#   sweep (optional): ms per decoding step of the eager dynamic path at three shapes over 128 steps, beside
+#      bench/decode_cost.py's model (2026-11-30, six shapes over 8 steps: within -6..+8 %);
+#   decode: the paged path (without flash-attn through rollout.paged_varlen_attention and transformers' CUDA
+#      graphs) at 128:1,024, 17 against 81 new tokens, the graphs each call captures counted and timed
+#      (2026-11-30: 30.3 ms a step at 128:1,024, 94.0 ms at 512:1,024);
+#   phase: a whole rollout phase at the paper's length distribution, scaled down (bench/phase_check.py: each
+#      rollout ended at its drawn length), dynamic against paged, each beside bench/phase_cost.py's prediction;
+#   static: the static cache compiled by transformers (CUDA graphs) at 128:1,024 over 136 steps, never measured;
+#   sdpa: the paged part's shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
 #   rollout: bench/rollout.py tokens/s per cache;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
-#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens, the configs' paged cache (SMOKE_CACHE=dynamic
-#      for the eager path; 2026-11-30: 18.8 s a step paged, 28.6 s dynamic)) at a micro-batch of 65,536 tokens, with the update phase's peak memory
-#      (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction (+-20 %).
-# Each part prints its seconds. Exits non-zero if any part fails. Budget: the default parts' limits add up to 8 min; a session has 15 minutes of
-# GPU time in all, machine start included.   bash bench/gpu_smoke.sh
+#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens, the configs' paged cache; SMOKE_CACHE=dynamic
+#      for the eager path; 2026-11-30: 18.8 s a step paged, 28.6 s dynamic) at a micro-batch of 65,536 tokens, with
+#      the update phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction
+#      (+-20 %; 2026-11-30: 0.86) and the scoring's seconds apart (time/reward).
+# Each part prints its seconds. Exits non-zero if any part fails. Budget: the default parts' limits add up to 8
+# min; a session has 15 minutes of GPU time in all, machine start included.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -44,7 +49,7 @@ MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
 # a step).
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,decode,static,steps}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,decode,phase,static,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
 [[ $PARTS == *varlen* ]] && step 35 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
@@ -55,12 +60,15 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
   --data.num_subsets=1 --data.max_prompts=32
 # (9 against 137 new tokens: 128 steps of growing responses; the 1-vs-9 sweep of six shapes on 2026-11-29 and -30
 # found 23-32 ms a step, while train.py's dynamic step of 2026-11-30 implied ~38 ms over 512 new tokens)
-[[ $PARTS == *decode* ]] && step 55 $PY bench/decode_cost.py --device cuda \
+[[ $PARTS == *sweep* ]] && step 55 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,512:1024,512:3072 --new 9:137 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
 # (graph capture) time, peak memory, greedy agreement with the dynamic path
-[[ $PARTS == *decode* ]] && step 105 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024,512:1024 \
+[[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
+# a whole phase at the paper's length distribution (scaled down), each rollout ended at its drawn length by a
+# countdown on the logits: dynamic against paged, each beside bench/phase_cost.py's prediction
+[[ $PARTS == *phase* ]] && step 100 $PY bench/phase_check.py --model $MODEL --json ${OUT:-/tmp}/phase_check.json
 # the static cache, which transformers compiles (torch.compile, CUDA graphs) on a GPU: never measured, and since
 # 2026-11-30 predicted ahead of the paged path on torch's kernel for a whole phase (bench/phase_cost.py) on an
 # assumed 1 ms of host a step; the first call's seconds are the compile's
@@ -80,7 +88,7 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 [[ $PARTS == *steps* ]] && step 55 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-115} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-105} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \

@@ -315,3 +315,30 @@ def test_paged_check_holds_greedy_tokens_to_the_dense_reference(monkeypatch, bro
         assert not res["ok"] and res["paged"]["max_gap"] > 1.0 and res["paged"]["rows_equal_dynamic"] < 1
     else:
         assert res["ok"] and res["paged"]["max_gap"] < 1e-4 and res["paged"]["rows_equal_dynamic"] == 1
+
+
+def test_phase_check_ends_every_rollout_at_its_drawn_length(tmp_path):
+    """bench/phase_check.py (gpu_smoke's whole-phase check): on a small random model (vocab large enough for the
+    countdown), every rollout of the dynamic and the paged cache answers exactly its drawn length (the script
+    asserts it), the lengths follow bench/long_tail.py's draw, and the JSON holds both caches' tokens."""
+    import phase_check
+    from step import random_model
+
+    cfg = json.load(open(os.path.join(ROOT, "bench", "qwen2.5-1.5b", "config.json")))
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=2048)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    random_model(str(tmp_path / "config.json"), str(tmp_path / "m"))
+    out = tmp_path / "phase.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "phase_check.py"), "--model", str(tmp_path / "m"),
+                          "--rollouts", "24", "--max-batch-size", "8", "--median", "12", "--limit", "40",
+                          "--prompt-median", "10", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    prompt, resp = phase_check.draw(24, 0, 12, 0.7, 0.02, 40, 10)
+    got = json.load(open(out))
+    assert set(got["caches"]) == {"dynamic", "paged"}
+    assert all(c["tokens"] == int(resp.sum()) and c["seconds"] > 0 for c in got["caches"].values())
+    assert resp.max() > 3 * np.median(resp)  # a long tail to idle the dynamic cache's batches
+    ids = phase_check.prompts_for(prompt, resp, 40, 0)
+    assert [len(p) for p in ids] == prompt.tolist() and [p[-1] - phase_check.BASE for p in ids] == resp.tolist()

@@ -1,0 +1,173 @@
+"""A whole rollout phase at the paper's length distribution, measured per cache and held to bench/phase_cost.py.
+
+bench/phase_cost.py chose the rollout cache from a model of a whole phase: one rank's rollouts with lognormal
+response lengths (bench/long_tail.py) under each path's batching. Random weights (all a GPU here can load) never
+end a response early, so this script makes each rollout end where the distribution says: a forward hook on the
+model replaces its logits, token by token, with a countdown (the next token is the input token minus one, down to
+EOS), and each rollout's prompt ends in the token that starts its countdown, so rollout i answers exactly
+resp[i] tokens, EOS included (checked). Everything else runs as train.py runs it: rollout.generate, the model's
+full forward at every step, the cache's own batching: the dynamic cache decodes rollout.plan_batches' batches
+until their longest response ends, continuous batching lets a finished rollout leave and a waiting one join. The
+hook's cost (filling a logits row) is small beside a forward.
+
+Printed per cache: decoding steps are not visible from outside, so the figures are the wall time of the phase
+(prefill included), the tokens, tokens/s, and on a GPU phase_cost's prediction for the same prompts and lengths
+(decoding only, its constants: --bandwidth, --host-us, continuous batching's host terms) with measured/predicted.
+Lengths are scaled down from the paper's (median 600, limit 3,072) to fit a smoke test, with the same sigma and
+runaway share, and a batch-size cap that leaves several waves of rollouts, as 1,024 rollouts a rank do against a
+KV budget of about 300 rows.
+
+    python bench/phase_check.py --model /tmp/rand-qwen2.5-1.5b      # bench/gpu_smoke.sh's phase part
+    python bench/phase_check.py --rollouts 24 --max-batch-size 8 --median 12 --limit 40   # CPU, models/tiny
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the root: bench/rollout.py is a script
+import rollout  # noqa: E402
+from long_tail import lengths  # noqa: E402
+
+BASE = 1000  # countdown tokens are BASE + 1 .. BASE + limit - 1; prompts' other tokens sit above them
+
+
+@contextlib.contextmanager
+def countdown(model, eos: int):
+    """While active, the model's logits at every position put all the mass on one token: the input token minus
+    one, or EOS when that would reach BASE. A prompt ending in BASE + L then gets L - 1 countdown tokens and EOS."""
+
+    def hook(module, args, kwargs, out):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = out.logits
+        keep = kwargs.get("logits_to_keep")
+        if torch.is_tensor(keep) and keep.dim() == 1:  # continuous batching: logits of these positions only
+            ids = ids[:, keep]
+        else:  # generate: the last positions
+            ids = ids[:, ids.shape[1] - logits.shape[1]:]
+        nxt = torch.where(ids - 1 > BASE, ids - 1, torch.full_like(ids, eos))
+        logits.fill_(-1e4).scatter_(-1, nxt.unsqueeze(-1), 0.0)
+        return out
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def draw(n: int, seed: int, median: float, sigma: float, runaway: float, limit: int, prompt_median: float):
+    """Response lengths as bench/long_tail.py draws them and prompt lengths as bench/phase_cost.py does."""
+    rng = np.random.default_rng(seed)
+    resp = lengths(n, rng, median, sigma, runaway, limit)
+    prompt = np.maximum(np.minimum(np.exp(rng.normal(np.log(prompt_median), 0.5, n)), 4 * prompt_median), 2).astype(int)
+    return prompt, resp
+
+
+def prompts_for(prompt, resp, limit: int, seed: int) -> list[list[int]]:
+    """Token ids: random filler above the countdown range, then BASE + resp[i] (the countdown's start)."""
+    rng = np.random.default_rng(seed + 1)
+    lo = BASE + limit + 10
+    return [rng.integers(lo, lo + 500, int(p) - 1).tolist() + [BASE + int(r)] for p, r in zip(prompt, resp)]
+
+
+def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
+              bandwidth: float, host_us: float) -> float:
+    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms)."""
+    import phase_cost
+
+    cfg = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=limit, max_batch_tokens=max_batch_tokens,
+                                                  max_batch_size=max_batch_size))
+    params = model_cfg["params"]
+    return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
+                                    1.0)["seconds"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny"))
+    ap.add_argument("--caches", default="dynamic,paged")
+    ap.add_argument("--rollouts", type=int, default=192)
+    ap.add_argument("--max-batch-size", type=int, default=48, help="rows decoded at once (both caches)")
+    ap.add_argument("--max-batch-tokens", type=int, default=1 << 20, help="KV budget (both caches)")
+    ap.add_argument("--median", type=float, default=100, help="response length median (the paper's: about 600)")
+    ap.add_argument("--sigma", type=float, default=0.7)
+    ap.add_argument("--runaway", type=float, default=0.02, help="share of responses at --limit")
+    ap.add_argument("--limit", type=int, default=512, help="max_new_tokens (the paper's: 3,072)")
+    ap.add_argument("--prompt-median", type=float, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the prediction (H200: 4.8 TB/s)")
+    ap.add_argument("--host-us", type=float, default=18.4, help="host time per eager kernel for the prediction")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import is_flash_attn_2_available
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(1)
+    dev = torch.device("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32).to(
+        dev).eval()
+    c = model.config
+    assert c.vocab_size > BASE + args.limit + 520, "the countdown needs token ids up to BASE + limit + 520"
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    model_cfg = {"params": sum(p.numel() for p in model.parameters()),
+                 "kv_bytes": 2 * c.num_hidden_layers * c.num_key_value_heads * head * 2}
+    prompt, resp = draw(args.rollouts, args.seed, args.median, args.sigma, args.runaway, args.limit,
+                        args.prompt_median)
+    prompts = prompts_for(prompt, resp, args.limit, args.seed)
+    where = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    flash = is_flash_attn_2_available()
+    print(f"{where}, torch {torch.__version__}; {args.model} ({model_cfg['params'] / 1e9:.2f}B); {args.rollouts} "
+          f"rollouts, responses lognormal(median {args.median:g}, sigma {args.sigma}) + {args.runaway:.0%} at "
+          f"{args.limit} (mean {resp.mean():.0f}), prompts median {args.prompt_median:g} (mean {prompt.mean():.0f}); "
+          f"at most {args.max_batch_size} rows at once, KV budget {args.max_batch_tokens:,} tokens\n")
+    paths = {"dynamic": "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)",
+             "static": "static, sdpa_gqa, compiled (CUDA graphs)",
+             "paged": "paged, flash-attn (block table), CUDA graphs" if flash else
+             "paged, torch's flash kernel (keys gathered), CUDA graphs"}
+    print("| cache | seconds (prefill included) | tokens | tokens/s | predicted decoding (phase_cost) | "
+          "measured / predicted |\n|---|---|---|---|---|---|")
+    results = {"device": where, "rollouts": args.rollouts, "mean_response": float(resp.mean()), "caches": {}}
+    for cache in args.caches.split(","):
+        kw = dict(max_new_tokens=args.limit, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=1.0,
+                  max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, cache=cache, seed=1)
+        with countdown(model, tok.eos_token_id):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = rollout.generate(model, prompts, 1, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        got = out.lengths.numpy()
+        assert (got == resp).all(), f"{cache}: {int((got != resp).sum())} responses not of their drawn length"
+        pred = predicted(paths[cache], prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size,
+                         model_cfg, args.bandwidth, args.host_us) if cuda else float("nan")
+        tokens = int(resp.sum())
+        print(f"| {cache} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | " +
+              (f"{pred:.1f} s | {seconds / pred:.2f} |" if cuda else "(GPU constants) | |"))
+        results["caches"][cache] = {"seconds": seconds, "tokens": tokens, "predicted_s": pred, "path": paths[cache]}
+        if args.json:  # after every cache: a run stopped at its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    if {"dynamic", "paged"} <= set(results["caches"]):
+        d, p = results["caches"]["dynamic"], results["caches"]["paged"]
+        print(f"\nphase time, dynamic / paged: {d['seconds'] / p['seconds']:.2f} measured" +
+              (f", {d['predicted_s'] / p['predicted_s']:.2f} predicted" if cuda else ""))
+
+
+if __name__ == "__main__":
+    main()
