@@ -115,8 +115,10 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     texts = out.texts(tokenizer)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    with timed(metrics if metrics is not None else {}, "time/reward"):
-        scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
+    t0 = time.time()  # (not infra.metrics.timed: that resets the peak memory the calling phase is measuring)
+    scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
+    if metrics is not None:
+        metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.time() - t0
     scored = torch.ones(len(scores), dtype=torch.bool)
     scored[scores.unscored] = False
     return out, torch.tensor(list(scores), dtype=torch.float32), scored, scores.timeouts

@@ -68,6 +68,9 @@ def test_three_step_run_logs_and_saves(tiny_model_dir, tmp_path):
                 "mech/mixed_rollouts", "mech/zero_adv_token_share", "draws/p_0.4-0.6"):
         assert key in lines[-1]
     assert sum(v for k, v in lines[-1].items() if k.startswith("draws/p_")) == pytest.approx(1.0)
+    for line in lines[1:]:  # the scoring's share of the rollout phase, and generation's rate without it
+        assert 0 < line["time/reward"] < line["time/rollout_and_reward"]
+        assert line["perf/generation_tokens_per_s"] > line["perf/rollout_tokens_per_s"] > 0
     assert lines[-1]["subset"] == 1 and "cold/acc" in lines[-1]  # step 3 starts subset 1 with a cold start
     from transformers import AutoModelForCausalLM
 
