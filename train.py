@@ -112,10 +112,10 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                                top_p=cfg.rollout.top_p, seed=seed, max_batch_tokens=cfg.rollout.max_batch_tokens,
                                max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
                                share_prefill=cfg.rollout.share_prefill, should_stop=should_stop, progress=progress)
+    t0 = time.time()  # the scoring (not infra.metrics.timed: that resets the peak memory the calling phase measures)
     texts = out.texts(tokenizer)
     golds = [answers[i] for i in out.prompt_index.tolist()]
     workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    t0 = time.time()  # (not infra.metrics.timed: that resets the peak memory the calling phase is measuring)
     scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
     if metrics is not None:
         metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.time() - t0

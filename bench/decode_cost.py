@@ -275,9 +275,13 @@ def main():
                 json.dump(results, f, indent=1)
 
     if args.measure:
+        import phase_cost  # bench/, beside this script
+
         print(f"\nMeasured on {where}: ms per decoding step of the real-width model (random weights), beside the "
-              f"model (device bytes at {args.bandwidth / 1e12:.1f} TB/s; host = the narrow model's step on this device)"
-              f":\n\n| batch, context | measured | device (model) | host (narrow, here) | model: max .. sum |\n"
+              f"model (device bytes at {args.bandwidth / 1e12:.1f} TB/s; host: the narrow model's eager step on this "
+              f"device, or for paged continuous batching's host model (bench/cb_host.py) and torch's kernel at "
+              f"{phase_cost.TORCH_KERNEL_KV_MULT}x the K and V bytes, for static 1 ms assumed)"
+              f":\n\n| batch, context | measured | device (model) | host (model) | model: max .. sum |\n"
               "|---|---|---|---|---|")
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -293,19 +297,26 @@ def main():
         # meets them); static and paged warm up with the longer run itself: a static cache compiles (and captures)
         # per cache length, and each paged generate_batch call captures its CUDA graphs anew (one per padded shape
         # met; a 1-token run against a 9-token one came out negative on 2026-11-30), captures counted apart
-        short, new = map(int, (args.new or {"dynamic": "1:9", "static": "1:65", "paged": "17:81"}[args.cache]).split(":"))
+        short0, new0 = map(int, (args.new or {"dynamic": "1:9", "static": "1:65", "paged": "17:81"}[args.cache]).split(":"))
+
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
+            short, new = short0, new0
+            if args.cache == "paged":  # the short run past the prefill's forwards (rollout.PAGED_FORWARD_TOKENS each):
+                # else the two runs differ in mixed prefill + decoding forwards, not in whole decoding steps
+                fill = -(-batch * ctx // rollout.PAGED_FORWARD_TOKENS) + 1
+                short, new = max(short, fill), max(short, fill) + new - short
             prompt = max(25, ctx - (new + short) // 2)  # the cache holds about `ctx` tokens over the measured steps
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             reps = 1 if cuda else 2  # GPU time is scarce and its timings steady; the prefill dominates a run
             try:
-                # warm-up (compiles / captures graphs, if the path does) at other lengths: the measured calls then
-                # decode at key lengths this process has not seen, as every step of a real rollout does (a kernel
-                # that plans per shape, cuDNN's attention, pays there and is hidden by a repeat)
-                first = run(big, batch, prompt - (16 if args.cache == "dynamic" else 0), new, eos, cache=args.cache)
+                # warm-up: dynamic, at a longer prompt, so that the measured calls decode at key lengths this
+                # process has not seen, as every step of a real rollout does (a kernel that plans per shape, cuDNN's
+                # attention, pays there and is hidden by a repeat); static and paged, the long run itself
+                first = run(big, batch, prompt + (new + 16 if args.cache == "dynamic" else 0), new, eos,
+                            cache=args.cache)
                 with Captures() if cuda else contextlib.nullcontext() as c1:
                     t1 = min(run(big, batch, prompt, short, eos, cache=args.cache) for _ in range(reps))
                 with Captures() if cuda else contextlib.nullcontext() as cn:
@@ -324,7 +335,17 @@ def main():
             p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged",
                             rollout.PREALLOCATE or args.cache != "dynamic")  # static, paged: written in place
             dev = 1000 * p["total"] / args.bandwidth
-            host = m["host_ms"]
+            host = m["host_ms"]  # eager: the narrow model's step here
+            from transformers.utils import is_flash_attn_2_available
+
+            if args.cache == "paged":  # phase_cost's charge: continuous batching's host work (varlen path) and,
+                # without flash-attn, torch's kernel at its measured multiple of the K and V bytes
+                host = 1000 * phase_cost.cb_host_s(batch, batch * ctx, True)
+                if not is_flash_attn_2_available():
+                    dev += 1000 * batch * ctx * (phase_cost.TORCH_KERNEL_KV_MULT - 1) * kv_cache_bytes(
+                        real, 1, 1, 2) / args.bandwidth
+            elif args.cache == "static" and cuda:  # a CUDA-graphed step: phase_cost's assumed host time
+                host = 1.0
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
                   f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB{graphs} |")

@@ -63,12 +63,12 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 [[ $PARTS == *sweep* ]] && step 55 $PY bench/decode_cost.py --device cuda \
   --measure 128:1024,512:1024,512:3072 --new 9:137 --json ${OUT:-/tmp}/decode_cost.json
 # the paged path (continuous batching; CUDA graphs captured by transformers on a GPU): ms a step, first-call
-# (graph capture) time, peak memory, greedy agreement with the dynamic path
+# time, the graphs captured, peak memory (greedy tokens: bench/paged_check.py, in the varlen part)
 [[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
 # a whole phase at the paper's length distribution (scaled down), each rollout ended at its drawn length by a
 # countdown on the logits: dynamic against paged, each beside bench/phase_cost.py's prediction
-[[ $PARTS == *phase* ]] && step 100 $PY bench/phase_check.py --model $MODEL --json ${OUT:-/tmp}/phase_check.json
+[[ $PARTS == *phase* ]] && step 95 $PY bench/phase_check.py --model $MODEL --json ${OUT:-/tmp}/phase_check.json
 # the static cache, which transformers compiles (torch.compile, CUDA graphs) on a GPU: never measured, and since
 # 2026-11-30 predicted ahead of the paged path on torch's kernel for a whole phase (bench/phase_cost.py) on an
 # assumed 1 ms of host a step; the first call's seconds are the compile's
@@ -85,7 +85,7 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
   --max-batch-tokens 600000 --cache static --no-plain
 [[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
-[[ $PARTS == *steps* ]] && step 55 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
+[[ $PARTS == *steps* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
 [[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-105} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \

@@ -14,11 +14,15 @@ Printed per cache: decoding steps are not visible from outside, so the figures a
 (prefill included), the tokens, tokens/s, and on a GPU phase_cost's prediction for the same prompts and lengths
 (decoding only, its constants: --bandwidth, --host-us, continuous batching's host terms) with measured/predicted.
 Lengths are scaled down from the paper's (median 600, limit 3,072) to fit a smoke test, with the same sigma and
-runaway share, and a batch-size cap that leaves several waves of rollouts, as 1,024 rollouts a rank do against a
-KV budget of about 300 rows.
+runaway share, and both caches get one KV budget, --max-batch-size rows at the longest prompt + --limit: the
+dynamic cache decodes several batches of at most that many rows, each until its longest response ends (the
+defaults: 4 batches of 48, three of them to the 512-token limit), while continuous batching admits rows as long as
+their tokens so far fit (here all 192 at once) and its steps shrink as rows end. phase_cost's paged schedule is
+held by the same budget alone.
 
     python bench/phase_check.py --model /tmp/rand-qwen2.5-1.5b      # bench/gpu_smoke.sh's phase part
-    python bench/phase_check.py --rollouts 24 --max-batch-size 8 --median 12 --limit 40   # CPU, models/tiny
+    python bench/phase_check.py --model-config CONFIG.json --rollouts 24 --max-batch-size 8 --median 12 --limit 40
+        # a random model of that architecture (vocab of at least BASE + limit + 520 tokens), e.g. on the CPU
 """
 
 import argparse
@@ -83,11 +87,13 @@ def prompts_for(prompt, resp, limit: int, seed: int) -> list[list[int]]:
 
 def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
               bandwidth: float, host_us: float) -> float:
-    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms)."""
+    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms); a paged path
+    is held by the KV budget alone, as transformers' continuous batching is (rollout.paged_cache_config)."""
     import phase_cost
 
+    rows = len(prompt) if path.startswith("paged") else max_batch_size
     cfg = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=limit, max_batch_tokens=max_batch_tokens,
-                                                  max_batch_size=max_batch_size))
+                                                  max_batch_size=rows))
     params = model_cfg["params"]
     return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
                                     1.0)["seconds"]
@@ -95,11 +101,13 @@ def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_ba
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny"))
+    ap.add_argument("--model", default="", help="a model directory (its vocabulary must hold the countdown)")
+    ap.add_argument("--model-config", default="", help="or a random-weight model of this config.json's architecture")
     ap.add_argument("--caches", default="dynamic,paged")
     ap.add_argument("--rollouts", type=int, default=192)
-    ap.add_argument("--max-batch-size", type=int, default=48, help="rows decoded at once (both caches)")
-    ap.add_argument("--max-batch-tokens", type=int, default=1 << 20, help="KV budget (both caches)")
+    ap.add_argument("--max-batch-size", type=int, default=48, help="the dynamic cache's rows a batch; with the "
+                    "longest prompt and --limit, the KV budget of both caches")
+    ap.add_argument("--max-batch-tokens", type=int, default=0, help="KV budget (both caches; 0: as above)")
     ap.add_argument("--median", type=float, default=100, help="response length median (the paper's: about 600)")
     ap.add_argument("--sigma", type=float, default=0.7)
     ap.add_argument("--runaway", type=float, default=0.02, help="share of responses at --limit")
@@ -113,6 +121,15 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import is_flash_attn_2_available
 
+    if bool(args.model) == bool(args.model_config):
+        ap.error("give --model or --model-config")
+    if args.model_config:
+        import tempfile
+
+        from step import random_model  # bench/, beside this script
+
+        args.model = tempfile.mkdtemp(prefix="phase_check_")
+        random_model(args.model_config, args.model)
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(1)
@@ -128,6 +145,7 @@ def main():
     prompt, resp = draw(args.rollouts, args.seed, args.median, args.sigma, args.runaway, args.limit,
                         args.prompt_median)
     prompts = prompts_for(prompt, resp, args.limit, args.seed)
+    args.max_batch_tokens = args.max_batch_tokens or args.max_batch_size * (int(prompt.max()) + args.limit)
     where = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     flash = is_flash_attn_2_available()
     print(f"{where}, torch {torch.__version__}; {args.model} ({model_cfg['params'] / 1e9:.2f}B); {args.rollouts} "

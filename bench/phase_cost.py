@@ -20,9 +20,10 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger e
   through rollout.generate by bench/cb_host.py: 1.2 ms + 19 us a request + 105 ns a cached token, transformers
   5.24 and 5.17. With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
   batching"), which would make a graphed paged step max(host, device); on the H200 (2026-11-30, torch's kernel,
-  bench/decode_cost.py --cache paged) it was 30.3 ms at batch 128, context 1,024 (max 17.4, sum 31.8 ms here) and
-  94.0 ms at 512 (max 66.0, sum 121.5 ms): little overlap, so every step is charged host + device and the fully
-  overlapped figure is printed beside it. A graphed paged call also captures a CUDA graph per padded shape it
+  bench/decode_cost.py --cache paged) it was 30.3 ms at batch 128, context 1,024 (max 17.4, sum 31.7 ms here) and
+  94.0 ms at 512 (max 66.0, sum 121.4 ms): partial overlap (about a tenth of the smaller term hidden at 128, half
+  at 512), so every step is charged host + device (pessimistic) and the fully overlapped figure is printed beside
+  it: the phase lies between the two. A graphed paged call also captures a CUDA graph per padded shape it
   meets (CAPTURE_S each, counted over the schedule's distinct (query tokens, KV read) buckets).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
@@ -59,7 +60,7 @@ from long_tail import lengths  # noqa: E402
 # of the paged cache, a read and a write, then read by torch's flash kernel once per query head, 6 for 12 query
 # heads on 2 KV heads, since under CUDA graphs transformers pads the queries and the kernel cannot fold a KV head's
 # query heads into one pass: 2 + 6 = 8x predicted; bench/varlen_check.py measured 16.7-18.3x on an H200,
-# 2026-11-30: padded kernel 4.4-5.7x its max_q = 1 time, gather 6x the bytes; TORCH_KERNEL_KV_MULT).
+# 2026-11-30: padded kernel 4.5-5.7x its max_q = 1 time, gather 6x the bytes' time; TORCH_KERNEL_KV_MULT).
 PATHS = {
     "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
     "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
@@ -70,6 +71,9 @@ PATHS = {
     "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", "torch kernel", "graph"),
 }
 TORCH_KERNEL_KV_MULT = 17.5  # (padded kernel + gather) / K and V bytes, bench/varlen_check.py on an H200 (2026-11-30)
+# (a time ratio against the bytes at the H200's 4.8 TB/s, charged here as bytes at --bandwidth: right if the padded
+# kernel is bandwidth-bound; its padded rows are computed, so on a GPU of lower bandwidth and equal compute, as the
+# H100, this overcharges it by up to 4.8 / 3.35 = 1.4x)
 # transformers' continuous batching captures a CUDA graph per padded (query tokens, KV read) shape it meets in a
 # generate_batch call, queries padded to 64 tokens and KV to 16,384 (5.17's intervals); each capture took 29-47 ms
 # on the H200 (bench/decode_cost.py, 2026-11-30: 11-36 a call, 0.33-1.32 s)
@@ -148,7 +152,8 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
     step = np.maximum(device, host) if overlap else device + host
     captures = 0
     if graphed and batching == "paged":  # a graph per padded shape met (the call's first steps' shapes included)
-        keys = set(zip(-(-np.minimum(q, rollout.PAGED_FORWARD_TOKENS) // Q_INTERVAL), -(-cached // KV_INTERVAL)))
+        qb, kvb = -(-np.minimum(q, rollout.PAGED_FORWARD_TOKENS) // Q_INTERVAL), -(-cached // KV_INTERVAL)
+        keys = set(zip(qb[varlen], kvb[varlen])) | {(b,) for b in qb[~varlen]}  # block-table decoding: the batch
         captures = len(keys)
     return {"seconds": float(step.sum()) + captures * CAPTURE_S, "host_bound": float((host > device).mean()),
             "steps": len(rows), "slots": int(rows.sum()), "captures": captures,
@@ -177,9 +182,9 @@ def main():
                     "host time a step, per request in the step (bench/cb_host.py)")
     ap.add_argument("--cb-host-ns-per-token", type=float, default=CB_HOST_NS_PER_TOKEN, help="continuous batching's "
                     "host time a step of its varlen path, per token in the cache (bench/cb_host.py)")
-    ap.add_argument("--tflops", type=float, default=265e12, help="training FLOP/s per GPU: the old and reference "
-                    "log-probs and the update of train.py's step on the H200 (2026-11-30, one rank, 12P a token: "
-                    "27 %% of 989 TFLOP/s; 40 %% was assumed before)")
+    ap.add_argument("--tflops", type=float, default=221e12, help="training FLOP/s per GPU: the reference log-probs "
+                    "and the update of train.py's step on the H200 (2026-11-30, one rank, one mini-batch: 10P a "
+                    "token, 22 %% of 989 TFLOP/s; 40 %% was assumed before)")
     ap.add_argument("--subset-prompts", type=int, default=10_000, help="prompts per curriculum subset (cold start)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--overlap", action="store_true", help="charge a step max(host, device), not their sum")
@@ -218,15 +223,18 @@ def main():
               f"{o:.1f} s, {bound / o:.1%} |")
     print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | | | |")
     # a whole configs/1.5b.yaml step on `ranks` GPUs: the phase, the cold start spread over the subset's steps,
-    # and the update: per token, old log-probs (2P) + reference (2P when kl_coef > 0) + forward and backward (6P) +
-    # gradient checkpointing's recomputed forward (2P)
-    per_token = (2 + (2 if cfg.train.kl_coef > 0 else 0) + 6 + (2 if cfg.model.gradient_checkpointing else 0)) * args.params
+    # and the update: per token, old log-probs (2P; none for the first mini-batch of a one-epoch update) + reference
+    # (2P when kl_coef > 0) + per epoch forward and backward (6P) + gradient checkpointing's recomputed forward (2P)
+    mini_batches = max(1, cfg.rollout.prompts_per_step // max(1, cfg.train.mini_batch_prompts))
+    old = 2 * (1 - 1 / mini_batches) if cfg.train.epochs == 1 else 2  # train.add_logprobs: none for the first one
+    per_token = (old + (2 if cfg.train.kl_coef > 0 else 0)
+                 + cfg.train.epochs * (6 + (2 if cfg.model.gradient_checkpointing else 0))) * args.params
     update = n * (150 + tok / n) * per_token / args.tflops
     cold_share = cfg.cures.cold_start_rollouts * args.subset_prompts / (cfg.train.steps_per_subset * cfg.rollout.rollouts_per_step)
     steps = cfg.data.num_subsets * cfg.train.steps_per_subset
     print(f"\nA step on {args.ranks} GPUs: the rank's phase, plus the cold start ({cfg.cures.cold_start_rollouts} x "
           f"{args.subset_prompts:,} prompts a subset over its {cfg.train.steps_per_subset} steps: "
-          f"+{cold_share:.0%} rollouts), plus the update ({per_token / args.params:.0f}P FLOPs a token at "
+          f"+{cold_share:.0%} rollouts), plus the update ({per_token / args.params:.1f}P FLOPs a token at "
           f"{args.tflops / 1e12:.0f} TFLOP/s: {update:.0f} s); Table 1's run is {steps} steps:\n")
     print("| path | step | GPU-hours for the run |\n|---|---|---|")
     for p, r in res.items():

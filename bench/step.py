@@ -112,7 +112,8 @@ def report(rows: list[dict], args, extra: list[str], params) -> int:
     total = sum(r["time/step"] for r in steady) / len(steady)
     for k in keys:
         v = sum(r.get(k, 0.0) for r in steady) / len(steady)
-        print(f"| {k} | {v:.3f} | {100 * v / total:.0f}% |")
+        print(f"| {k}{' (part of time/rollout_and_reward)' if k == 'time/reward' else ''} | {v:.3f} | "
+              f"{100 * v / total:.0f}% |")
     cold = rows[0].get("time/cold_start")
     if cold:
         print(f"cold start (first step only): {cold:.2f} s")
