@@ -47,11 +47,14 @@ BASE = 1000  # countdown tokens are BASE + 1 .. BASE + limit - 1; prompts' other
 
 
 @contextlib.contextmanager
-def countdown(model, eos: int):
+def countdown(model, eos: int, forwards: list | None = None):
     """While active, the model's logits at every position put all the mass on one token: the input token minus
-    one, or EOS when that would reach BASE. A prompt ending in BASE + L then gets L - 1 countdown tokens and EOS."""
+    one, or EOS when that would reach BASE. A prompt ending in BASE + L then gets L - 1 countdown tokens and EOS.
+    `forwards` gets a 1 for every forward that runs in Python (not a CUDA graph's replays)."""
 
     def hook(module, args, kwargs, out):
+        if forwards is not None:
+            forwards.append(1)
         ids = kwargs.get("input_ids", args[0] if args else None)
         logits = out.logits
         keep = kwargs.get("logits_to_keep")
@@ -85,15 +88,25 @@ def prompts_for(prompt, resp, limit: int, seed: int) -> list[list[int]]:
     return [rng.integers(lo, lo + 500, int(p) - 1).tolist() + [BASE + int(r)] for p, r in zip(prompt, resp)]
 
 
-def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
-              bandwidth: float, host_us: float) -> float:
-    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms); a paged path
-    is held by the KV budget alone, as transformers' continuous batching is (rollout.paged_cache_config)."""
+def schedule_steps(cache: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int) -> int:
+    """The forwards phase_cost's schedule implies: the dynamic cache's batches (rollout.plan_batches) each run one
+    forward per token of their longest response (the first from the prefill); continuous batching one per step of
+    phase_cost.paged_schedule (joiners' prefills inside them)."""
     import phase_cost
 
-    rows = len(prompt) if path.startswith("paged") else max_batch_size
+    if cache == "paged":
+        return len(phase_cost.paged_schedule(prompt, resp, limit, max_batch_tokens, max_batch_size)[0])
+    batches = rollout.plan_batches(list(prompt), limit, max_batch_tokens, max_batch_size)
+    return int(sum(resp[b].max() for b in batches))
+
+
+def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
+              bandwidth: float, host_us: float) -> float:
+    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms)."""
+    import phase_cost
+
     cfg = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=limit, max_batch_tokens=max_batch_tokens,
-                                                  max_batch_size=rows))
+                                                  max_batch_size=max_batch_size))
     params = model_cfg["params"]
     return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
                                     1.0)["seconds"]
@@ -157,12 +170,13 @@ def main():
              "paged": "paged, flash-attn (block table), CUDA graphs" if flash else
              "paged, torch's flash kernel (keys gathered), CUDA graphs"}
     print("| cache | seconds (prefill included) | tokens | tokens/s | predicted decoding (phase_cost) | "
-          "measured / predicted |\n|---|---|---|---|---|---|")
+          "measured / predicted | forwards (eager ones) / the schedule's |\n|---|---|---|---|---|---|---|")
     results = {"device": where, "rollouts": args.rollouts, "mean_response": float(resp.mean()), "caches": {}}
     for cache in args.caches.split(","):
         kw = dict(max_new_tokens=args.limit, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=1.0,
                   max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, cache=cache, seed=1)
-        with countdown(model, tok.eos_token_id):
+        forwards = []
+        with countdown(model, tok.eos_token_id, forwards):
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -175,9 +189,12 @@ def main():
         pred = predicted(paths[cache], prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size,
                          model_cfg, args.bandwidth, args.host_us) if cuda else float("nan")
         tokens = int(resp.sum())
+        steps = schedule_steps(cache, prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size)
         print(f"| {cache} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | " +
-              (f"{pred:.1f} s | {seconds / pred:.2f} |" if cuda else "(GPU constants) | |"))
-        results["caches"][cache] = {"seconds": seconds, "tokens": tokens, "predicted_s": pred, "path": paths[cache]}
+              (f"{pred:.1f} s | {seconds / pred:.2f} |" if cuda else "(GPU constants) | |") +
+              f" {len(forwards):,} / {steps:,} |")
+        results["caches"][cache] = {"seconds": seconds, "tokens": tokens, "predicted_s": pred, "path": paths[cache],
+                                    "forwards": len(forwards), "schedule_steps": steps}
         if args.json:  # after every cache: a run stopped at its time limit keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

@@ -78,6 +78,9 @@ TORCH_KERNEL_KV_MULT = 17.5  # (padded kernel + gather) / K and V bytes, bench/v
 # generate_batch call, queries padded to 64 tokens and KV to 16,384 (5.17's intervals); each capture took 29-47 ms
 # on the H200 (bench/decode_cost.py, 2026-11-30: 11-36 a call, 0.33-1.32 s)
 CAPTURE_S, Q_INTERVAL, KV_INTERVAL = 0.037, 64, 16384
+# transformers' continuous batching allocates its cache in pages (rollout.paged_cache_config: 256 tokens) and its
+# FIFO scheduler admits no new request while less than 15 % of the pages are free
+PAGE, SAFETY_MARGIN = 256, 0.15
 
 
 CB_HOST_MS, CB_HOST_US_PER_ROW, CB_HOST_NS_PER_TOKEN = 1.2, 19.0, 105.0  # bench/cb_host.py, both versions (cb_host.md)
@@ -102,20 +105,29 @@ def padded_steps(prompt, resp, batches, limit: int):
     return np.concatenate(rows), np.concatenate(cached), np.concatenate(allocated)
 
 
-def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
+def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: int = 1, margin: float = 0.0,
+                forward_tokens: int | None = None):
     """Per decoding step of continuous batching (rows join while their prompt and the running rows' KV fit the
     budget; a finished row leaves at once): (rows, tokens in the cache, rows that joined, query tokens of the
-    forward). As bench/long_tail.py's simulate_paged (which does not split a large prefill into forwards of
-    rollout.PAGED_FORWARD_TOKENS as transformers does; neither does this)."""
+    forward). With the defaults, as bench/long_tail.py's simulate_paged (tokens, no margin). transformers' scheduler
+    (phase_seconds passes its values): the cache in pages of `page` tokens (a row holds whole pages), no row joins
+    while less than `margin` of the pages are free (its FIFO scheduler's safety margin) unless none runs, and a
+    forward holds at most `forward_tokens` query tokens (a prompt that does not fit waits for the next step; the
+    real scheduler splits it). Rows that outgrow the cache are not paused here (transformers offloads them)."""
     nxt, p, g, n = 0, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
     rows, cached, joined, q = [], [], [], []
+    cap = max_batch_tokens // page
     while nxt < len(resp) or len(n):
-        used = int((p + g).sum())
-        join = []
-        while nxt < len(resp) and len(n) + len(join) < max_batch_size and used + prompt[nxt] + 1 <= max_batch_tokens:
-            join.append(nxt)
-            used += int(prompt[nxt])
-            nxt += 1
+        used = int((-(-(p + g) // page)).sum())  # pages the running rows hold (page 1: tokens)
+        join, tokens = [], len(n)
+        if cap - used >= margin * cap or not len(n):
+            while nxt < len(resp) and len(n) + len(join) < max_batch_size and \
+                    used + -(-(prompt[nxt] + 1) // page) <= cap and \
+                    (forward_tokens is None or not join or tokens + prompt[nxt] <= forward_tokens):
+                join.append(nxt)
+                used += -(-int(prompt[nxt]) // page)
+                tokens += int(prompt[nxt])
+                nxt += 1
         p, g, n = np.concatenate([p, prompt[join]]), np.concatenate([g, np.zeros(len(join), int)]), \
             np.concatenate([n, resp[join]])
         rows.append(len(n))
@@ -126,6 +138,20 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int):
         keep = g < n
         p, g, n = p[keep], g[keep], n[keep]
     return np.array(rows), np.array(cached), np.array(joined), np.array(q)
+
+
+def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, ideal: bool = False):
+    """Continuous batching as rollout.generate runs it: rollout.plan_batches' chunks of PAGED_CHUNK KV budgets (and
+    at most PAGED_CHUNK x max_batch_size rows), one generate_batch call each, one after the other; inside a call
+    transformers' scheduler (paged_steps with its page, safety margin and forward size; at most 1,024 rows a
+    forward), or with `ideal` a scheduler of single tokens, no margin and no forward size. Returns paged_steps'
+    four arrays over all the calls."""
+    parts = []
+    for c in rollout.plan_batches(list(prompt), limit, rollout.PAGED_CHUNK * max_batch_tokens,
+                                  rollout.PAGED_CHUNK * max_batch_size):
+        sched = () if ideal else (PAGE, SAFETY_MARGIN, rollout.PAGED_FORWARD_TOKENS)
+        parts.append(paged_steps(prompt[c], resp[c], max_batch_tokens, min(len(c), 1024), *sched))
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(4))
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
@@ -143,7 +169,8 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         read = allocated if cache == "static" else cached
         host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else launches)
     else:  # continuous batching's own host work besides the launches (with graphs: instead of them)
-        rows, cached, joined, q = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+        rows, cached, joined, q = paged_schedule(prompt, resp, limit, cfg.rollout.max_batch_tokens,
+                                                 cfg.rollout.max_batch_size)
         read = cached
         varlen = np.ones(len(rows), bool) if cache == "gathered" else joined > 0  # steps that list every cached token
         host = cb_host_s(rows, cached, varlen, cb_host_ms, cb_host_us_per_row, cb_host_ns_per_token) + launches
@@ -161,7 +188,9 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
 
 
 def decode_bound(prompt, resp, cfg, weight_bytes, kv_bytes, bandwidth) -> float:
-    rows, cached, _, _ = paged_steps(prompt, resp, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
+    """The device time of the paged path's calls under an ideal scheduler, reading the cache once."""
+    rows, cached, _, _ = paged_schedule(prompt, resp, cfg.rollout.max_new_tokens, cfg.rollout.max_batch_tokens,
+                                        cfg.rollout.max_batch_size, ideal=True)
     return float(((weight_bytes + cached * kv_bytes) / bandwidth).sum())
 
 
