@@ -10,15 +10,16 @@ full forward at every step, the cache's own batching: the dynamic cache decodes 
 until their longest response ends, continuous batching lets a finished rollout leave and a waiting one join. The
 hook's cost (filling a logits row) is small beside a forward.
 
-Printed per cache: decoding steps are not visible from outside, so the figures are the wall time of the phase
-(prefill included), the tokens, tokens/s, and on a GPU phase_cost's prediction for the same prompts and lengths
-(decoding only, its constants: --bandwidth, --host-us, continuous batching's host terms) with measured/predicted.
+Printed per cache: the wall time of the phase (prefill included), the tokens, tokens/s, on a GPU phase_cost's
+prediction for the same prompts and lengths (decoding only, its constants: --bandwidth, --host-us, continuous
+batching's host terms) with measured/predicted, and the model's forwards (counted by the hook, where no CUDA graph
+replays them: on the CPU, and for the eager dynamic cache on a GPU) against the steps of phase_cost's schedule.
 Lengths are scaled down from the paper's (median 600, limit 3,072) to fit a smoke test, with the same sigma and
 runaway share, and both caches get one KV budget, --max-batch-size rows at the longest prompt + --limit: the
 dynamic cache decodes several batches of at most that many rows, each until its longest response ends (the
 defaults: 4 batches of 48, three of them to the 512-token limit), while continuous batching admits rows as long as
-their tokens so far fit (here all 192 at once) and its steps shrink as rows end. phase_cost's paged schedule is
-held by the same budget alone.
+their pages fit (here up to about 144 at once: transformers allocates 256-token pages) and its steps shrink as rows
+end; phase_cost's paged schedule models that scheduler.
 
     python bench/phase_check.py --model /tmp/rand-qwen2.5-1.5b      # bench/gpu_smoke.sh's phase part
     python bench/phase_check.py --model-config CONFIG.json --rollouts 24 --max-batch-size 8 --median 12 --limit 40
@@ -170,7 +171,7 @@ def main():
              "paged": "paged, flash-attn (block table), CUDA graphs" if flash else
              "paged, torch's flash kernel (keys gathered), CUDA graphs"}
     print("| cache | seconds (prefill included) | tokens | tokens/s | predicted decoding (phase_cost) | "
-          "measured / predicted | forwards (eager ones) / the schedule's |\n|---|---|---|---|---|---|---|")
+          "measured / predicted | forwards / the schedule's steps |\n|---|---|---|---|---|---|---|")
     results = {"device": where, "rollouts": args.rollouts, "mean_response": float(resp.mean()), "caches": {}}
     for cache in args.caches.split(","):
         kw = dict(max_new_tokens=args.limit, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=1.0,
@@ -190,11 +191,13 @@ def main():
                          model_cfg, args.bandwidth, args.host_us) if cuda else float("nan")
         tokens = int(resp.sum())
         steps = schedule_steps(cache, prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size)
+        graphed = cuda and cache != "dynamic"  # replays of CUDA graphs run no Python: forwards not countable
+        fwd = None if graphed else len(forwards)
         print(f"| {cache} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | " +
               (f"{pred:.1f} s | {seconds / pred:.2f} |" if cuda else "(GPU constants) | |") +
-              f" {len(forwards):,} / {steps:,} |")
+              (f" n/a (CUDA graphs) / {steps:,} |" if graphed else f" {fwd:,} / {steps:,} |"))
         results["caches"][cache] = {"seconds": seconds, "tokens": tokens, "predicted_s": pred, "path": paths[cache],
-                                    "forwards": len(forwards), "schedule_steps": steps}
+                                    "forwards": fwd, "schedule_steps": steps}
         if args.json:  # after every cache: a run stopped at its time limit keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

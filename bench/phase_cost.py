@@ -36,7 +36,8 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger e
 
 Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
-The decode bound is the paged schedule's device time with a single read of the cache and no host time.
+The decode bound is the paged calls' device time under an ideal scheduler (single tokens, no margin), with a single
+read of the cache and no host time.
 
     python bench/phase_cost.py        # configs/1.5b.yaml on one H100 (3.35 TB/s); results in bench/results/phase_cost.md
 """
@@ -113,7 +114,9 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: 
     (phase_seconds passes its values): the cache in pages of `page` tokens (a row holds whole pages), no row joins
     while less than `margin` of the pages are free (its FIFO scheduler's safety margin) unless none runs, and a
     forward holds at most `forward_tokens` query tokens (a prompt that does not fit waits for the next step; the
-    real scheduler splits it). Rows that outgrow the cache are not paused here (transformers offloads them)."""
+    real scheduler splits it). Rows that outgrow the cache are not paused here (transformers offloads them); a
+    request that does not fit stops the admissions of the step (transformers tries the shorter ones after it); a
+    row's pages are freed at once (asynchronous batching on a GPU frees them a step later)."""
     nxt, p, g, n = 0, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
     rows, cached, joined, q = [], [], [], []
     cap = max_batch_tokens // page
@@ -122,7 +125,7 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: 
         join, tokens = [], len(n)
         if cap - used >= margin * cap or not len(n):
             while nxt < len(resp) and len(n) + len(join) < max_batch_size and \
-                    used + -(-(prompt[nxt] + 1) // page) <= cap and \
+                    used + -(-(prompt[nxt] + (page == 1)) // page) <= cap and \
                     (forward_tokens is None or not join or tokens + prompt[nxt] <= forward_tokens):
                 join.append(nxt)
                 used += -(-int(prompt[nxt]) // page)
@@ -144,14 +147,22 @@ def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_si
     """Continuous batching as rollout.generate runs it: rollout.plan_batches' chunks of PAGED_CHUNK KV budgets (and
     at most PAGED_CHUNK x max_batch_size rows), one generate_batch call each, one after the other; inside a call
     transformers' scheduler (paged_steps with its page, safety margin and forward size; at most 1,024 rows a
-    forward), or with `ideal` a scheduler of single tokens, no margin and no forward size. Returns paged_steps'
-    four arrays over all the calls."""
+    forward), or with `ideal` a scheduler of single tokens, no margin and no forward size. The cache and forward
+    sizes of a call as rollout.paged_cache_config sets them. Returns paged_steps' four arrays over all the calls and
+    a fifth, each step's call."""
     parts = []
-    for c in rollout.plan_batches(list(prompt), limit, rollout.PAGED_CHUNK * max_batch_tokens,
-                                  rollout.PAGED_CHUNK * max_batch_size):
-        sched = () if ideal else (PAGE, SAFETY_MARGIN, rollout.PAGED_FORWARD_TOKENS)
-        parts.append(paged_steps(prompt[c], resp[c], max_batch_tokens, min(len(c), 1024), *sched))
-    return tuple(np.concatenate([part[k] for part in parts]) for k in range(4))
+    for i, c in enumerate(rollout.plan_batches(list(prompt), limit, rollout.PAGED_CHUNK * max_batch_tokens,
+                                               rollout.PAGED_CHUNK * max_batch_size)):
+        if ideal:
+            part = paged_steps(prompt[c], resp[c], max_batch_tokens, min(len(c), 1024))
+        else:  # rollout.paged_cache_config: what the call's requests need in whole pages, capped by the budget
+            need = int((-(-(prompt[c] + limit) // PAGE)).sum()) * PAGE
+            cache = max(PAGE, min(max_batch_tokens, need))
+            forward = min(rollout.PAGED_FORWARD_TOKENS, cache)
+            part = paged_steps(prompt[c], resp[c], -(-cache // PAGE) * PAGE, min(len(c), 1024, forward), PAGE,
+                               SAFETY_MARGIN, forward)
+        parts.append(part + (np.full(len(part[0]), i),))
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(5))
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
@@ -169,8 +180,8 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
         read = allocated if cache == "static" else cached
         host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else launches)
     else:  # continuous batching's own host work besides the launches (with graphs: instead of them)
-        rows, cached, joined, q = paged_schedule(prompt, resp, limit, cfg.rollout.max_batch_tokens,
-                                                 cfg.rollout.max_batch_size)
+        rows, cached, joined, q, call = paged_schedule(prompt, resp, limit, cfg.rollout.max_batch_tokens,
+                                                       cfg.rollout.max_batch_size)
         read = cached
         varlen = np.ones(len(rows), bool) if cache == "gathered" else joined > 0  # steps that list every cached token
         host = cb_host_s(rows, cached, varlen, cb_host_ms, cb_host_us_per_row, cb_host_ns_per_token) + launches
@@ -178,10 +189,10 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
     device = (weight_bytes + read * kv_bytes * kv_mult + (2 * cached * kv_bytes if cache == "concatenated" else 0)) / bandwidth
     step = np.maximum(device, host) if overlap else device + host
     captures = 0
-    if graphed and batching == "paged":  # a graph per padded shape met (the call's first steps' shapes included)
+    if graphed and batching == "paged":  # a graph per padded shape a generate_batch call meets, anew in each call
         qb, kvb = -(-np.minimum(q, rollout.PAGED_FORWARD_TOKENS) // Q_INTERVAL), -(-cached // KV_INTERVAL)
-        keys = set(zip(qb[varlen], kvb[varlen])) | {(b,) for b in qb[~varlen]}  # block-table decoding: the batch
-        captures = len(keys)
+        keys = set(zip(call[varlen], qb[varlen], kvb[varlen])) | set(zip(call[~varlen], qb[~varlen]))  # block
+        captures = len(keys)  # table decoding keys on the batch alone
     return {"seconds": float(step.sum()) + captures * CAPTURE_S, "host_bound": float((host > device).mean()),
             "steps": len(rows), "slots": int(rows.sum()), "captures": captures,
             "overlapped": float(np.maximum(device, host).sum()) + captures * CAPTURE_S}
@@ -189,8 +200,8 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
 
 def decode_bound(prompt, resp, cfg, weight_bytes, kv_bytes, bandwidth) -> float:
     """The device time of the paged path's calls under an ideal scheduler, reading the cache once."""
-    rows, cached, _, _ = paged_schedule(prompt, resp, cfg.rollout.max_new_tokens, cfg.rollout.max_batch_tokens,
-                                        cfg.rollout.max_batch_size, ideal=True)
+    rows, cached, _, _, _ = paged_schedule(prompt, resp, cfg.rollout.max_new_tokens, cfg.rollout.max_batch_tokens,
+                                           cfg.rollout.max_batch_size, ideal=True)
     return float(((weight_bytes + cached * kv_bytes) / bandwidth).sum())
 
 
@@ -250,7 +261,8 @@ def main():
         print(f"| {p} | {np.mean([x['steps'] for x in r]):,.0f} | {s:.1f} s | {tok / s:,.0f} | {bound / s:.1%} | "
               f"{np.mean([x['host_bound'] for x in r]):.0%} | {np.mean([x['captures'] for x in r]):.0f} | "
               f"{o:.1f} s, {bound / o:.1%} |")
-    print(f"| decode bound (paged schedule, device only) | | {bound:.1f} s | {tok / bound:,.0f} | 100% | | | |")
+    print(f"| decode bound (the paged calls under an ideal scheduler, device only) | | {bound:.1f} s | "
+          f"{tok / bound:,.0f} | 100% | | | |")
     # a whole configs/1.5b.yaml step on `ranks` GPUs: the phase, the cold start spread over the subset's steps,
     # and the update: per token, old log-probs (2P; none for the first mini-batch of a one-epoch update) + reference
     # (2P when kl_coef > 0) + per epoch forward and backward (6P) + gradient checkpointing's recomputed forward (2P)

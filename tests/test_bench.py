@@ -180,7 +180,8 @@ def test_phase_cost_schedules_against_the_long_tail_simulator(monkeypatch):
     gathered = "paged, torch's flash kernel (keys gathered), CUDA graphs"
     graphs = phase_cost.phase_seconds(block, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **free)
     gathered_graphs = phase_cost.phase_seconds(gathered, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **free)
-    keys = {(-(-min(a, 8192) // 64), -(-b // 16384)) for a, b in zip(real[3], real[1])}  # a graph per padded shape
+    keys = {(c, -(-min(a, 8192) // 64), -(-b // 16384)) for a, b, c in zip(real[3], real[1], real[4])}  # a graph
+    # per padded shape and generate_batch call
     assert gathered_graphs["captures"] == len(keys) and 1 < len(keys) < len(real[0])
     assert 1 < graphs["captures"] < len(keys)  # block-table decoding keys on the batch alone
     monkeypatch.setattr(phase_cost, "CAPTURE_S", 0.0)  # below: the steps alone
@@ -196,7 +197,7 @@ def test_phase_cost_schedules_against_the_long_tail_simulator(monkeypatch):
     assert t[block] == pytest.approx(bound) == pytest.approx(t[eager_block])
     weights = phase_cost.phase_seconds(eager_block, prompt, resp, cfg, 3e9, 0.0, 3.35e12, 0.0, 0.0, **free)["seconds"]
     assert t[gathered] - weights == pytest.approx(17.5 * (bound - weights))  # gather + a read per query head: measured
-    rows, cached, joined, _ = ideal
+    rows, cached, joined, _, _ = ideal
     assert joined.sum() == len(resp) and 0 < (joined > 0).sum() < len(rows)  # some steps admit new requests
     assert t["dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager"] > \
         t["dynamic (DynamicLayer: concatenated), sdpa_gqa, eager"] > \
@@ -219,6 +220,24 @@ def test_phase_cost_schedules_against_the_long_tail_simulator(monkeypatch):
     assert graphed["overlapped"] == pytest.approx(1e-3 * (len(rows) + rows.sum() + varlen))
     every = phase_cost.phase_seconds(gathered, prompt, resp, cfg, 3e9, 28 * 1024, 3.35e12, 0.0, 0.0, **cb)
     assert every["overlapped"] == pytest.approx(1e-3 * (len(rows) + rows.sum() + cached.sum()))
+
+
+def test_paged_steps_pages_margin_and_forward_size_by_hand():
+    """phase_cost.paged_steps against schedules traced by hand: 4 requests of 10 prompt tokens and 5 new ones in a
+    cache of 4 pages of 256 tokens: all at once (5 steps); at most 20 tokens a forward, two join, then one a step
+    (7); with half the pages kept free as well, the fourth waits until two have left (10). Pages alone: 3 requests
+    in 2 pages run two, then one (6 steps; 3 with single-token pages)."""
+    import phase_cost
+
+    p, r = np.array([10] * 4), np.array([5] * 4)
+    assert len(phase_cost.paged_steps(p, r, 1024, 100, page=256)[0]) == 5
+    rows = phase_cost.paged_steps(p, r, 1024, 100, page=256, forward_tokens=20)[0]
+    assert rows.tolist() == [2, 3, 4, 4, 4, 2, 1]
+    rows = phase_cost.paged_steps(p, r, 1024, 100, page=256, margin=0.5, forward_tokens=20)[0]
+    assert rows.tolist() == [2, 3, 3, 3, 3, 2, 1, 1, 1, 1]
+    p3, r3 = np.array([10] * 3), np.array([3] * 3)
+    assert len(phase_cost.paged_steps(p3, r3, 512, 100, page=256)[0]) == 6
+    assert len(phase_cost.paged_steps(p3, r3, 512, 100)[0]) == 3
 
 
 def test_gen_in_trainer_measures_every_stage():
