@@ -155,12 +155,10 @@ def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_si
                                                rollout.PAGED_CHUNK * max_batch_size)):
         if ideal:
             part = paged_steps(prompt[c], resp[c], max_batch_tokens, min(len(c), 1024))
-        else:  # rollout.paged_cache_config: what the call's requests need in whole pages, capped by the budget
-            need = int((-(-(prompt[c] + limit) // PAGE)).sum()) * PAGE
-            cache = max(PAGE, min(max_batch_tokens, need))
-            forward = min(rollout.PAGED_FORWARD_TOKENS, cache)
-            part = paged_steps(prompt[c], resp[c], -(-cache // PAGE) * PAGE, min(len(c), 1024, forward), PAGE,
-                               SAFETY_MARGIN, forward)
+        else:  # the call's cache (pages) and forward size as rollout sets them
+            cb = rollout.paged_cache_config(prompt[c].tolist(), limit, max_batch_tokens, PAGE)
+            part = paged_steps(prompt[c], resp[c], cb.num_blocks * PAGE, min(len(c), 1024, cb.max_batch_tokens), PAGE,
+                               SAFETY_MARGIN, cb.max_batch_tokens)
         parts.append(part + (np.full(len(part[0]), i),))
     return tuple(np.concatenate([part[k] for part in parts]) for k in range(5))
 
