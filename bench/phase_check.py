@@ -89,28 +89,19 @@ def prompts_for(prompt, resp, limit: int, seed: int) -> list[list[int]]:
     return [rng.integers(lo, lo + 500, int(p) - 1).tolist() + [BASE + int(r)] for p, r in zip(prompt, resp)]
 
 
-def schedule_steps(cache: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int) -> int:
-    """The forwards phase_cost's schedule implies: the dynamic cache's batches (rollout.plan_batches) each run one
-    forward per token of their longest response (the first from the prefill); continuous batching one per step of
-    phase_cost.paged_schedule (joiners' prefills inside them)."""
-    import phase_cost
-
-    if cache == "paged":
-        return len(phase_cost.paged_schedule(prompt, resp, limit, max_batch_tokens, max_batch_size)[0])
-    batches = rollout.plan_batches(list(prompt), limit, max_batch_tokens, max_batch_size)
-    return int(sum(resp[b].max() for b in batches))
-
-
 def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
-              bandwidth: float, host_us: float) -> float:
-    """phase_cost's decoding seconds for these rollouts on `path` (its defaults for the host terms)."""
+              bandwidth: float, host_us: float) -> dict:
+    """phase_cost's phase for these rollouts on `path` (its defaults for the host terms): "seconds" of decoding and
+    "steps", the forwards its schedule implies (the dynamic cache's batches, rollout.plan_batches, each one forward
+    a token of their longest response, the first from the prefill; continuous batching one a step of
+    phase_cost.paged_schedule, joiners' prefills inside them)."""
     import phase_cost
 
     cfg = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=limit, max_batch_tokens=max_batch_tokens,
                                                   max_batch_size=max_batch_size))
     params = model_cfg["params"]
     return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
-                                    1.0)["seconds"]
+                                    1.0)
 
 
 def main():
@@ -187,10 +178,10 @@ def main():
             seconds = time.perf_counter() - t0
         got = out.lengths.numpy()
         assert (got == resp).all(), f"{cache}: {int((got != resp).sum())} responses not of their drawn length"
-        pred = predicted(paths[cache], prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size,
-                         model_cfg, args.bandwidth, args.host_us) if cuda else float("nan")
-        tokens = int(resp.sum())
-        steps = schedule_steps(cache, prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size)
+        cost = predicted(paths[cache], prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size,
+                         model_cfg, args.bandwidth, args.host_us)
+        pred = cost["seconds"] if cuda else float("nan")  # GPU constants
+        tokens, steps = int(resp.sum()), cost["steps"]
         graphed = cuda and cache != "dynamic"  # replays of CUDA graphs run no Python: forwards not countable
         fwd = None if graphed else len(forwards)
         print(f"| {cache} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | " +
