@@ -284,6 +284,7 @@ def main():
               f":\n\n| batch, context | measured | device (model) | host (model) | model: max .. sum |\n"
               "|---|---|---|---|---|")
         from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers.utils import is_flash_attn_2_available
 
         torch.manual_seed(0)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -336,8 +337,6 @@ def main():
                             rollout.PREALLOCATE or args.cache != "dynamic")  # static, paged: written in place
             dev = 1000 * p["total"] / args.bandwidth
             host = m["host_ms"]  # eager: the narrow model's step here
-            from transformers.utils import is_flash_attn_2_available
-
             if args.cache == "paged":  # phase_cost's charge: continuous batching's host work (varlen path) and,
                 # without flash-attn, torch's kernel at its measured multiple of the K and V bytes
                 host = 1000 * phase_cost.cb_host_s(batch, batch * ctx, True)
