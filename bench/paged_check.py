@@ -86,7 +86,7 @@ def check(path: str, device: str, n_prompts: int, new: int, tol: float) -> dict:
         finally:
             rollout.DECODE_GQA, rollout.varlen_attention = gqa, kernel
         seconds[name] = time.perf_counter() - t0
-    expect_varlen = "torch_flash_varlen" in rollout._paged_attention(model)
+    expect_varlen = rollout.TORCH_FLASH in rollout._paged_attention(model)
     res = {"model": path, "dtype": str(dtype), "prompts": len(prompts), "new_tokens": new, "tol": tol,
            "varlen_calls": len(calls), "varlen_expected": expect_varlen}
     print(f"\n{path}: {len(prompts)} prompts, greedy, up to {new} new tokens, {dtype}; paged path's attention calls "
