@@ -28,7 +28,10 @@ def check_out_dir(cfg: Config):
     """A fresh run (no run.resume) into a directory that holds another run's checkpoints or metrics would mix
     the two: refuse, unless run.overwrite, which removes them first."""
     out = cfg.run.out_dir
-    found = [p for p in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(out, p))]
+    found = [p for p in ("checkpoints", "metrics.jsonl", "final") if os.path.lexists(os.path.join(out, p))]
+    if not (found and cfg.run.overwrite and not cfg.run.resume):
+        for name in found + ["config.yaml"]:  # never followed out of the run directory: what it holds is refused
+            refuse_links(os.path.join(out, name), depth=3 if name == "checkpoints" else 1)
     if cfg.run.resume or not found:
         return
     if not cfg.run.overwrite:
@@ -36,13 +39,15 @@ def check_out_dir(cfg: Config):
                               "--run.resume=auto, write elsewhere with --run.out_dir=..., or replace it with "
                               "--run.overwrite=true")
     if int(os.environ.get("RANK", 0)) == 0:
-        for p in found:
+        for p in found:  # a link is removed, not followed
             target = os.path.join(out, p)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 class UnsafeCheckpoint(RuntimeError):
-    """A checkpoint's meta.pt holds more than plain data (it could run code when loaded): never loaded."""
+    """A checkpoint or run directory holds what this code never writes and what could run code or make the run
+    read or write elsewhere (a pickle asking for more than plain data, a rank-local DCP metadata file, a storage
+    path outside the checkpoint, a symbolic link): never loaded, never skipped for an older checkpoint."""
 
 
 # numpy arrays and scalars, as checkpoints written before meta.pt held tensors stored the curriculum (data, not
@@ -62,6 +67,7 @@ def read_meta(path: str) -> dict:
     import pickle
 
     file = os.path.join(path, "meta.pt")
+    refuse_links(file, depth=0)
     try:
         return torch.load(file, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -175,7 +181,7 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, 
     final = os.path.join(root, f"step_{meta['step']:06d}")
     tmp = final + ".tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(tmp) if os.path.islink(tmp) else shutil.rmtree(tmp, ignore_errors=True)  # a link: never followed
         os.makedirs(tmp, exist_ok=True)
     barrier()
     fresh = not optimizer.state  # no optimiser step yet (a new subset's trainer): saved as such
@@ -221,27 +227,88 @@ _DCP_METADATA_GLOBALS = {  # what torch.distributed.checkpoint's .metadata pickl
     "collections": {"OrderedDict"}, "torch": {"Size"}}
 
 
-def _safe_dcp_reading(path: str):
-    """What dcp.load needs to read no code: torch's FileSystemReader unpickles the .metadata file with plain
-    pickle, so it is first read here with an unpickler that allows only DCP's metadata classes, torch.Size and
-    dtypes; and DefaultLoadPlanner loads non-tensor items (the optimiser's param_groups) with
-    torch.load(weights_only=False), so the planner returned loads them with weights_only=True. A checkpoint
-    asking for anything else raises UnsafeCheckpoint."""
-    import pickle
-    import re
+def _refuse(path: str, why: str):
+    raise UnsafeCheckpoint(f"refusing to load {path}: {why}. Resume only from checkpoints this code wrote.")
 
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+def refuse_links(path: str, depth: int = 2):
+    """Raise UnsafeCheckpoint naming the first symbolic link at or below `path` (`depth` levels of directories):
+    a run reads and writes only real files inside its own directory, so a link planted there (a metrics.jsonl,
+    a step_*.tmp, a checkpoint's file) can neither make it write elsewhere nor read a file from elsewhere."""
+    if os.path.islink(path):
+        _refuse(path, "it is a symbolic link (a run reads and writes only real files inside its directory)")
+    if depth > 0 and os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            refuse_links(os.path.join(path, name), depth - 1)
+
+
+def _read_dcp_metadata(path: str):
+    """A checkpoint's torch.distributed.checkpoint metadata, read here rather than by torch: torch's
+    FileSystemReader unpickles .metadata with plain pickle and, when that does not give it a usable object, falls
+    back to a rank-local __<rank>.metadata that it unpickles the same way. Here .metadata is the only metadata
+    file read (a checkpoint holding any other is refused; this code never writes one), with an unpickler that
+    allows only DCP's metadata classes, torch.Size and dtypes; it must hold a Metadata object; every storage
+    file it names must be a plain file name of a real file in the checkpoint directory, with no transforms (this
+    code writes none). Anything else raises UnsafeCheckpoint naming it; a truncated file raises what pickle
+    raised (a corrupt checkpoint)."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
                     module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
                 return super().find_class(module, name)
-            raise UnsafeCheckpoint(f"refusing to load {path}/.metadata: it asks for {module}.{name}, which a "
-                                   "checkpoint of this code never holds and which could run code when loaded.")
+            _refuse(f"{path}/.metadata", f"it asks for {module}.{name}, which a checkpoint of this code never holds "
+                                         "and which could run code when loaded")
 
+    refuse_links(path, depth=1)
+    others = [n for n in os.listdir(path) if n.endswith(".metadata") and n != ".metadata"]
+    if others:
+        _refuse(f"{path}/{others[0]}", "a rank-local metadata file, which this code never writes and which "
+                                       "torch.distributed.checkpoint would unpickle with plain pickle")
     with open(os.path.join(path, ".metadata"), "rb") as f:
-        Unpickler(f).load()
+        metadata = Unpickler(f).load()
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        _refuse(f"{path}/.metadata", f"it holds a {type(metadata).__name__}, not torch.distributed.checkpoint's "
+                                     "Metadata with its storage table")
+    for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if (not isinstance(info, _StorageInfo) or not isinstance(name, str) or os.path.basename(name) != name
+                or name in ("", ".", "..") or (os.altsep and os.altsep in name)):
+            _refuse(f"{path}/.metadata", f"it stores {getattr(index, 'fqn', index)} at {name!r}, not in a file of "
+                                         "the checkpoint directory")
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path}/{name} (named by .metadata for {index.fqn}) is missing")
+        if info.transform_descriptors:
+            _refuse(f"{path}/.metadata", f"it asks for the storage transforms {list(info.transform_descriptors)} "
+                                         f"for {index.fqn}, which this code never writes")
+    return metadata
+
+
+def _safe_dcp_reading(path: str):
+    """What dcp.load needs to read no code: a storage reader whose only metadata is the one _read_dcp_metadata
+    checked (it never reads another file for it, whatever torch asks), and a planner that loads non-tensor items
+    (the optimiser's param_groups) with torch.load(weights_only=True) where torch's DefaultLoadPlanner uses
+    weights_only=False (tensors torch already reads with weights_only=True). Returns (reader, planner)."""
+    import pickle
+    import re
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = _read_dcp_metadata(path)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # torch's fallback to rank-local metadata: never taken
+                _refuse(path, "torch.distributed.checkpoint asked for rank-local metadata")
+            if metadata.storage_meta is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
     class Planner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
@@ -256,7 +323,18 @@ def _safe_dcp_reading(path: str):
             plain.seek(0)
             super().load_bytes(read_item, plain)
 
-    return Planner()
+    return Reader(path), Planner()
+
+
+def _dcp_failure(e: CheckpointException, path: str) -> Exception:
+    """What a failed dcp.load raises: the UnsafeCheckpoint a rank refused with (never taken for a corrupt file), or
+    a RuntimeError naming each rank's cause. DCP keeps a rank's failure as (exception, traceback)."""
+    causes = {rank: f[0] if isinstance(f, tuple) else getattr(f, "exception", f) for rank, f in e.failures.items()}
+    for cause in causes.values():
+        if isinstance(cause, UnsafeCheckpoint):
+            return cause
+    return RuntimeError(f"torch.distributed.checkpoint could not read {path}: "
+                        + "; ".join(f"rank {r}: {type(c).__name__}: {c}" for r, c in causes.items()))
 
 
 def _state_dicts(policy, optimizer, ref, fresh: bool) -> dict:
@@ -279,16 +357,13 @@ def load_checkpoint(path: str, policy, optimizer, cur, ref=None):
     meta = read_meta(path)
     fresh = meta.get("optimizer_fresh", False)  # checkpoints from before the flag: saved with torch's step
     state = _state_dicts(policy, optimizer, ref, fresh)
-    planner = _safe_dcp_reading(path)
+    reader, planner = _safe_dcp_reading(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         try:
-            dcp.load(state, checkpoint_id=path, planner=planner)
-        except CheckpointException as e:  # DCP wraps what the planner raised, per rank
-            for failure in e.failures.values():
-                if isinstance(failure.exception, UnsafeCheckpoint):
-                    raise failure.exception from None
-            raise
+            dcp.load(state, storage_reader=reader, planner=planner)
+        except CheckpointException as e:  # DCP wraps what a rank raised
+            raise _dcp_failure(e, path) from None
     set_model_state_dict(policy, state["model"])
     if not fresh:
         set_optimizer_state_dict(policy, optimizer, state["optim"])

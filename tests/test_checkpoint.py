@@ -184,6 +184,9 @@ def test_no_readable_checkpoint_fails_and_names_them(tiny_model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="none could be loaded") as e:
         train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
     assert "step_000001" in str(e.value) and "step_000002" in str(e.value)
+    with pytest.raises(RuntimeError, match="torch.distributed.checkpoint could not read .*step_000002: rank 0: ") as e:
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", f"--run.resume={new}"))
+    assert "AttributeError" not in str(e.value)  # the cause itself, not an error of the handler reading it
     assert open(out / "metrics.jsonl").read() == metrics and checkpoint_dirs(str(out)) == [old, new]
 
 
@@ -359,7 +362,7 @@ def test_checkpoint_weights_load_without_running_code(tiny_model_dir, tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
-    planner = _safe_dcp_reading(new)  # the real .metadata passes
+    _, planner = _safe_dcp_reading(new)  # the real .metadata passes
     crafted = __import__("io").BytesIO()
     torch.save({"lr": Payload()}, crafted)
     crafted.seek(0)
@@ -370,6 +373,134 @@ def test_checkpoint_weights_load_without_running_code(tiny_model_dir, tmp_path):
     with pytest.raises(UnsafeCheckpoint, match="step_000002/.metadata: it asks for posix.system"):
         train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
     assert not marker.exists()
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it runs a shell command that creates `marker`."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rewrite_metadata(ckpt, edit):
+    """The checkpoint's DCP .metadata loaded (by torch, trusted here: this test wrote it), edited, written back."""
+    import pickle
+
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        md = pickle.load(f)
+    edit(md)
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+
+
+def _craft(route, ckpt, marker, elsewhere):
+    """One way to make a checkpoint run code or read outside its directory, as an attacker would lay it out."""
+    import pickle
+    import shutil
+
+    data = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))[0]
+    shutil.copy(os.path.join(ckpt, data), elsewhere / data)  # a good copy: only the path can stop its reading
+    if route == "rank-local metadata":  # torch falls back to __0.metadata (plain pickle) when .metadata is unusable
+        with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+            pickle.dump(0, f)  # plain data: passes an unpickler check, yet torch cannot use it
+        with open(os.path.join(ckpt, "__0.metadata"), "wb") as f:
+            pickle.dump(_Payload(marker), f)
+    elif route == "metadata of another type":
+        with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+            pickle.dump({"state_dict_metadata": {}}, f)
+    elif route in ("storage path outside", "absolute storage path"):
+        target = f"../../{data}" if route == "storage path outside" else str(elsewhere / data)
+        shutil.copy(os.path.join(ckpt, data), os.path.join(ckpt, "..", "..", data))
+
+        def edit(md):
+            for info in md.storage_data.values():
+                info.relative_path = target
+        _rewrite_metadata(ckpt, edit)
+    elif route == "data file linked elsewhere":
+        os.remove(os.path.join(ckpt, data))
+        os.symlink(elsewhere / data, os.path.join(ckpt, data))
+    elif route == "meta.pt linked elsewhere":
+        shutil.copy(os.path.join(ckpt, "meta.pt"), elsewhere / "meta.pt")
+        os.remove(os.path.join(ckpt, "meta.pt"))
+        os.symlink(elsewhere / "meta.pt", os.path.join(ckpt, "meta.pt"))
+    elif route == "storage transform":
+        def edit(md):
+            for info in md.storage_data.values():
+                info.transform_descriptors = ["zstd"]
+        _rewrite_metadata(ckpt, edit)
+
+
+CRAFTED = {"rank-local metadata": "__0.metadata: a rank-local metadata file",
+           "metadata of another type": ".metadata: it holds a dict, not",
+           "storage path outside": "at '../../__0_0.distcp', not in a file of the checkpoint directory",
+           "absolute storage path": "not in a file of the checkpoint directory",
+           "data file linked elsewhere": "__0_0.distcp: it is a symbolic link",
+           "meta.pt linked elsewhere": "meta.pt: it is a symbolic link",
+           "storage transform": "asks for the storage transforms",
+           "optimiser item through dcp.load": "optim.param_groups.*: it asks for posix.system"}
+
+
+@pytest.mark.parametrize("route", list(CRAFTED))
+def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model_dir, tmp_path, monkeypatch, route):
+    """Each way a checkpoint handed over on a shared cluster could run code or read a file outside its directory
+    through torch.distributed.checkpoint (its fallback to rank-local metadata read with plain pickle, storage
+    paths, links, transforms, a pickled optimiser item reaching DCP's planner) raises UnsafeCheckpoint naming
+    the file on --run.resume=auto: the code does not run, the older checkpoint is not tried, nothing is written."""
+    from infra import checkpoint
+    from infra.checkpoint import UnsafeCheckpoint
+
+    out, marker, elsewhere = tmp_path / "r", tmp_path / "ran", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if route == "optimiser item through dcp.load":  # the step-2 checkpoint is saved with a pickled payload
+        real = checkpoint._state_dicts
+
+        def poisoned(policy, optimizer, ref, fresh):
+            state = real(policy, optimizer, ref, fresh)
+            if "optim" in state and os.environ.get("POISON") == "1":
+                state["optim"]["param_groups"][0]["lr"] = _Payload(marker)
+            return state
+        monkeypatch.setattr(checkpoint, "_state_dicts", poisoned)
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+        monkeypatch.setenv("POISON", "1")
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
+        monkeypatch.setenv("POISON", "0")
+    else:
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+        _craft(route, checkpoint_dirs(str(out))[-1], marker, elsewhere)
+    assert not marker.exists()
+    metrics = open(out / "metrics.jsonl").read()
+    with pytest.raises(UnsafeCheckpoint, match=CRAFTED[route]):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert not marker.exists()
+    assert open(out / "metrics.jsonl").read() == metrics and len(checkpoint_dirs(str(out))) == 2
+
+
+@pytest.mark.parametrize("planted", ["metrics.jsonl", "checkpoints/step_000003.tmp", "final"])
+def test_links_planted_in_a_run_directory_are_refused_not_followed(tiny_model_dir, tmp_path, planted):
+    """A symbolic link in a run directory where the run writes (metrics.jsonl, the next checkpoint's .tmp, final/)
+    would make it write outside: a resume refuses it by name and writes nothing there; a fresh run with
+    run.overwrite removes the link, never what it points to."""
+    from infra.checkpoint import UnsafeCheckpoint
+
+    out, elsewhere = tmp_path / "r", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    link = out / planted
+    if link.is_dir() and not link.is_symlink():
+        __import__("shutil").rmtree(link)
+    target = elsewhere / "keep.txt" if planted == "metrics.jsonl" else elsewhere
+    if link.exists():
+        link.unlink()
+    os.symlink(target, link)
+    with pytest.raises(UnsafeCheckpoint, match=f"{planted}: it is a symbolic link"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert sorted(os.listdir(elsewhere)) == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1", "--run.overwrite=true"))
+    assert sorted(os.listdir(elsewhere)) == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+    assert not link.is_symlink()
 
 
 @pytest.mark.slow
