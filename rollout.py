@@ -16,10 +16,11 @@ import contextlib
 import inspect
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
 
@@ -81,7 +82,7 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
     greedy. (`generate` fills the fields a config leaves unset from the model's own generation_config, so
     a checkpoint that ships repetition_penalty or top_k would otherwise change our sampling; `generate`
     below also hides the model's config while it runs.)"""
-    sample = temperature > 0
+    sample = temperature > 0 and cache == "paged"  # elsewhere KeyedSampling samples and `generate` runs greedy
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
         top_p=top_p if sample else 1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
@@ -89,6 +90,85 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
         suppress_tokens=None, begin_suppress_tokens=None, min_length=0, min_new_tokens=None, num_beams=1,
         num_return_sequences=1, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
         cache_implementation="static" if cache == "static" else None)
+
+
+# --- sampling that no batching can change --------------------------------------------------------------------------
+# A rollout's random draws are a function of its key (run seed, purpose, subset, step via `seed`; the prompt's key;
+# the rollout's index in its group) and the response position only: the same rollout samples the same tokens in
+# any batch, slot, chunk or cache (exactly on a CPU; on a GPU up to the kernels' numerics), which is what makes
+# rollout.max_batch_tokens / max_batch_size free on resume. One uniform a token, inverse-CDF over the tokens in
+# vocabulary order: exact sampling from softmax(logits / T) restricted to top-p.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of 32-bit values held in an int64 tensor (every product stays below 2**63)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x1B873593) & _M32
+    return x ^ (x >> 16)
+
+
+def rollout_keys(seed: int, prompt_keys: list[int], rollout_index: list[int]) -> torch.Tensor:
+    """(B,) int64: one 32-bit key per rollout from (seed, its prompt's key, its index in the prompt's group).
+    seed and prompt keys may be any non-negative Python ints (folded 32 bits at a time)."""
+    def words(v: int) -> list[int]:
+        out = [v & _M32]
+        while v > _M32:
+            v >>= 32
+            out.append(v & _M32)
+        return out
+    h = torch.zeros(len(prompt_keys), dtype=torch.long)
+    for i, w in enumerate(words(seed)):
+        h = _mix32(h ^ _mix32(torch.full_like(h, w + i * 0x9E3779B9)))
+    pk = torch.tensor([[*words(k), 0][:2] for k in prompt_keys], dtype=torch.long).reshape(-1, 2)  # (B, 2)
+    h = _mix32(h ^ _mix32(pk[:, 0] + 0x85EBCA6B))
+    h = _mix32(h ^ _mix32(pk[:, 1] + 0xC2B2AE35))
+    return _mix32(h ^ _mix32(torch.tensor(rollout_index, dtype=torch.long) + 0x27D4EB2F))
+
+
+def token_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 in (0, 1): the uniform draw of rollout `keys` (B,) at response position `positions` (B,),
+    53 random bits from two hashes."""
+    h = _mix32(keys ^ _mix32(positions + 0x165667B1))
+    lo = _mix32(h ^ 0x5BD1E995)
+    return ((h >> 11) * 2.0**21 + (lo >> 11) + 0.5) / 2.0**42  # 21 + 21 bits
+
+
+def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, temperature: float,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """One token a row from softmax(logits / temperature), restricted to top-p (the smallest set of most
+    probable tokens whose mass reaches top_p, ties broken by vocabulary index, as a stable sort orders them):
+    the first token, in vocabulary order, whose cumulative probability exceeds the row's uniform
+    (token_uniforms). logits (B, V); keys, positions (B,) int64 -> (B,) int64. temperature 0: argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)  # (B,)
+    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
+    if top_p < 1.0:
+        p_sorted, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+        before = p_sorted.cumsum(-1) - p_sorted  # (B, V) mass of the more probable tokens
+        probs = probs.scatter(-1, order, p_sorted * (before < top_p))  # (B, V) the nucleus only
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = (token_uniforms(keys, positions).to(cdf.device) * cdf[:, -1].double()).to(cdf.dtype)  # (B,)
+    u = torch.minimum(u, torch.nextafter(cdf[:, -1], torch.zeros_like(u)))  # below the total: a positive token
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0]  # (B,)
+
+
+class KeyedSampling(LogitsProcessor):
+    """A logits processor that makes HF `generate` (run greedy) sample with sample_tokens: each row's token at
+    response position (input length - prompt_len) from its key; every other token's score -inf, so greedy
+    search picks the sampled one."""
+
+    def __init__(self, keys: torch.Tensor, prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        b = scores.shape[0]
+        positions = torch.full((b,), input_ids.shape[1] - self.prompt_len, dtype=torch.long)
+        token = sample_tokens(scores, self.keys.to(scores.device), positions.to(scores.device), self.temperature,
+                              self.top_p)  # (b,)
+        return torch.full_like(scores, -float("inf")).scatter(-1, token[:, None], 0.0)
 
 
 @contextlib.contextmanager
@@ -293,35 +373,49 @@ def plan_batches(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: 
 def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tokens: int, eos_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch_tokens: int = 1 << 20, max_batch_size: int = 1024, cache: str = "dynamic",
-             share_prefill: bool = True, should_stop=None, progress: str = "") -> Rollouts:
+             share_prefill: bool = True, should_stop=None, progress: str = "",
+             prompt_keys: list[int] | None = None) -> Rollouts:
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
-    temperature 0 is greedy. Each batch is seeded with (seed, batch number), so a call is reproducible
-    and independent of the global RNG. cache: "dynamic" (HF's default KV cache), "static" (preallocated;
-    on GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for
-    each new batch shape) or "paged" (continuous batching, `generate_batch`: a paged KV cache, finished
-    sequences leave the batch at once and waiting ones take their place, which pays off when response
-    lengths vary widely; its scheduler runs in a thread, so it is seeded but not bitwise reproducible).
-    share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts.
-    should_stop: called before each batch (and every PAGED_STOP_POLL_S seconds inside a paged call); when it
-    returns True, `Interrupted` is raised (a preempted job stops within one batch, or about a second on the
-    paged path, instead of after the whole phase). progress: a label shows a progress bar on
-    stderr (rollouts done of all, tokens/s, ETA), redrawn at most every 30 s when stderr is not a terminal."""
-    if cache not in ("dynamic", "static", "paged"):
-        raise ValueError(f"cache must be dynamic, static or paged, not {cache!r}")
+    temperature 0 is greedy. Rollout j of prompt i samples with the key (seed, prompt_keys[i] (default i), j)
+    (sample_tokens): on the dynamic, static and slots caches its tokens do not depend on the batching
+    (max_batch_tokens, max_batch_size, the other prompts of the call), and a call is independent of the global
+    RNG. cache: "dynamic" (HF `generate` with its default KV cache: the reference), "static" (preallocated; on
+    GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for each
+    new batch shape), "slots" (our decode loop, _generate_slots: every rollout the KV budget holds at once, a
+    CUDA graph a step, finished rows replaced by waiting ones) or "paged" (transformers' continuous batching,
+    `generate_batch`; its scheduler runs in a thread and samples with torch's RNG: seeded, but neither bitwise
+    reproducible nor batch-invariant).
+    share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts (the
+    slots cache always does).
+    should_stop: called before each batch (every SLOT_CHECK_EVERY steps in the decode loop, every
+    PAGED_STOP_POLL_S seconds inside a paged call); when it returns True, `Interrupted` is raised (a preempted job
+    stops within one batch, or about a second, instead of after the whole phase). progress: a label shows a
+    progress bar on stderr (rollouts done of all, tokens/s, ETA), redrawn at most every 30 s when stderr is not a
+    terminal."""
+    if cache not in ("dynamic", "static", "slots", "paged"):
+        raise ValueError(f"cache must be dynamic, static, slots or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
     if len(n) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
     seq_prompt = [i for i, k in enumerate(n) for _ in range(k)]  # (B,) prompt-major
     B = len(seq_prompt)
+    pk = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+    keys = rollout_keys(seed, [pk[p] for p in seq_prompt], [j for k in n for j in range(k)])  # (B,)
     gen_cfg = sampling_config(max_new_tokens, temperature, top_p, eos_ids, pad_id, cache)
+    tty = sys.stderr.isatty()  # a log file gets a line every 30 s and the final one, a terminal a live bar
+    bar = tqdm(total=B, desc=progress, unit="rollout", disable=not progress, leave=not tty,
+               mininterval=0.5 if tty else 30.0)
+    if cache == "slots":
+        response_ids = _generate_slots(model, prompts, seq_prompt, keys, max_new_tokens, eos_ids, pad_id, temperature,
+                                       top_p, max_batch_tokens, max_batch_size, should_stop, bar) if B else \
+            torch.full((0, max_new_tokens), pad_id, dtype=torch.long)
+        bar.close()
+        return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
     lens = [len(prompts[p]) for p in seq_prompt]
     chunk = PAGED_CHUNK if cache == "paged" else 1  # paged: one generate_batch per PAGED_CHUNK cache-fulls
     batches = plan_batches(lens, max_new_tokens, chunk * max_batch_tokens, chunk * max_batch_size)
-    tty = sys.stderr.isatty()  # a log file gets a line every 30 s and the final one, a terminal a live bar
-    bar = tqdm(total=B, desc=progress, unit="rollout", disable=not progress, leave=not tty,
-               mininterval=0.5 if tty else 30.0)
     tokens = 0
     for b, batch in enumerate(batches):
         if should_stop is not None and should_stop():
@@ -332,7 +426,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
                 response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         else:
             gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
-                                   gen_cfg, seed * 1_000_003 + b, pad_id, cache, share_prefill)
+                                   gen_cfg, keys[batch], temperature, top_p, pad_id, cache, share_prefill)
             response_ids[batch, :gen.shape[1]] = gen
         tokens += int((response_ids[batch] != pad_id).sum())
         bar.update(len(batch))
@@ -341,11 +435,15 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     return _finish(response_ids, seq_prompt, eos_ids, pad_id, max_new_tokens)
 
 
-def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen_cfg: GenerationConfig, seed: int,
-                     pad_id: int, cache: str, share_prefill: bool) -> torch.Tensor:
+def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen_cfg: GenerationConfig,
+                     keys: torch.Tensor, temperature: float, top_p: float, pad_id: int, cache: str,
+                     share_prefill: bool) -> torch.Tensor:
     """One `generate` call on left-padded rows (prompt token ids): the generated ids (b, t), t <= max_new_tokens.
-    cache "dynamic": kv_cache's, for the prompt and max_new_tokens; share_prefill (dynamic): each distinct prompt
-    (prompt_of_row) is prefilled once for all its rows. "static": transformers' StaticCache."""
+    `generate` runs greedy over KeyedSampling's scores: each row samples with its key (b,). cache "dynamic":
+    kv_cache's, for the prompt and max_new_tokens; share_prefill (dynamic): each distinct prompt (prompt_of_row)
+    is prefilled once for all its rows. "static": transformers' StaticCache."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (b, L) left-padded
@@ -354,13 +452,15 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
         ids[row, L - len(p):] = torch.tensor(p)
         attn[row, L - len(p):] = 1
     ids, attn = ids.to(device), attn.to(device)
-    with _seeded(device, seed), _generating(model):
+    sampling = LogitsProcessorList([KeyedSampling(keys, L, temperature, top_p)])
+    with _generating(model):
         extra = {}
         if cache == "dynamic":
             kv = extra[_cache_kwarg(model)] = kv_cache(model, L + gen_cfg.max_new_tokens)
             if share_prefill and L > 1 and len(set(prompt_of_row)) < len(rows):  # some prompt has several rows
                 prefill_once_per_prompt(model, ids, attn, prompt_of_row, kv)
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **extra)
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, logits_processor=sampling,
+                             **extra)
     return out[:, L:].cpu()
 
 
@@ -516,6 +616,236 @@ def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_to
         "block_size"  # transformers < 5.24
     return ContinuousBatchingConfig(**{page_kwarg: page}, num_blocks=-(-cache_tokens // page),
                                     max_batch_tokens=min(PAGED_FORWARD_TOKENS, cache_tokens))
+
+
+# --- the decode loop of our own (cache="slots") ---------------------------------------------------------------------
+# gpt-fast's shape around transformers' model: a KV cache object of ours with a fixed number of rows ("slots"),
+# every rollout the budget allows admitted at once, one decoding step = one token for every row (forward through
+# the HF model and its attention interface, sampling, stop and cache write), captured once per batch shape in a
+# CUDA graph and replayed; every SLOT_CHECK_EVERY steps the host retires the finished rows and prefills waiting
+# prompts into the freed slots. On a CPU the same loop runs eagerly.
+
+SLOT_ATTENTION = "slot_varlen"  # the name under which slot_attention is registered with transformers
+SLOT_CHECK_EVERY = 16  # decoding steps between two looks of the host at which rows have finished
+SLOT_PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
+SLOT_GRAPHS = True  # on CUDA, each batch shape's step is captured in a CUDA graph (False: eager, to compare)
+
+
+class SlotCache:
+    """The decode loop's KV cache, a plain object. For each layer, keys and values of `slots` rows with room for
+    `width` tokens each: k[l], v[l] (slots * width, h_kv, d), row r's token t at r * width + t: the layout torch's
+    varlen attention kernel reads with cu_seq_lens_k = r * width and seqused_k = the row's length, touching only
+    the keys a row has. The model's attention layers call update() with the forward's new keys and values
+    (b, h_kv, q, d); they go to the flat places `write_at` (b * q,). A prefill (prompts packed in one row) gets
+    its own new keys back (causal attention among them), a decoding step the whole cache."""
+
+    def __init__(self, model, slots: int, width: int):
+        cfg, p = model.config, next(model.parameters())
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            raise ValueError("rollout.cache=slots is full causal attention: no sliding-window layers")
+        h_kv = cfg.num_key_value_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.slots, self.width = slots, width
+        self.k = [p.new_zeros(slots * width, h_kv, d) for _ in range(cfg.num_hidden_layers)]
+        self.v = [p.new_zeros(slots * width, h_kv, d) for _ in range(cfg.num_hidden_layers)]
+        self.write_at = None  # (b * q,) flat places of the forward's tokens
+        self.prefill = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b, h, q, d = key_states.shape
+        k = key_states.transpose(1, 2).reshape(b * q, h, d)  # (b * q, h_kv, d)
+        v = value_states.transpose(1, 2).reshape(b * q, h, -1)
+        self.k[layer_idx].index_copy_(0, self.write_at, k)
+        self.v[layer_idx].index_copy_(0, self.write_at, v)
+        return (k, v) if self.prefill else (self.k[layer_idx], self.v[layer_idx])
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, n: int):
+        """The first n tokens of rows src (r,) copied to rows dst (r,), every layer."""
+        for buf in self.k + self.v:
+            rows = buf.view(self.slots, self.width, *buf.shape[1:])
+            rows[dst, :n] = rows[src, :n]
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for SlotCache, registered as SLOT_ATTENTION. query (b, h, q, d). A prefill (b = 1, prompts
+    packed, no slot_width given): causal attention of each prompt over its own new keys (varlen_attention, cu_seq_lens = slot_cu_q).
+    A decoding step (q = 1): each row's query over the first slot_used_k[r] keys of its slot (key, value: the
+    whole cache). On CUDA in fp16/bf16 both are one call of torch's flash varlen kernel (no flash-attn package, no
+    host sync: capturable); elsewhere the obvious reference (per prompt / one masked sdpa over the slots)."""
+    b, h, q, d = query.shape
+    packed = query.transpose(1, 2).reshape(b * q, h, d)  # (b * q, h, d)
+    fast = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if "slot_width" not in kwargs:  # a prefill
+        cu = kwargs["slot_cu_q"]
+        out = varlen_attention(packed, key, value, cu, cu, kwargs["slot_max_q"], kwargs["slot_max_q"], scaling) \
+            if fast else varlen_attention_reference(packed, key, value, cu, cu, scaling)
+    elif fast:
+        out = torch.ops.aten._flash_attention_forward(packed.contiguous(), key, value, kwargs["slot_cu_q"], kwargs["slot_cu_k"],
+                                                      1, kwargs["slot_width"], 0.0, False, False, scale=scaling,
+                                                      seqused_k=kwargs["slot_used_k"])[0]
+    else:
+        width, h_kv = kwargs["slot_width"], key.shape[1]
+        keys = key[:b * width].view(b, width, h_kv, d).transpose(1, 2)  # (b, h_kv, width, d)
+        values = value[:b * width].view(b, width, h_kv, -1).transpose(1, 2)
+        seen = torch.arange(width, device=key.device)[None] < kwargs["slot_used_k"][:, None]  # (b, width)
+        out = torch.nn.functional.scaled_dot_product_attention(  # (b, h_kv, g, d): a KV head's query heads together
+            packed.view(b, h_kv, h // h_kv, d), keys, values, attn_mask=seen[:, None, None], scale=scaling)
+        out = out.reshape(b, h, d)
+    return out.view(b, q, h, d), None
+
+
+class _Slots:
+    """The loop's per-slot state, on the model's device (static addresses: a captured step reads and writes them):
+    the next input token, the row's tokens in the cache, its response tokens so far, its sampling key, whether
+    it is still generating, and its response."""
+
+    def __init__(self, slots: int, width: int, max_new_tokens: int, eos_ids: list[int], pad_id: int, device):
+        z = lambda: torch.zeros(slots, dtype=torch.long, device=device)  # noqa: E731
+        self.token, self.length, self.count, self.key = z(), z(), z(), z()
+        self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.out = torch.full((slots, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        self.pad_id = pad_id
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.base = torch.arange(slots, device=device) * width  # (slots,) where each row starts in the cache
+        self.cu_q = torch.arange(slots + 1, dtype=torch.int32, device=device)
+        self.cu_k = self.cu_q * width
+
+
+def _forward(model, cache, ids, positions, **attention_kwargs):
+    """The HF model's own forward over our cache, with no mask built (our attention needs none)."""
+    masks = {"full_attention": None}
+    return model(input_ids=ids, position_ids=positions, attention_mask=masks, use_cache=True,
+                 **{_cache_kwarg(model): cache}, **attention_kwargs).logits
+
+
+def _decode_step(model, cache: SlotCache, st: _Slots, n: int, temperature: float, top_p: float):
+    """One token for each of the first n slots (the part a CUDA graph captures): forward, sampling, cache write,
+    stop at EOS or at the length limit. Rows that are not live compute too and change nothing."""
+    live, length, count = st.live[:n], st.length[:n], st.count[:n]
+    cache.write_at = st.base[:n] + length.clamp(max=cache.width - 1)  # (n,)
+    used = torch.where(live, length + 1, 1).to(torch.int32)  # (n,) a finished row reads one key
+    logits = _forward(model, cache, st.token[:n, None], length[:, None], slot_cu_q=st.cu_q[:n + 1],
+                      slot_cu_k=st.cu_k[:n + 1], slot_width=cache.width, slot_used_k=used)[:, -1]  # (n, V)
+    token = sample_tokens(logits, st.key[:n], count, temperature, top_p)  # (n,)
+    at = count.clamp(max=st.out.shape[1] - 1)[:, None]  # (n, 1)
+    st.out[:n].scatter_(1, at, torch.where(live[:, None], token[:, None], st.out[:n].gather(1, at)))
+    st.token[:n] = torch.where(live, token, st.token[:n])
+    length += live
+    count += live
+    live &= ~(torch.isin(token, st.eos) | (count >= st.out.shape[1]))
+
+
+def _admit(model, cache: SlotCache, st: _Slots, slots: list[int], rows: list[int], prompts: list[list[int]],
+           prompt_of_row: list[int], keys: torch.Tensor, temperature: float, top_p: float):
+    """Rows `rows` into slots `slots` (outside any graph): each distinct prompt prefilled once (prompts packed,
+    SLOT_PREFILL_TOKENS a forward) into its first row's slot and copied to its other rows' slots; each row's
+    first response token sampled from the prompt's last logits with its own key."""
+    device, first = st.token.device, {}
+    for row, slot in zip(rows, slots):
+        first.setdefault(prompt_of_row[row], slot)
+    distinct, logits = list(first), {}
+    while distinct:
+        chunk, total = [], 0
+        while distinct and (not chunk or total + len(prompts[distinct[0]]) <= SLOT_PREFILL_TOKENS):
+            chunk.append(distinct.pop(0))
+            total += len(prompts[chunk[-1]])
+        lens = [len(prompts[p]) for p in chunk]
+        cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)  # (u + 1,)
+        ids = torch.tensor([t for p in chunk for t in prompts[p]], device=device)[None]  # (1, T)
+        pos = torch.cat([torch.arange(n, device=device) for n in lens])  # (T,)
+        cache.write_at = torch.cat([st.base[first[p]] + torch.arange(n, device=device) for p, n in zip(chunk, lens)])
+        cache.prefill = True
+        try:
+            out = _forward(model, cache, ids, pos[None], logits_to_keep=(cu[1:] - 1).long(), slot_cu_q=cu,
+                           slot_max_q=max(lens))[0]  # (u, V)
+        finally:
+            cache.prefill = False
+        logits.update(zip(chunk, out))
+    copies = [(first[prompt_of_row[r]], s) for r, s in zip(rows, slots) if first[prompt_of_row[r]] != s]
+    if copies:  # a prompt's other rows: its cache copied (up to the longest such prompt: the rest is never read)
+        cache.move_rows(torch.tensor([a for a, _ in copies], device=device),
+                        torch.tensor([b for _, b in copies], device=device),
+                        max(len(prompts[prompt_of_row[r]]) for r in rows))
+    s = torch.tensor(slots, device=device)
+    token = sample_tokens(torch.stack([logits[prompt_of_row[r]] for r in rows]), keys[rows].to(device),
+                          torch.zeros(len(rows), dtype=torch.long, device=device), temperature, top_p)  # (r,)
+    st.token[s], st.key[s] = token, keys[rows].to(device)
+    st.length[s] = torch.tensor([len(prompts[prompt_of_row[r]]) for r in rows], device=device)
+    st.count[s] = 1
+    st.out[s] = st.pad_id
+    st.out[s, 0] = token
+    st.live[s] = ~(torch.isin(token, st.eos) | (st.out.shape[1] <= 1))
+
+
+def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], keys: torch.Tensor,
+                    max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float, top_p: float,
+                    max_batch_tokens: int, max_batch_size: int, should_stop=None, bar=None) -> torch.Tensor:
+    """All rows (prompt_of_row (B,), keys (B,)) through the decode loop: as many slots as the KV budget holds at
+    the longest prompt + max_new_tokens (at most max_batch_size), waiting rows admitted as slots free up; while
+    rows wait every slot decodes, after that the live rows are moved to the first slots and the step runs on
+    the smallest power of two that holds them. Returns the responses (B, max_new_tokens), pad_id after the end."""
+    device, B = next(model.parameters()).device, len(prompt_of_row)
+    width = max(len(prompts[p]) for p in set(prompt_of_row)) + max_new_tokens
+    n_slots = max(1, min(B, max_batch_size, max_batch_tokens // width))
+    cache, st = SlotCache(model, n_slots, width), _Slots(n_slots, width, max_new_tokens, eos_ids, pad_id, device)
+    result = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    row_in = [-1] * n_slots  # the row each slot holds (-1: free)
+    waiting, n, graphs, pool = list(range(B))[::-1], n_slots, {}, None
+    step = partial(_decode_step, model, cache, st, temperature=temperature, top_p=top_p)
+    graphed = SLOT_GRAPHS and device.type == "cuda"
+    _register(SLOT_ATTENTION, slot_attention)  # no mask builder: the loop hands the model no mask to build
+    with _generating(model, attention=SLOT_ATTENTION):
+        while True:
+            live = st.live[:n].tolist()  # the host's look (a sync)
+            done = [s for s in range(n) if row_in[s] >= 0 and not live[s]]
+            if done:
+                result[[row_in[s] for s in done]] = st.out[done].cpu()
+                for s in done:
+                    row_in[s] = -1
+                if bar is not None:
+                    bar.update(len(done))
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped with {B - len(waiting) - sum(r >= 0 for r in row_in)} of {B} rollouts done")
+            free = [s for s in range(n) if row_in[s] < 0]
+            if waiting and free:
+                rows = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+                _admit(model, cache, st, free[:len(rows)], rows, prompts, prompt_of_row, keys, temperature, top_p)
+                for s, r in zip(free, rows):
+                    row_in[s] = r
+                continue  # rows that ended at their first token retire at once
+            held = [s for s in range(n) if row_in[s] >= 0]
+            if not held:
+                break
+            if not waiting and len(held) <= n // 2:  # the tail: live rows to the first slots, a smaller step
+                n = 1 << (len(held) - 1).bit_length()
+                _compact(cache, st, row_in, held, n)
+            for _ in range(SLOT_CHECK_EVERY):
+                if not graphed:
+                    step(n)
+                elif n in graphs:
+                    graphs[n].replay()
+                else:  # this shape's first step runs eagerly (warming up), then is captured for the next ones
+                    step(n)
+                    graphs[n] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graphs[n], pool=pool):
+                        step(n)
+                    pool = graphs[n].pool()
+    return result
+
+
+def _compact(cache: SlotCache, st: _Slots, row_in: list[int], held: list[int], n: int):
+    """Move the rows held in slots >= n to the free slots below n: their cache (up to the longest) and state."""
+    src = [s for s in held if s >= n]
+    dst = [s for s in range(n) if row_in[s] < 0][:len(src)]
+    if not src:
+        return
+    a, b = torch.tensor(src, device=st.token.device), torch.tensor(dst, device=st.token.device)
+    cache.move_rows(a, b, int(st.length[a].max()))
+    for t in (st.token, st.length, st.count, st.key, st.live, st.out):
+        t[b] = t[a]
+    st.live[a] = False
+    for s, d in zip(src, dst):
+        row_in[d], row_in[s] = row_in[s], -1
 
 
 def _finish(response_ids, seq_prompt, eos_ids, pad_id: int, max_new_tokens: int) -> Rollouts:

@@ -99,7 +99,7 @@ def stream_seed(seed: int, purpose: str, subset: int, step: int, rank: int = 0, 
 
 
 def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, seed: int, stop: dict | None = None,
-                       progress: str = "", metrics: dict | None = None):
+                       progress: str = "", metrics: dict | None = None, prompt_keys: list[int] | None = None):
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,), scored (B,)
     bool: False for the rare response the checker could not score at all (reward.Scores.unscored; it is left out
     of the Beta counts and of the loss), number of checker timeouts). `stop`: {"requested": bool}, checked
@@ -111,7 +111,8 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                                pad_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
                                top_p=cfg.rollout.top_p, seed=seed, max_batch_tokens=cfg.rollout.max_batch_tokens,
                                max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
-                               share_prefill=cfg.rollout.share_prefill, should_stop=should_stop, progress=progress)
+                               share_prefill=cfg.rollout.share_prefill, should_stop=should_stop, progress=progress,
+                               prompt_keys=prompt_keys)
     t0 = time.time()  # the scoring (not infra.metrics.timed: that resets the peak memory the calling phase measures)
     texts = out.texts(tokenizer)
     golds = [answers[i] for i in out.prompt_index.tolist()]
@@ -145,7 +146,7 @@ def cold_start(cur: cures.Curriculum, subset, gen, tokenizer, cfg: Config, rank:
     k = cfg.cures.cold_start_rollouts
     out, rewards, scored, timeouts = generate_and_score(gen, tokenizer, [subset[i]["prompt_ids"] for i in mine],
                                                         [subset[i]["answer"] for i in mine], k, cfg, seed, stop,
-                                                        "cold start" if rank == 0 else "")
+                                                        "cold start" if rank == 0 else "", prompt_keys=mine)
     correct, scored = (rewards * scored).view(len(mine), k), scored.view(len(mine), k)  # (P_rank, k)
     counts = [(mine[j], float(correct[j].sum()), int(scored[j].sum())) for j in range(len(mine))]  # unscored: no trial
     stats, t_grad = [], time.time()
@@ -383,8 +384,8 @@ def draw_and_generate(subset, subset_id: int, step: int, cur: cures.Curriculum, 
     with timed(metrics, "time/rollout_and_reward"):  # generate n_i rollouts per prompt, score them
         out, rewards, scored, timeouts = generate_and_score(
             gen, tokenizer, [subset[i]["prompt_ids"] for i in idx[mine]], [subset[i]["answer"] for i in idx[mine]],
-            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rank, rnd), stop,
-            "rollouts" if rank == 0 else "", metrics)
+            n[mine].tolist(), cfg, stream_seed(cfg.run.seed, "rollout", subset_id, step, rnd=rnd), stop,
+            "rollouts" if rank == 0 else "", metrics, prompt_keys=mine.tolist())  # keyed by group: no rank
     generated = rollout_sums(out, rewards, scored, timeouts)  # every rollout is paid for, scored or not
     out, rewards = only_scored(out, rewards, scored, tokenizer.pad_token_id)
     observe_rollouts(cur, idx[mine], out.prompt_index, rewards)  # Beta counts, Eq. 23
@@ -612,7 +613,7 @@ def run_training(argv=None):
                 if estimates_used and cfg.cures.cold_start_rollouts > 0:  # cold start: N' rollouts of every prompt
                     sync_generation_weights(policy, gen)
                     state["cold"] = cold_start(cur, subset, gen, tokenizer, cfg, rank, world,
-                                               stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"], rank),
+                                               stream_seed(cfg.run.seed, "cold_start", subset_id, state["step"]),
                                                stop)
                     state["rollouts_cold"] += state["cold"]["cold/rollouts"]
                 state["subset"] = subset_id

@@ -70,7 +70,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
     max_batch_size: int = 1024
-    cache: str = "dynamic"  # dynamic | static (on GPU: torch.compile + CUDA graphs) | paged (continuous batching)
+    cache: str = "dynamic"  # dynamic (HF generate: the reference) | static (on GPU: torch.compile + CUDA graphs) |
+    #                         slots (our decode loop: CUDA graphs, all rollouts at once) | paged (continuous batching)
     share_prefill: bool = True  # dynamic cache: prefill each distinct prompt once for all its rollouts
     stop_at_im_end: bool = False  # also stop at <|im_end|> (released: the tokenizer's EOS only)
     # Beyond the paper, DAPO's dynamic sampling (the baseline curricula are compared against): groups whose
@@ -269,7 +270,7 @@ def validate_config(cfg: Config):
     choices = {"cures.sampling": ("cures", "uniform"), "cures.allocation": ("cures", "uniform"),
                "cures.sigma": ("accuracy", "gradient"), "train.advantage": ("grpo", "rpp"),
                "train.kl_kind": ("low_var_kl", "kl", "mse"), "train.loss_agg": ("token_mean", "seq_mean_token_mean"),
-               "train.group_by": ("prompt", "draw"), "rollout.cache": ("dynamic", "static", "paged"),
+               "train.group_by": ("prompt", "draw"), "rollout.cache": ("dynamic", "static", "slots", "paged"),
                "data.answer_format": ("answer", "solution")}
     for key, allowed in choices.items():
         section, name = key.split(".")

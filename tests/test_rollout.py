@@ -345,7 +345,7 @@ def test_gqa_decoding_gives_the_same_rollouts(temperature, monkeypatch):
         assert not calls and torch.equal(gqa.response_ids, plain.response_ids)
 
 
-@pytest.mark.parametrize("cache", ["static", "paged"])
+@pytest.mark.parametrize("cache", ["static", "slots", "paged"])
 def test_weights_updated_in_place_are_seen(tiny_model_dir, cache):
     """The trainer updates the generation model's weights in place between phases: the next call of either
     cache decodes with the new weights (greedy tokens equal to the dynamic path's on the updated model), nothing
@@ -413,3 +413,105 @@ def test_preallocated_layer_follows_crop_reorder_and_growth():
             ref = (ref[0][idx], ref[1][idx])
         assert layer.get_seq_length() == ref[0].shape[-2]
     assert layer.capacity >= 12 and layer.keys.data_ptr() == layer.buffers[0].data_ptr()
+
+
+# --- batch-invariant sampling and the decode loop (cache="slots") ---------------------------------------------------
+
+def test_sampler_draws_from_softmax_restricted_to_top_p():
+    """sample_tokens over 40,000 rollout keys at fixed logits: each token's frequency matches softmax(logits / T)
+    renormalised over the top-p nucleus (chi-square, 1e-3 level), tokens outside the nucleus are never drawn,
+    draws at another position are a fresh stream (agreement near sum p^2, not 1), temperature 0 is argmax."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    T, top_p, n = 0.8, 0.9, 40_000
+    probs = torch.softmax(logits / T, -1)
+    keep = (probs.cumsum(-1) - probs) < top_p  # logits sorted already: the nucleus is a prefix
+    expected = torch.where(keep, probs, 0) / probs[keep].sum()
+    keys = rollout.rollout_keys(7, [0] * n, list(range(n)))
+    rows = logits.expand(n, -1)
+    draws = rollout.sample_tokens(rows, keys, torch.zeros(n, dtype=torch.long), T, top_p)
+    counts = torch.bincount(draws, minlength=8).double()
+    assert counts[~keep].sum() == 0
+    e = expected[keep].double() * n
+    chi2 = float(((counts[keep] - e) ** 2 / e).sum())
+    assert chi2 < 20.5, chi2  # chi-square with 4 degrees of freedom (5 tokens kept): P(> 18.5) = 1e-3
+    other = rollout.sample_tokens(rows, keys, torch.ones(n, dtype=torch.long), T, top_p)
+    agree = float((other == draws).double().mean())
+    assert abs(agree - float((expected ** 2).sum())) < 0.02, agree
+    assert torch.equal(rollout.sample_tokens(rows[:3], keys[:3], torch.zeros(3, dtype=torch.long), 0.0), torch.zeros(3, dtype=torch.long))
+    # a rollout's draw does not depend on its batch: one row alone equals the same row among others
+    assert all(int(rollout.sample_tokens(rows[i:i + 1], keys[i:i + 1], torch.zeros(1, dtype=torch.long), T, top_p)) == int(draws[i])
+               for i in range(0, n, 4_999))
+
+
+def _random_model(tok, **kw):
+    from tiny.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(tok, **{**dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64), **kw}).eval()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_every_cache_and_batching_samples_the_same_rollouts(tiny_model_dir, temperature, top_p, monkeypatch):
+    """A rollout's tokens are a function of (seed, its prompt's key, its index) only: HF generate on the dynamic
+    and static caches and the decode loop (cache="slots") sample the same tokens, greedy and sampled, under any
+    max_batch_tokens / max_batch_size (the loop with 1, 3 and all slots: refills and tail compaction), and a
+    prompt generated in another call with the same prompt key gets the same rollouts. Prompts of 1 to 16 tokens,
+    a random model (a flat distribution: every draw matters) and EOS tokens it samples (lengths vary)."""
+    from tiny.build import build_tokenizer
+
+    tok = build_tokenizer()
+    model = _random_model(tok)
+    prompts = [tok(t).input_ids for t in ("1", "12+35=", "What is 7*8?", "100-1=", "What is 4321+5678?")]
+    n = [2, 1, 3, 2, 4]
+    eos = [int(torch.tensor([t for p in prompts for t in p]).mode().values), *range(100, 116)]  # lengths vary
+    kw = dict(max_new_tokens=24, eos_ids=eos, pad_id=tok.pad_token_id, seed=11, temperature=temperature, top_p=top_p)
+    steps = []
+    real = rollout._decode_step
+    monkeypatch.setattr(rollout, "_decode_step", lambda m, c, st, n, **k: steps.append(n) or real(m, c, st, n, **k))
+    ref = rollout.generate(model, prompts, n, **kw)
+    assert 1 < len(set(ref.lengths.tolist()))
+    runs = {"dynamic, batches of 2": rollout.generate(model, prompts, n, max_batch_size=2, share_prefill=False, **kw),
+            "dynamic, 60-token budget": rollout.generate(model, prompts, n, max_batch_tokens=60, **kw),
+            "static": rollout.generate(model, prompts, n, cache="static", max_batch_size=5, **kw)}
+    shapes = {}
+    for slots in (1, 3, 12):
+        steps.clear()
+        runs[f"slots x{slots}"] = rollout.generate(model, prompts, n, cache="slots", max_batch_size=slots, **kw)
+        shapes[slots] = sorted(set(steps))
+        assert max(steps) == slots
+    assert any(len(s) > 1 for s in shapes.values()), shapes  # some tail ran compacted on fewer slots
+    for name, out in runs.items():
+        assert torch.equal(out.response_ids, ref.response_ids) and torch.equal(out.finished, ref.finished), name
+    alone = rollout.generate(model, [prompts[3]], [2], prompt_keys=[3], cache="slots", **kw)
+    assert torch.equal(alone.response_ids, ref.response_ids[ref.prompt_index == 3][:, :alone.response_ids.shape[1]])
+    if temperature > 0:
+        assert len({tuple(r) for r in ref.responses()}) > len(prompts)  # rollouts of a prompt differ
+
+
+def test_slots_greedy_equals_hf_generate_on_the_pretrained_model():
+    """The decode loop's greedy tokens equal HF generate's (dynamic cache) token for token on the bundled
+    pretrained tiny model, chat-formatted problems of mixed lengths, with more rollouts than slots."""
+    model, tok = _model_and_tok(os.path.join(ROOT, "models", "tiny"))
+    prompts = [tok(f"{a}+{b}=").input_ids for a, b in ((1, 2), (12, 345), (7, 80), (4321, 5), (99, 1))]
+    kw = dict(max_new_tokens=16, eos_ids=rollout.stop_token_ids(tok, model), pad_id=tok.pad_token_id, seed=0,
+              temperature=0.0)
+    ref = rollout.generate(model, prompts, 2, **kw)
+    loop = rollout.generate(model, prompts, 2, cache="slots", max_batch_size=4, **kw)
+    assert torch.equal(loop.response_ids, ref.response_ids) and torch.equal(loop.lengths, ref.lengths)
+
+
+def test_slots_stop_request_acted_on_within_a_few_steps(tiny_model_dir, monkeypatch, capsys):
+    """The decode loop asks should_stop every SLOT_CHECK_EVERY decoding steps: a stop requested at the third look
+    raises Interrupted after at most 2 * SLOT_CHECK_EVERY steps, with rollouts unfinished; the progress bar counts
+    rollouts as they finish."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok(f"What is {k}+{k}?").input_ids for k in range(4)]
+    kw = dict(max_new_tokens=200, eos_ids=[len(tok) + 5], pad_id=tok.pad_token_id, seed=0, cache="slots")
+    steps, real = [], rollout._decode_step
+    monkeypatch.setattr(rollout, "_decode_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    asked = []
+    with pytest.raises(rollout.Interrupted, match=r"with 0 of 16 rollouts done"):
+        rollout.generate(model, prompts, 4, should_stop=lambda: asked.append(1) or len(asked) >= 3, **kw)
+    assert len(steps) <= 2 * rollout.SLOT_CHECK_EVERY
+    rollout.generate(model, prompts, 4, progress="rollouts", **{**kw, "max_new_tokens": 6})
+    assert "rollouts: 100%" in capsys.readouterr().err

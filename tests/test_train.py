@@ -406,9 +406,11 @@ def test_empty_groups_are_neither_mixed_nor_trained():
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_n_min_zero_runs(tmp_path, dynamic):
     """cures.n_min=0 through train.main, with and without dynamic sampling: groups given no rollouts happen
-    (cures/n_min = 0), the steps train, every rollout counted once."""
+    (cures/n_min = 0: 10 rollouts over 12 drawn prompts leave some with none, whatever is sampled), the steps
+    train, every rollout counted once."""
     out = tmp_path / "r"
     state, cur = train.main(tiny_default_run(out, "--cures.n_min=0", "--run.max_steps=2", "--eval.data=",
+                                             "--rollout.prompts_per_step=12", "--rollout.rollouts_per_step=10",
                                              f"--rollout.dynamic_sampling={str(dynamic).lower()}",
                                              "--rollout.max_rounds=2"))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"train/reward"' in line]
@@ -478,3 +480,29 @@ def test_sdpa_never_reaches_cudnn_attention(tiny_model_dir, tmp_path, monkeypatc
     assert any(not grad for _, grad, _ in calls) and any(grad for _, grad, _ in calls)  # generation and update
     assert any(in_backward for _, _, in_backward in calls)  # checkpointed recomputation
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def _run_rows(out):
+    """metrics.jsonl without the rows' timings, speeds and memory (what differs between two equal runs)."""
+    skip = ("time/", "perf/", "memory/")
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(skip)} for line in open(out / "metrics.jsonl")]
+
+
+def test_a_run_samples_the_same_rollouts_whatever_the_cache_and_its_batching(tmp_path):
+    """rollout.sample_tokens keys every rollout by (seed, group, index): a 2-step run of the pretrained tiny model
+    (cold start included) logs the same rewards, lengths, posteriors and losses, and ends with the same weights,
+    on the dynamic cache, on it with a 200-token KV budget, and on the decode loop (cache=slots) with 5 slots."""
+    from helpers import final_weights
+
+    runs = {"dynamic": [], "dynamic, 200-token budget": ["--rollout.max_batch_tokens=200"],
+            "slots x5": ["--rollout.cache=slots", "--rollout.max_batch_size=5"]}
+    rows, weights = {}, {}
+    for name, extra in runs.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        train.main(tiny_default_run(out, "--run.max_steps=2", "--eval.data=", *extra))
+        rows[name], weights[name] = _run_rows(out), final_weights(out / "final")
+    ref = rows["dynamic"]
+    assert [r["step"] for r in ref] == [0, 1, 2] and 0 < ref[-1]["train/reward"] < 1
+    for name in runs:
+        assert rows[name] == ref, name
+        assert all(torch.equal(weights[name][k], weights["dynamic"][k]) for k in weights["dynamic"]), name
