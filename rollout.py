@@ -792,7 +792,7 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
     row_in = [-1] * n_slots  # the row each slot holds (-1: free)
     waiting, n, graphs, pool = list(range(B))[::-1], n_slots, {}, None
     step = partial(_decode_step, model, cache, st, temperature=temperature, top_p=top_p)
-    graphed = SLOT_GRAPHS and device.type == "cuda"
+    graphed = SLOT_GRAPHS and _can_capture(device)
     _register(SLOT_ATTENTION, slot_attention)  # no mask builder: the loop hands the model no mask to build
     with _generating(model, attention=SLOT_ATTENTION):
         while True:
@@ -826,11 +826,21 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
                     graphs[n].replay()
                 else:  # this shape's first step runs eagerly (warming up), then is captured for the next ones
                     step(n)
-                    graphs[n] = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graphs[n], pool=pool):
-                        step(n)
+                    graphs[n] = _capture(partial(step, n), pool)
                     pool = graphs[n].pool()
     return result
+
+
+def _can_capture(device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture(fn, pool):
+    """fn's kernels recorded in a CUDA graph (not run), its memory from `pool` (shared by a call's graphs)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
 
 
 def _compact(cache: SlotCache, st: _Slots, row_in: list[int], held: list[int], n: int):

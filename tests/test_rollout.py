@@ -515,3 +515,35 @@ def test_slots_stop_request_acted_on_within_a_few_steps(tiny_model_dir, monkeypa
     assert len(steps) <= 2 * rollout.SLOT_CHECK_EVERY
     rollout.generate(model, prompts, 4, progress="rollouts", **{**kw, "max_new_tokens": 6})
     assert "rollouts: 100%" in capsys.readouterr().err
+
+
+def test_slots_graph_schedule_on_cpu(monkeypatch):
+    """The decode loop's CUDA-graph schedule, run on a CPU with a stand-in graph (capture records the step without
+    running it, replay runs it; what a CUDA graph does, minus the kernels): each batch shape's first step runs
+    eagerly, is captured once, then replayed; the tokens equal the eager loop's and HF generate's, sampled, with
+    refills and a compacted tail."""
+    from tiny.build import build_tokenizer
+
+    class Graph:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+        def pool(self):
+            return "pool"
+
+    tok = build_tokenizer()
+    model = _random_model(tok)
+    prompts = [tok(t).input_ids for t in ("1", "12+35=", "What is 7*8?", "100-1=")]
+    kw = dict(max_new_tokens=40, eos_ids=list(range(100, 120)), pad_id=tok.pad_token_id, seed=2, temperature=1.0)
+    ref = rollout.generate(model, prompts, 3, **kw)
+    captured = []
+    monkeypatch.setattr(rollout, "_can_capture", lambda device: True)
+    monkeypatch.setattr(rollout, "_capture", lambda fn, pool: captured.append((fn.args, pool)) or Graph(fn))
+    graphed = rollout.generate(model, prompts, 3, cache="slots", max_batch_size=8, **kw)
+    assert torch.equal(graphed.response_ids, ref.response_ids)
+    shapes = [args[-1] for args, _ in captured]  # the batch shape n, the partial's last argument
+    assert len(shapes) == len(set(shapes)) > 1 and shapes[0] == 8  # once per shape; the tail's smaller ones too
+    assert [pool for _, pool in captured] == [None] + ["pool"] * (len(captured) - 1)  # one memory pool
