@@ -626,7 +626,7 @@ def paged_cache_config(prompt_lens: list[int], max_new_tokens: int, max_batch_to
 # prompts into the freed slots. On a CPU the same loop runs eagerly.
 
 SLOT_ATTENTION = "slot_varlen"  # the name under which slot_attention is registered with transformers
-SLOT_CHECK_EVERY = 16  # decoding steps between two looks of the host at which rows have finished
+SLOT_CHECK_EVERY = 16  # graphed decoding steps between two looks of the host at which rows have finished (eager: 1)
 SLOT_PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 SLOT_GRAPHS = True  # on CUDA, each batch shape's step is captured in a CUDA graph (False: eager, to compare)
 
@@ -819,7 +819,7 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
             if not waiting and len(held) <= n // 2:  # the tail: live rows to the first slots, a smaller step
                 n = 1 << (len(held) - 1).bit_length()
                 _compact(cache, st, row_in, held, n)
-            for _ in range(SLOT_CHECK_EVERY):
+            for _ in range(SLOT_CHECK_EVERY if graphed else 1):  # eager: a look costs nothing, none is wasted
                 if not graphed:
                     step(n)
                 elif n in graphs:

@@ -1,32 +1,34 @@
 #!/usr/bin/env bash
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
-# Parts, in the order they run (SMOKE_PARTS=varlen,decode,phase,static,steps by default; add trainer, sweep, sdpa
-# and rollout):
-#   varlen: torch's flash kernel (rollout.varlen_attention, the paged path's attention without flash-attn) against
-#      its reference at the real head shape, and its ms a layer at decoding shapes beside the bytes (2026-11-30:
-#      agrees, 7.8e-3; padded kernel + gather 17-18x the K/V bytes); then bench/paged_check.py: the paged path's
-#      greedy tokens held to a dense fp32 reference on models/arith (pretrained) and the random 1.5B;
+# Parts, in the order they run (SMOKE_PARTS=varlen,phase,full,steps by default: limits 300 s in all; add
+# trainer, sweep, decode, static, sdpa, rollout and memory, the earlier paths' figures):
+#   varlen: torch's flash kernel against its reference at the real head shape (rollout.varlen_attention, the paged
+#      path's; and rollout.slot_attention, the decode loop's, with seqused_k: which kernel arguments this torch
+#      has, agreement at one query token a row, ms a layer against the used keys' bytes); then bench/paged_check.py:
+#      the paged path's and the decode loop's greedy tokens held to a dense fp32 reference (models/arith, pretrained,
+#      and the random 1.5B);
+#   phase: a rollout phase at the paper's length distribution, scaled down (96 rollouts, median 100, limit 512:
+#      bench/phase_check.py, each rollout ended at its drawn length): the eager dynamic path against the decode loop
+#      (rollout.cache=slots) in the same run, each beside bench/phase_cost.py's prediction;
+#   full: one rank's whole phase of configs/1.5b.yaml on the decode loop: 1,024 rollouts, median 600, limit
+#      3,072, the config's KV budget: seconds, tokens/s, share of the decode bound, CUDA-graph captures and their
+#      seconds, peak memory (predicted for 2026-12: bench/results/gpu/README.md);
 #   trainer (optional since it answered): ms a decoding step inside the trainer's setting, stage by stage
-#      (bench/gen_in_trainer.py), cuDNN attention off and allowed (2026-11-30: allowed, fresh key lengths cost
-#      67-104 ms a step against 22-25 ms off: the ~95 ms of 2026-11-29);
-#   sweep (optional): ms per decoding step of the eager dynamic path at three shapes over 128 steps, beside
-#      bench/decode_cost.py's model (2026-11-30, six shapes over 8 steps: within -6..+8 %);
-#   decode: the paged path (without flash-attn through rollout.paged_varlen_attention and transformers' CUDA
-#      graphs) at 128:1,024, 17 against 81 new tokens, the graphs each call captures counted and timed
+#      (bench/gen_in_trainer.py), cuDNN attention off and allowed;
+#   sweep (optional): ms per decoding step of the eager dynamic path at three shapes (bench/decode_cost.py);
+#   decode (optional): the paged path (continuous batching, transformers' CUDA graphs) at 128:1,024
 #      (2026-11-30: 30.3 ms a step at 128:1,024, 94.0 ms at 512:1,024);
-#   phase: a whole rollout phase at the paper's length distribution, scaled down (bench/phase_check.py: each
-#      rollout ended at its drawn length), dynamic against paged, each beside bench/phase_cost.py's prediction;
-#   static: the static cache compiled by transformers (CUDA graphs) at 128:1,024 over 136 steps, never measured;
-#   sdpa: the paged part's shape with transformers' sdpa instead of rollout's sdpa_gqa decoding attention;
-#   rollout: bench/rollout.py tokens/s per cache;
+#   static (optional): the static cache compiled by transformers (CUDA graphs) at 128:1,024;
+#   sdpa (optional): the decode part's shape with transformers' sdpa instead of rollout's sdpa_gqa;
+#   rollout (optional): bench/rollout.py tokens/s per cache;
+#   memory (optional): bench/memory.py's prediction of the update's peak, which the steps part then checks;
 #   steps (last): a full train.py step as configs/1.5b.yaml runs it (FSDP2 on one rank, bf16 generation copy,
-#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens, the configs' paged cache; SMOKE_CACHE=dynamic
-#      for the eager path; 2026-11-30: 18.8 s a step paged, 28.6 s dynamic) at a micro-batch of 65,536 tokens, with
-#      the update phase's peak memory (torch.cuda.max_memory_allocated) held against bench/memory.py's prediction
-#      (+-20 %; 2026-11-30: 0.86) and the scoring's seconds apart (time/reward).
-# Each part prints its seconds. Exits non-zero if any part fails. Budget: the default parts' limits add up to 8
-# min; a session has 15 minutes of GPU time in all, machine start included.   bash bench/gpu_smoke.sh
+#      gradient checkpointing, 32 prompts x 4 rollouts, 512 new tokens) on the decode loop (SMOKE_CACHE=dynamic or
+#      paged for the earlier paths; 2026-11-30: 18.8 s a step paged, 28.6 s dynamic) at a micro-batch of 65,536
+#      tokens, the scoring's seconds apart (time/reward).
+# Each part prints its seconds. Exits non-zero if any part fails. Budget: the default parts' limits add up to 5
+# min; a session has 15 minutes of GPU time in all, machine start and a rerun included.   bash bench/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -40,8 +42,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 $PY -c "import math_verify" 2>/dev/null || echo "math-verify missing (carry wheels in .whl/, README): train.py's answer checker cannot start"
 ATTN=sdpa; $PY -c "import flash_attn" 2>/dev/null && ATTN=flash_attention_2
-# the train.py step's cache: paged, as the configs (without flash-attn: rollout.paged_varlen_attention, torch's kernel)
-CACHE=${SMOKE_CACHE:-paged}
+# the train.py step's cache: the decode loop (rollout.cache=slots)
+CACHE=${SMOKE_CACHE:-slots}
 BUDGET=600000
 MODEL=/tmp/rand-qwen2.5-1.5b
 MB=65536
@@ -49,11 +51,12 @@ MB=65536
 # other sizes: SMOKE_PROMPTS=64 SMOKE_N=8 SMOKE_NEW_TOKENS=1024 SMOKE_STEPS=1 SMOKE_PARTS=steps bash bench/gpu_smoke.sh
 # (2026-11-28, H200, sdpa, dynamic cache: 64 x 8 x 1,024 did not finish two steps in 330 s; 32 x 4 x 512 took 57 s
 # a step).
-P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,decode,phase,static,steps}
+P=${SMOKE_PROMPTS:-32} N=${SMOKE_N:-4} T=${SMOKE_NEW_TOKENS:-512} STEPS=${SMOKE_STEPS:-1} PARTS=${SMOKE_PARTS:-varlen,phase,full,steps}
 $PY -c "import sys; sys.path.insert(0, 'bench'); from step import random_model; \
 print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" || exit 1
-[[ $PARTS == *varlen* ]] && step 35 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
-# the paged path's greedy tokens held to a dense fp32 reference (a pretrained model, then the real head shape)
+[[ $PARTS == *varlen* ]] && step 30 $PY bench/varlen_check.py --json ${OUT:-/tmp}/varlen_check.json
+# the paged path's and the decode loop's greedy tokens held to a dense fp32 reference (a pretrained model, then the
+# real head shape)
 [[ $PARTS == *varlen* ]] && step 40 $PY bench/paged_check.py --model models/arith --model $MODEL --json ${OUT:-/tmp}/paged_check.json
 [[ $PARTS == *trainer* ]] && step 75 $PY bench/gen_in_trainer.py --config configs/1.5b.yaml --prompts 32 --n 4 \
   --new 17 -- --model.path=$MODEL --model.attn_implementation=$ATTN --data.train=data/benchmarks/math500/test.jsonl \
@@ -66,9 +69,15 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 # time, the graphs captured, peak memory (greedy tokens: bench/paged_check.py, in the varlen part)
 [[ $PARTS == *decode* ]] && step 70 $PY bench/decode_cost.py --device cuda --cache paged --measure 128:1024 \
   --json ${OUT:-/tmp}/decode_cost_paged.json
-# a whole phase at the paper's length distribution (scaled down), each rollout ended at its drawn length by a
-# countdown on the logits: dynamic against paged, each beside bench/phase_cost.py's prediction
-[[ $PARTS == *phase* ]] && step 95 $PY bench/phase_check.py --model $MODEL --json ${OUT:-/tmp}/phase_check.json
+# a phase at the paper's length distribution (scaled down), each rollout ended at its drawn length by a countdown on
+# the logits: the eager dynamic path against the decode loop, each beside bench/phase_cost.py's prediction
+[[ $PARTS == *phase* ]] && step 60 $PY bench/phase_check.py --model $MODEL --caches dynamic,slots --rollouts 96 \
+  --json ${OUT:-/tmp}/phase_check.json
+# one rank's whole phase of configs/1.5b.yaml (1,024 rollouts, median 600, limit 3,072, its 1M-token KV budget) on
+# the decode loop
+[[ $PARTS == *full* ]] && step 80 $PY bench/phase_check.py --model $MODEL --caches slots --rollouts 1024 \
+  --median 600 --limit 3072 --prompt-median 150 --max-batch-tokens 1048576 --max-batch-size 1024 \
+  --json ${OUT:-/tmp}/phase_full.json
 # the static cache, which transformers compiles (torch.compile, CUDA graphs) on a GPU: never measured, and since
 # 2026-11-30 predicted ahead of the paged path on torch's kernel for a whole phase (bench/phase_cost.py) on an
 # assumed 1 ms of host a step; the first call's seconds are the compile's
@@ -85,10 +94,10 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
   --max-batch-tokens 600000 --cache static --no-plain
 [[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
-[[ $PARTS == *steps* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
+[[ $PARTS == *memory* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \
   --json /tmp/memory_pred.json
 PRED=""; [ -f /tmp/memory_pred.json ] && PRED=--memory-json=/tmp/memory_pred.json
-[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-105} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
+[[ $PARTS == *steps* ]] && step ${SMOKE_STEP_LIMIT:-90} $PY bench/step.py --config configs/1.5b.yaml --model-dir $MODEL \
   --steps $STEPS $PRED -- --model.attn_implementation=$ATTN --rollout.cache=$CACHE \
   --data.train=data/benchmarks/math500/test.jsonl --data.num_subsets=1 --data.max_prompts=$P --cures.cold_start_rollouts=2 \
   --rollout.prompts_per_step=$P --rollout.rollouts_per_step=$((P * N)) --rollout.max_new_tokens=$T \

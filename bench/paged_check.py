@@ -8,11 +8,12 @@ response go through the model once more, in fp32 and plain sdpa (no cache, no pa
 position the gap between the largest logit and the chosen token's is taken. A right path picks the reference's
 argmax up to bf16 noise (gaps of hundredths); a path attending to the wrong keys picks tokens the reference puts
 logits below the best. Printed for the dynamic path (rollout's sdpa_gqa), the same with transformers' sdpa (the
-control: same maths, other kernels) and the paged path (continuous batching; on a model without flash-attn,
-rollout.paged_varlen_attention, torch's flash kernel on CUDA, under transformers' CUDA graphs): the largest gap,
-the share of tokens with a gap over --tol, and rows equal to the dynamic path's. Fails (exit 1) when the paged
-path's largest gap exceeds --tol and twice the control's, or when its attention calls did not go through
-rollout.varlen_attention where they should.
+control: same maths, other kernels), the paged path (continuous batching; on a model without flash-attn,
+rollout.paged_varlen_attention, torch's flash kernel on CUDA, under transformers' CUDA graphs) and the decode loop
+(cache=slots: torch's flash kernel with seqused_k over the slot cache, a CUDA graph a step): the largest gap, the
+share of tokens with a gap over --tol, and rows equal to the dynamic path's. Fails (exit 1) when the paged or the
+loop's largest gap exceeds --tol and twice the control's, or when the paged path's attention calls did not go
+through rollout.varlen_attention where they should.
 
     python bench/paged_check.py                               # models/arith (pretrained), cuda if present
     python bench/paged_check.py --model models/arith --model /tmp/rand-qwen2.5-1.5b    # bench/gpu_smoke.sh
@@ -76,13 +77,14 @@ def check(path: str, device: str, n_prompts: int, new: int, tol: float) -> dict:
         return kernel(q, *a, **k)
 
     runs, seconds = {}, {}
-    for name in ("dynamic", "control", "paged"):
+    for name in ("dynamic", "control", "paged", "slots"):
         gqa = rollout.DECODE_GQA
         rollout.DECODE_GQA = gqa if name != "control" else not gqa
         rollout.varlen_attention = counted if name == "paged" else kernel
         t0 = time.perf_counter()
         try:
-            runs[name] = rollout.generate(model, prompts, 1, cache="paged" if name == "paged" else "dynamic", **kw)
+            runs[name] = rollout.generate(model, prompts, 1, cache=name if name in ("paged", "slots") else "dynamic",
+                                          **kw)
         finally:
             rollout.DECODE_GQA, rollout.varlen_attention = gqa, kernel
         seconds[name] = time.perf_counter() - t0
@@ -100,9 +102,10 @@ def check(path: str, device: str, n_prompts: int, new: int, tol: float) -> dict:
         print(f"| {name} | {len(g)} | {float(g.max()):.3f} | {float((g > tol).float().mean()):.2%} | {same:.0%} | "
               f"{seconds[name]:.1f} |")
     bound = max(tol, 2 * res["control"]["max_gap"])
-    res["ok"] = res["paged"]["max_gap"] <= bound and (len(calls) > 0) == expect_varlen
-    print(f"\npaged path: largest gap {res['paged']['max_gap']:.3f} against {bound:.3f} (max of --tol and twice the "
-          f"control's) -> {'ok' if res['ok'] else 'FAILED'}")
+    res["ok"] = all(res[p]["max_gap"] <= bound for p in ("paged", "slots")) and (len(calls) > 0) == expect_varlen
+    for p in ("paged", "slots"):
+        print(f"\n{p} path: largest gap {res[p]['max_gap']:.3f} against {bound:.3f} (max of --tol and twice the "
+              f"control's) -> {'ok' if res[p]['max_gap'] <= bound else 'FAILED'}")
     return res
 
 

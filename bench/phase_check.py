@@ -90,7 +90,7 @@ def prompts_for(prompt, resp, limit: int, seed: int) -> list[list[int]]:
 
 
 def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, model_cfg,
-              bandwidth: float, host_us: float) -> dict:
+              bandwidth: float, host_us: float, cuda: bool = True) -> dict:
     """phase_cost's phase for these rollouts on `path` (its defaults for the host terms): "seconds" of decoding and
     "steps", the forwards its schedule implies (the dynamic cache's batches, rollout.plan_batches, each one forward
     a token of their longest response, the first from the prefill; continuous batching one a step of
@@ -101,14 +101,14 @@ def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_ba
                                                   max_batch_size=max_batch_size))
     params = model_cfg["params"]
     return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
-                                    1.0)
+                                    1.0, slot_check=0 if cuda else 1)  # the loop looks every step when eager
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="", help="a model directory (its vocabulary must hold the countdown)")
     ap.add_argument("--model-config", default="", help="or a random-weight model of this config.json's architecture")
-    ap.add_argument("--caches", default="dynamic,paged")
+    ap.add_argument("--caches", default="dynamic,paged,slots")
     ap.add_argument("--rollouts", type=int, default=192)
     ap.add_argument("--max-batch-size", type=int, default=48, help="the dynamic cache's rows a batch; with the "
                     "longest prompt and --limit, the KV budget of both caches")
@@ -119,7 +119,8 @@ def main():
     ap.add_argument("--limit", type=int, default=512, help="max_new_tokens (the paper's: 3,072)")
     ap.add_argument("--prompt-median", type=float, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the prediction (H200: 4.8 TB/s)")
+    ap.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the prediction and the decode bound "
+                    "(default: 3.35 TB/s on an H100, 4.8 on an H200 or elsewhere)")
     ap.add_argument("--host-us", type=float, default=18.4, help="host time per eager kernel for the prediction")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -136,6 +137,7 @@ def main():
         args.model = tempfile.mkdtemp(prefix="phase_check_")
         random_model(args.model_config, args.model)
     cuda = torch.cuda.is_available()
+    args.bandwidth = args.bandwidth or (3.35e12 if cuda and "H100" in torch.cuda.get_device_name() else 4.8e12)
     if not cuda:
         torch.set_num_threads(1)
     dev = torch.device("cuda" if cuda else "cpu")
@@ -160,42 +162,70 @@ def main():
     paths = {"dynamic": "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)",
              "static": "static, sdpa_gqa, compiled (CUDA graphs)",
              "paged": "paged, flash-attn (block table), CUDA graphs" if flash else
-             "paged, torch's flash kernel (keys gathered), CUDA graphs"}
+             "paged, torch's flash kernel (keys gathered), CUDA graphs",
+             "slots": "slots (our decode loop), torch's flash kernel (seqused_k), CUDA graphs"}
+    import phase_cost
+
+    bound = phase_cost.decode_bound(prompt, resp, SimpleNamespace(rollout=SimpleNamespace(
+        max_new_tokens=args.limit, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size)),
+        2 * model_cfg["params"], model_cfg["kv_bytes"], args.bandwidth)
     print("| cache | seconds (prefill included) | tokens | tokens/s | predicted decoding (phase_cost) | "
           "measured / predicted | forwards / the schedule's steps |\n|---|---|---|---|---|---|---|")
-    results = {"device": where, "rollouts": args.rollouts, "mean_response": float(resp.mean()), "caches": {}}
+    results = {"device": where, "rollouts": args.rollouts, "mean_response": float(resp.mean()), "caches": {},
+               "decode_bound_s": bound, "bandwidth": args.bandwidth}
     for cache in args.caches.split(","):
         kw = dict(max_new_tokens=args.limit, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=1.0,
                   max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, cache=cache, seed=1)
-        forwards = []
+        forwards, capture = [], rollout._capture
+        captures = []  # the decode loop's CUDA-graph captures: seconds each
+
+        def timed_capture(fn, pool):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            graph = capture(fn, pool)
+            torch.cuda.synchronize()
+            captures.append(time.perf_counter() - t)
+            return graph
+        rollout._capture = timed_capture
         with countdown(model, tok.eos_token_id, forwards):
             if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            out = rollout.generate(model, prompts, 1, **kw)
+            try:
+                out = rollout.generate(model, prompts, 1, **kw)
+            finally:
+                rollout._capture = capture
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
         got = out.lengths.numpy()
         assert (got == resp).all(), f"{cache}: {int((got != resp).sum())} responses not of their drawn length"
         cost = predicted(paths[cache], prompt, resp, args.limit, args.max_batch_tokens, args.max_batch_size,
-                         model_cfg, args.bandwidth, args.host_us)
+                         model_cfg, args.bandwidth, args.host_us, cuda)
         pred = cost["seconds"] if cuda else float("nan")  # GPU constants
-        tokens, steps = int(resp.sum()), cost["steps"]
+        tokens, steps = int(resp.sum()), cost["steps"] + cost.get("prefills", 0)  # the loop's prefills: forwards
         graphed = cuda and cache != "dynamic"  # replays of CUDA graphs run no Python: forwards not countable
         fwd = None if graphed else len(forwards)
         print(f"| {cache} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | " +
               (f"{pred:.1f} s | {seconds / pred:.2f} |" if cuda else "(GPU constants) | |") +
               (f" n/a (CUDA graphs) / {steps:,} |" if graphed else f" {fwd:,} / {steps:,} |"))
         results["caches"][cache] = {"seconds": seconds, "tokens": tokens, "predicted_s": pred, "path": paths[cache],
-                                    "forwards": fwd, "schedule_steps": steps}
+                                    "forwards": fwd, "schedule_steps": steps, "captures": len(captures),
+                                    "capture_s": sum(captures), "decode_bound_share": bound / seconds,
+                                    "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        if captures or cuda:
+            print(f"  {cache}: {len(captures)} CUDA graphs captured in {sum(captures):.2f} s; peak memory "
+                  f"{results['caches'][cache]['peak_gb'] or 0:.1f} GB; the phase at {bound / seconds:.1%} of its decode "
+                  f"bound ({bound:.1f} s: bench/phase_cost.py's, weights + cache at --bandwidth, device only)")
         if args.json:  # after every cache: a run stopped at its time limit keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
-    if {"dynamic", "paged"} <= set(results["caches"]):
-        d, p = results["caches"]["dynamic"], results["caches"]["paged"]
-        print(f"\nphase time, dynamic / paged: {d['seconds'] / p['seconds']:.2f} measured" +
-              (f", {d['predicted_s'] / p['predicted_s']:.2f} predicted" if cuda else ""))
+    for fast in ("paged", "slots"):
+        if {"dynamic", fast} <= set(results["caches"]):
+            d, p = results["caches"]["dynamic"], results["caches"][fast]
+            print(f"\nphase time, dynamic / {fast}: {d['seconds'] / p['seconds']:.2f} measured" +
+                  (f", {d['predicted_s'] / p['predicted_s']:.2f} predicted" if cuda else ""))
 
 
 if __name__ == "__main__":

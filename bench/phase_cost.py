@@ -70,7 +70,13 @@ PATHS = {
     "paged, flash-attn (block table), eager": ("paged", "block table", 1.0, 1149),
     "paged, flash-attn (block table), CUDA graphs": ("paged", "block table", 1.0, "graph"),
     "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", "torch kernel", "graph"),
+    "slots (our decode loop), torch's flash kernel (seqused_k), CUDA graphs": ("slots", "slots", 1.0, "graph"),
 }
+# the decode loop (rollout.cache=slots): a captured step's kernels still run one after another on the device, with a
+# gap each (an assumption until a GPU measures it: 1.5 us a kernel, 1,180 kernels a step: the eager dynamic step's
+# 1,149 plus sampling's), and every SLOT_CHECK_EVERY steps the host looks (a sync, retiring and refilling slots:
+# SLOT_CHECK_MS assumed); each batch shape's first step runs eagerly (its kernels at --host-us) and is captured
+GRAPH_KERNEL_US, SLOT_KERNELS, SLOT_CHECK_MS = 1.5, 1180, 1.0
 TORCH_KERNEL_KV_MULT = 17.5  # (padded kernel + gather) / K and V bytes, bench/varlen_check.py on an H200 (2026-11-30)
 # (a time ratio against the bytes at the H200's 4.8 TB/s, charged here as bytes at --bandwidth: right if the padded
 # kernel is bandwidth-bound; its padded rows are computed, so on a GPU of lower bandwidth and equal compute, as the
@@ -143,6 +149,55 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: 
     return np.array(rows), np.array(cached), np.array(joined), np.array(q)
 
 
+def slots_steps(prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, check: int = 0):
+    """The decode loop's schedule (rollout._generate_slots), row for row: as many slots as the KV budget holds at
+    the longest prompt + limit; every `check` steps (default SLOT_CHECK_EVERY, as graphed; eager: 1) finished rows retire and waiting rows (in order) take
+    the free slots, lowest first, prefilled in forwards of up to SLOT_PREFILL_TOKENS prompt tokens (their first
+    token sampled there); with none waiting and at most half the step's slots held, the rows move to the first
+    slots and the step runs on the smallest power of two that holds them. Rollout i ends after resp[i] tokens (its
+    EOS included). Returns (rows computed a step, tokens read a step: a live row's cache and new token, one key a
+    finished row, live rows a step), the prefill forwards and the batch shapes stepped."""
+    B, width = len(resp), int(prompt.max()) + limit
+    S = max(1, min(B, max_batch_size, max_batch_tokens // width))
+    row, length, count, live = np.full(S, -1), np.zeros(S, int), np.zeros(S, int), np.zeros(S, bool)
+    waiting, n, prefills = list(range(B))[::-1], S, 0
+    rows, read, alive = [], [], []
+    while True:
+        row[:n][(row[:n] >= 0) & ~live[:n]] = -1  # retire
+        free = np.flatnonzero(row[:n] < 0)
+        if waiting and len(free):
+            admit = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+            total = 0
+            for r in admit:  # _admit's packing of the distinct prompts into forwards
+                if total and total + prompt[r] > rollout.SLOT_PREFILL_TOKENS:
+                    prefills, total = prefills + 1, 0
+                total += int(prompt[r])
+            prefills += 1
+            s = free[:len(admit)]
+            row[s], length[s], count[s] = admit, prompt[admit], 1
+            live[s] = (resp[admit] > 1) & (limit > 1)
+            continue
+        held = np.flatnonzero(row[:n] >= 0)
+        if not len(held):
+            break
+        if not waiting and len(held) <= n // 2:  # the tail: compacted onto fewer slots
+            n = 1 << (len(held) - 1).bit_length()
+            src, dst = held[held >= n], np.flatnonzero(row[:n] < 0)
+            dst = dst[:len(src)]
+            for t in (row, length, count, live):
+                t[dst] = t[src]
+            row[src], live[src] = -1, False
+        for _ in range(check or rollout.SLOT_CHECK_EVERY):
+            lv = live[:n]
+            rows.append(n)
+            read.append(int(np.where(lv, length[:n] + 1, 1).sum()))
+            alive.append(int(lv.sum()))
+            length[:n] += lv
+            count[:n] += lv
+            live[:n] = lv & (count[:n] < np.where(row[:n] >= 0, resp[np.maximum(row[:n], 0)], 0)) & (count[:n] < limit)
+    return np.array(rows), np.array(read), np.array(alive), prefills, sorted(set(rows))
+
+
 def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, ideal: bool = False):
     """Continuous batching as rollout.generate runs it: rollout.plan_batches' chunks of PAGED_CHUNK KV budgets (and
     at most PAGED_CHUNK x max_batch_size rows), one generate_batch call each, one after the other; inside a call
@@ -165,13 +220,24 @@ def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_si
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
                   host_us: float, graph_host_ms: float, overlap: bool = False, cb_host_ms: float = CB_HOST_MS,
-                  cb_host_us_per_row: float = CB_HOST_US_PER_ROW, cb_host_ns_per_token: float = CB_HOST_NS_PER_TOKEN
-                  ) -> dict:
+                  cb_host_us_per_row: float = CB_HOST_US_PER_ROW, cb_host_ns_per_token: float = CB_HOST_NS_PER_TOKEN,
+                  slot_check: int = 0) -> dict:
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
     batching, cache, kv_mult, kernels = PATHS[path]
     limit = cfg.rollout.max_new_tokens
     graphed = kernels == "graph"
     launches = 0.0 if graphed else kernels * host_us * 1e-6  # eager: a launch per kernel
+    if batching == "slots":  # a graph replay a step: the kernels' gaps on the device; the host's looks between
+        rows, read, alive, prefills, shapes = slots_steps(prompt, resp, limit, cfg.rollout.max_batch_tokens,
+                                                          cfg.rollout.max_batch_size, slot_check)
+        device = (weight_bytes + read * kv_bytes) / bandwidth + SLOT_KERNELS * GRAPH_KERNEL_US * 1e-6
+        host = np.zeros(len(rows))
+        host[::slot_check or rollout.SLOT_CHECK_EVERY] = SLOT_CHECK_MS * 1e-3
+        step = device + host  # the host looks while the device waits (a sync)
+        first = len(shapes) * (SLOT_KERNELS * host_us * 1e-6 + CAPTURE_S)  # each shape: an eager step, a capture
+        return {"seconds": float(step.sum()) + first, "host_bound": 0.0, "steps": len(rows), "slots": int(rows.sum()),
+                "captures": len(shapes), "overlapped": float(np.maximum(device, host).sum()) + first,
+                "prefills": prefills}
     if batching == "padded":
         batches = rollout.plan_batches(list(prompt), limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
         rows, cached, allocated = padded_steps(prompt, resp, batches, limit)

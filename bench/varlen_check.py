@@ -16,6 +16,12 @@ sdpa call per sequence), which tests/test_rollout.py holds to attention written 
    padded kernel + gather TORCH_KERNEL_KV_MULT (17.5x) the cache's bytes, which this script measured on an H200
    (2026-11-30: 16.7-18.3x, against 8x predicted from 6 query heads a KV head + 2).
 
+3. the decode loop's attention (rollout.cache=slots, rollout.slot_attention): which arguments this torch's
+   aten::_flash_attention_forward takes (seqused_k: the loop needs it; block_table: a paged layout could use it),
+   then one query token a row over a slot cache (each row's keys at row * width, the first seqused_k of them
+   read) against the reference in fp32, and its ms a layer at --measure's shapes (rows x context used, slots of
+   twice the context) under a CUDA graph against the used keys' bytes.
+
     python bench/varlen_check.py                    # on cuda (bench/gpu_smoke.sh runs it); --device cpu: the
                                                     # reference against itself, to check the script runs
 """
@@ -76,6 +82,22 @@ def timed(fn, reps: int, cuda: bool) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def slot_decode(h, h_kv, d, rows: int, width: int, used: torch.Tensor, device, dtype, gen):
+    """rollout.slot_attention's decoding call on a random slot cache: (its output, the fp32 reference's, a closure
+    that runs the call)."""
+    q = torch.randn(rows, h, 1, d, generator=gen).to(device, dtype)
+    k = torch.randn(rows * width, h_kv, d, generator=gen).to(device, dtype)
+    v = torch.randn(rows * width, h_kv, d, generator=gen).to(device, dtype)
+    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=device)
+    kw = dict(slot_cu_q=cu_q, slot_cu_k=cu_q * width, slot_width=width, slot_used_k=used.to(device, torch.int32))
+    run = lambda: rollout.slot_attention(None, q, k, v, None, d ** -0.5, **kw)[0]  # noqa: E731
+    keep = torch.cat([torch.arange(r * width, r * width + int(n)) for r, n in enumerate(used.tolist())]).to(device)
+    cu_k = torch.cat([used.new_zeros(1), used.cumsum(0)]).to(device, torch.int32)
+    want = rollout.varlen_attention_reference(q[:, :, 0].float(), k[keep].float(), v[keep].float(), cu_q, cu_k,
+                                              d ** -0.5)
+    return run()[:, 0], want, run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -133,6 +155,27 @@ def main():
                                   "kv_bound_ms_layer": bound})
     print(f"\nagreement with the padded queries too: max abs difference {err:.2e} -> "
           f"{'ok' if err <= args.tol else 'FAILED'}")
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    has = {a: a in schema for a in ("seqused_k", "block_table")}
+    print(f"\ndecode loop (rollout.slot_attention): this torch's flash kernel takes seqused_k: {has['seqused_k']}, "
+          f"block_table: {has['block_table']}")
+    used = torch.randint(1, 1024, (64,), generator=gen)
+    got, want, _ = slot_decode(h, h_kv, d, 64, 1024, used, device, dtype, gen)
+    slot_err = float((got.float() - want).abs().max())
+    print(f"agreement, 64 rows of up to 1,024 keys in slots of 1,024: max abs difference {slot_err:.2e} -> "
+          f"{'ok' if slot_err <= args.tol else 'FAILED'}")
+    print("\n| rows, context used (slots of twice it) | kernel (seqused_k) | used K and V at the bandwidth | ratio |\n|---|---|---|---|")
+    results["slots"] = {"kernel_args": has, "max_abs_diff": slot_err, "shapes": []}
+    for spec in filter(None, args.measure.split(",")):
+        rows, ctx = map(int, spec.split(":"))
+        if not cuda:
+            rows, ctx = min(rows, 8), min(ctx, 64)
+        _, _, run = slot_decode(h, h_kv, d, rows, 2 * ctx, torch.full((rows,), ctx), device, dtype, gen)
+        ms = timed(run, args.reps, cuda)
+        bound = 1000 * 2 * rows * ctx * h_kv * d * (2 if cuda else 4) / args.bandwidth
+        print(f"| {rows}, {ctx:,} | {ms:.3f} ms | {bound:.3f} ms | {ms / bound:.1f}x |")
+        results["slots"]["shapes"].append({"rows": rows, "context": ctx, "kernel_ms_layer": ms, "kv_bound_ms_layer": bound})
+    err = max(err, slot_err)
     results["max_abs_diff"] = err
     if args.json:
         with open(args.json, "w") as f:

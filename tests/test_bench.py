@@ -305,7 +305,7 @@ def test_paged_step_model_against_the_h200_measurement():
 
 
 def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
-    """bench/gpu_smoke.sh: the default parts' time limits add up to at most 8 minutes (a session has 15 of GPU time,
+    """bench/gpu_smoke.sh: the default parts' time limits add up to at most 5 minutes (a session has 15 of GPU time,
     machine start and one rerun included), and every bench script it runs exists; bench/varlen_check.py (its first
     part) runs here on the CPU (the reference against itself) and writes its JSON."""
     import re
@@ -317,7 +317,7 @@ def test_gpu_smoke_fits_its_budget_and_runs_what_exists(tmp_path):
         m = re.match(r"\[\[ \$PARTS == \*(\w+)\* \]\] && step \$?\{?(?:SMOKE_STEP_LIMIT:-)?(\d+)\}? ", line)
         if m and m.group(1) in parts:
             limits.append(int(m.group(2)))
-    assert len(limits) == 7 and sum(limits) <= 480, limits
+    assert len(limits) == 5 and sum(limits) <= 300, limits
     for script in set(re.findall(r"bench/(\w+\.py)", text)):
         assert os.path.exists(os.path.join(ROOT, "bench", script)), script
     out = tmp_path / "v.json"
@@ -347,6 +347,28 @@ def test_paged_check_holds_greedy_tokens_to_the_dense_reference(monkeypatch, bro
         assert not res["ok"] and res["paged"]["max_gap"] > 1.0 and res["paged"]["rows_equal_dynamic"] < 1
     else:
         assert res["ok"] and res["paged"]["max_gap"] < 1e-4 and res["paged"]["rows_equal_dynamic"] == 1
+    assert res["slots"]["max_gap"] < 1e-4 and res["slots"]["rows_equal_dynamic"] == 1  # the decode loop (its own
+    #                                                                                    attention: not broken here)
+
+
+def test_paged_check_fails_a_decode_loop_that_reads_the_wrong_keys(monkeypatch):
+    """The same check on the decode loop (cache=slots): with its decoding attention reading every row's keys one
+    slot off, bench/paged_check.py fails on the loop's gaps."""
+    import paged_check
+    import rollout
+
+    real = rollout.slot_attention
+
+    def off(module, query, key, value, *a, **kw):
+        if "slot_width" in kw:  # decoding: each row reads its neighbour's slot
+            key, value = key.roll(kw["slot_width"], 0), value.roll(kw["slot_width"], 0)
+        return real(module, query, key, value, *a, **kw)
+    from transformers import AttentionInterface
+
+    rollout._register(rollout.SLOT_ATTENTION, rollout.slot_attention)
+    monkeypatch.setitem(AttentionInterface._global_mapping, rollout.SLOT_ATTENTION, off)
+    res = paged_check.check(os.path.join(ROOT, "models", "arith"), "cpu", n_prompts=12, new=24, tol=0.25)
+    assert not res["ok"] and res["slots"]["max_gap"] > 1.0 and res["paged"]["max_gap"] < 1e-4
 
 
 def test_phase_check_ends_every_rollout_at_its_drawn_length(tmp_path):
@@ -355,7 +377,8 @@ def test_phase_check_ends_every_rollout_at_its_drawn_length(tmp_path):
     asserts it), the lengths follow bench/long_tail.py's draw, and the JSON holds both caches' tokens. And
     bench/phase_cost.py's schedules against the real ones, counted in forwards (no CUDA graphs here): the dynamic
     cache's exactly (plan_batches' batches, each to its longest response), transformers' continuous batching
-    within 15 % (its pages, safety margin and forward size modelled; a token-granular schedule said 31, not ~160)."""
+    within 15 % (its pages, safety margin and forward size modelled; a token-granular schedule said 31, not ~160),
+    the decode loop's (cache=slots: decoding steps and prefill forwards, refills and a compacted tail) exactly."""
     import phase_check
     from step import random_model
 
@@ -372,10 +395,11 @@ def test_phase_check_ends_every_rollout_at_its_drawn_length(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     prompt, resp = phase_check.draw(24, 0, 12, 0.7, 0.02, 40, 10)
     got = json.load(open(out))
-    assert set(got["caches"]) == {"dynamic", "paged"}
+    assert set(got["caches"]) == {"dynamic", "paged", "slots"}
     assert all(c["tokens"] == int(resp.sum()) and c["seconds"] > 0 for c in got["caches"].values())
-    dynamic, paged = got["caches"]["dynamic"], got["caches"]["paged"]
+    dynamic, paged, slots = got["caches"]["dynamic"], got["caches"]["paged"], got["caches"]["slots"]
     assert dynamic["forwards"] == dynamic["schedule_steps"]
+    assert slots["forwards"] == slots["schedule_steps"]  # the decode loop's schedule, step for step
     assert abs(paged["forwards"] / paged["schedule_steps"] - 1) < 0.15, paged
     assert resp.max() > 3 * np.median(resp)  # a long tail to idle the dynamic cache's batches
     ids = phase_check.prompts_for(prompt, resp, 40, 0)
