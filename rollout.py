@@ -790,7 +790,7 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
     cache, st = SlotCache(model, n_slots, width), _Slots(n_slots, width, max_new_tokens, eos_ids, pad_id, device)
     result = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
     row_in = [-1] * n_slots  # the row each slot holds (-1: free)
-    waiting, n, graphs, pool = list(range(B))[::-1], n_slots, {}, None
+    waiting, n, graphs, pool, tokens = list(range(B))[::-1], n_slots, {}, None, 0
     step = partial(_decode_step, model, cache, st, temperature=temperature, top_p=top_p)
     graphed = SLOT_GRAPHS and _can_capture(device)
     _register(SLOT_ATTENTION, slot_attention)  # no mask builder: the loop hands the model no mask to build
@@ -800,10 +800,12 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
             done = [s for s in range(n) if row_in[s] >= 0 and not live[s]]
             if done:
                 result[[row_in[s] for s in done]] = st.out[done].cpu()
+                tokens += int(st.count[done].sum())
                 for s in done:
                     row_in[s] = -1
                 if bar is not None:
                     bar.update(len(done))
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped with {B - len(waiting) - sum(r >= 0 for r in row_in)} of {B} rollouts done")
             free = [s for s in range(n) if row_in[s] < 0]

@@ -547,3 +547,29 @@ def test_slots_graph_schedule_on_cpu(monkeypatch):
     shapes = [args[-1] for args, _ in captured]  # the batch shape n, the partial's last argument
     assert len(shapes) == len(set(shapes)) > 1 and shapes[0] == 8  # once per shape; the tail's smaller ones too
     assert [pool for _, pool in captured] == [None] + ["pool"] * (len(captured) - 1)  # one memory pool
+
+
+def test_slots_sampled_logprobs_match_training_forward(tiny_model_dir, monkeypatch):
+    """The decode loop's logits (prefill into the slot cache, then one token a row over it) give the sampled tokens
+    the log-probabilities the trainer's forward gives them: the PPO ratio starts at 1 on this path too."""
+    import train
+
+    model, tok = _model_and_tok(tiny_model_dir)
+    cfg = load_config([f"--model.path={tiny_model_dir}"])
+    prompts = [tok("What is 1+1?").input_ids, tok("What is 12+345?").input_ids]
+    seen, real = [], rollout.sample_tokens
+
+    def recording(logits, *a, **k):
+        token = real(logits, *a, **k)
+        seen.append(torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0])  # (rows,)
+        return token
+    monkeypatch.setattr(rollout, "sample_tokens", recording)
+    out = rollout.generate(model, prompts, 2, max_new_tokens=8, eos_ids=[len(tok) + 5], pad_id=tok.pad_token_id,
+                           seed=3, cache="slots")  # an EOS never sampled: 4 rows, all at once, 8 tokens each
+    sampled = torch.stack(seen, 1)  # (4, 8): the first token from the prefill, then a step each, slot = row
+    policy = Policy(model)
+    for i, r in enumerate(out.responses()):
+        p = prompts[int(out.prompt_index[i])]
+        seqs = [{"ids": p + r, "prompt_len": len(p), "resp_len": len(r)}]
+        logp = train.score_logprobs(policy, make_micro_batches(seqs, 1, 0), torch.device("cpu"), cfg)[0]
+        torch.testing.assert_close(logp, sampled[i], atol=1e-4, rtol=1e-4)
