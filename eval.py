@@ -250,10 +250,10 @@ def main():
                     help="greedy decoding for benchmarks evaluated with one sample")
     ap.add_argument("--max-new-tokens", type=int, default=3072)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 20)
-    ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic",
-                    help="rollout.generate's KV cache: dynamic (bitwise reproducible), static, or paged (continuous "
-                    "batching: on a GPU the fastest for long samples of mixed lengths, README Performance; seeded, "
-                    "not bitwise reproducible). Not a setting of the results: a resumed evaluation may change it")
+    ap.add_argument("--cache", choices=["dynamic", "slots", "paged"], default="dynamic",
+                    help="rollout.generate's KV cache: dynamic (HF generate), slots (our decode loop: CUDA graphs on a "
+                    "GPU; the same samples as dynamic) or paged (continuous batching; seeded, not bitwise "
+                    "reproducible). Not a setting of the results: a resumed evaluation may change it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--system-prompt", default=None,

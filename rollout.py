@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -88,8 +89,7 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, eos_i
         top_p=top_p if sample else 1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
         suppress_tokens=None, begin_suppress_tokens=None, min_length=0, min_new_tokens=None, num_beams=1,
-        num_return_sequences=1, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True,
-        cache_implementation="static" if cache == "static" else None)
+        num_return_sequences=1, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True)
 
 
 # --- sampling that no batching can change --------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def rollout_keys(seed: int, prompt_keys: list[int], rollout_index: list[int]) -> torch.Tensor:
     """(B,) int64: one 32-bit key per rollout from (seed, its prompt's key, its index in the prompt's group).
-    seed and prompt keys may be any non-negative Python ints (folded 32 bits at a time)."""
+    seed may be any non-negative Python int (folded 32 bits at a time), a prompt key one below 2**64."""
     def words(v: int) -> list[int]:
         out = [v & _M32]
         while v > _M32:
@@ -129,11 +129,10 @@ def rollout_keys(seed: int, prompt_keys: list[int], rollout_index: list[int]) ->
 
 
 def token_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 in (0, 1): the uniform draw of rollout `keys` (B,) at response position `positions` (B,),
-    53 random bits from two hashes."""
-    h = _mix32(keys ^ _mix32(positions + 0x165667B1))
-    lo = _mix32(h ^ 0x5BD1E995)
-    return ((h >> 11) * 2.0**21 + (lo >> 11) + 0.5) / 2.0**42  # 21 + 21 bits
+    """(B,) float64 in (0, 1): the uniform draw of rollout `keys` (B,) at response position `positions` (B,), one
+    32-bit hash of the two (a resolution of 2.3e-10, finer than the float32 CDF it is compared with)."""
+    h = _mix32(keys ^ _mix32(positions + 0x165667B1))  # (B,)
+    return (h.double() + 0.5) / 2.0**32
 
 
 def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, temperature: float,
@@ -152,7 +151,10 @@ def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, positions: torch.Ten
     cdf = probs.cumsum(-1)  # (B, V)
     u = (token_uniforms(keys, positions).to(cdf.device) * cdf[:, -1].double()).to(cdf.dtype)  # (B,)
     u = torch.minimum(u, torch.nextafter(cdf[:, -1], torch.zeros_like(u)))  # below the total: a positive token
-    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0]  # (B,)
+    token = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)  # (B,)
+    # a float32 scan on a GPU can step by an ulp where p = 0, and u can fall in that step: never such a token (the
+    # row's most probable one instead: a bias of that ulp's width at most)
+    return torch.where(probs.gather(-1, token[:, None])[:, 0] > 0, token, probs.argmax(-1))
 
 
 class KeyedSampling(LogitsProcessor):
@@ -164,10 +166,9 @@ class KeyedSampling(LogitsProcessor):
         self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        b = scores.shape[0]
-        positions = torch.full((b,), input_ids.shape[1] - self.prompt_len, dtype=torch.long)
-        token = sample_tokens(scores, self.keys.to(scores.device), positions.to(scores.device), self.temperature,
-                              self.top_p)  # (b,)
+        self.keys = self.keys.to(scores.device)  # once
+        positions = torch.full_like(self.keys, input_ids.shape[1] - self.prompt_len)  # (b,)
+        token = sample_tokens(scores, self.keys, positions, self.temperature, self.top_p)  # (b,)
         return torch.full_like(scores, -float("inf")).scatter(-1, token[:, None], 0.0)
 
 
@@ -378,11 +379,9 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     """n[i] rollouts of prompt i (an int means the same for all). Sampling with temperature and top-p
     (pure sampling: top-k off, no repetition penalty, whatever the model's generation_config says);
     temperature 0 is greedy. Rollout j of prompt i samples with the key (seed, prompt_keys[i] (default i), j)
-    (sample_tokens): on the dynamic, static and slots caches its tokens do not depend on the batching
+    (sample_tokens): on the dynamic and slots caches its tokens do not depend on the batching
     (max_batch_tokens, max_batch_size, the other prompts of the call), and a call is independent of the global
-    RNG. cache: "dynamic" (HF `generate` with its default KV cache: the reference), "static" (preallocated; on
-    GPU transformers then compiles the decoding step with torch.compile and CUDA graphs, recompiling for each
-    new batch shape), "slots" (our decode loop, _generate_slots: every rollout the KV budget holds at once, a
+    RNG. cache: "dynamic" (HF `generate` with its default KV cache: the reference), "slots" (our decode loop, _generate_slots: every rollout the KV budget holds at once, a
     CUDA graph a step, finished rows replaced by waiting ones) or "paged" (transformers' continuous batching,
     `generate_batch`; its scheduler runs in a thread and samples with torch's RNG: seeded, but neither bitwise
     reproducible nor batch-invariant).
@@ -393,8 +392,8 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     stops within one batch, or about a second, instead of after the whole phase). progress: a label shows a
     progress bar on stderr (rollouts done of all, tokens/s, ETA), redrawn at most every 30 s when stderr is not a
     terminal."""
-    if cache not in ("dynamic", "static", "slots", "paged"):
-        raise ValueError(f"cache must be dynamic, static, slots or paged, not {cache!r}")
+    if cache not in ("dynamic", "slots", "paged"):
+        raise ValueError(f"cache must be dynamic, slots or paged, not {cache!r}")
     n = [n] * len(prompts) if isinstance(n, int) else list(n)
     if len(n) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(n)} rollout counts")
@@ -421,8 +420,9 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped before batch {b} of {len(batches)}")
         if cache == "paged":
+            batch_seed = seed * 1_000_003 + int(keys[batch[0]])  # torch's RNG: a stream per batch, rank and step
             for row, toks in zip(batch, _generate_paged(model, [prompts[seq_prompt[i]] for i in batch], gen_cfg,
-                                                        seed * 1_000_003 + b, max_batch_tokens, should_stop)):
+                                                        batch_seed, max_batch_tokens, should_stop)):
                 response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         else:
             gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
@@ -441,7 +441,7 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
     """One `generate` call on left-padded rows (prompt token ids): the generated ids (b, t), t <= max_new_tokens.
     `generate` runs greedy over KeyedSampling's scores: each row samples with its key (b,). cache "dynamic":
     kv_cache's, for the prompt and max_new_tokens; share_prefill (dynamic): each distinct prompt (prompt_of_row)
-    is prefilled once for all its rows. "static": transformers' StaticCache."""
+    is prefilled once for all its rows."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -720,7 +720,8 @@ def _forward(model, cache, ids, positions, **attention_kwargs):
 
 def _decode_step(model, cache: SlotCache, st: _Slots, n: int, temperature: float, top_p: float):
     """One token for each of the first n slots (the part a CUDA graph captures): forward, sampling, cache write,
-    stop at EOS or at the length limit. Rows that are not live compute too and change nothing."""
+    stop at EOS or at the length limit. Rows that are not live compute too and change nothing but their own slot's
+    cache past its end (a finished or free slot's, never read)."""
     live, length, count = st.live[:n], st.length[:n], st.count[:n]
     cache.write_at = st.base[:n] + length.clamp(max=cache.width - 1)  # (n,)
     used = torch.where(live, length + 1, 1).to(torch.int32)  # (n,) a finished row reads one key
@@ -785,6 +786,9 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
     rows wait every slot decodes, after that the live rows are moved to the first slots and the step runs on
     the smallest power of two that holds them. Returns the responses (B, max_new_tokens), pad_id after the end."""
     device, B = next(model.parameters()).device, len(prompt_of_row)
+    if device.type == "cuda" and next(model.parameters()).dtype not in (torch.float16, torch.bfloat16):
+        warnings.warn("rollout.cache=slots on a CUDA model in fp32: torch's flash kernel takes bf16/fp16, so every "
+                      "step attends over whole slots with a masked sdpa; generate with a bf16 copy (torchrun does)")
     width = max(len(prompts[p]) for p in set(prompt_of_row)) + max_new_tokens
     n_slots = max(1, min(B, max_batch_size, max_batch_tokens // width))
     cache, st = SlotCache(model, n_slots, width), _Slots(n_slots, width, max_new_tokens, eos_ids, pad_id, device)
@@ -826,7 +830,10 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
                     step(n)
                 elif n in graphs:
                     graphs[n].replay()
-                else:  # this shape's first step runs eagerly (warming up), then is captured for the next ones
+                else:  # this shape's first step runs eagerly (warming up), then is captured for the next ones. The
+                    # graphs share one memory pool: safe because n only shrinks in a call (a larger graph is never
+                    # replayed after a smaller one is captured)
+                    assert all(n < m for m in graphs), (n, list(graphs))
                     step(n)
                     graphs[n] = _capture(partial(step, n), pool)
                     pool = graphs[n].pool()
@@ -840,8 +847,8 @@ def _can_capture(device) -> bool:
 def _capture(fn, pool):
     """fn's kernels recorded in a CUDA graph (not run), its memory from `pool` (shared by a call's graphs)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # other threads' CUDA calls (NCCL's
+        fn()                                                                      # watchdog) do not break it
     return graph
 
 

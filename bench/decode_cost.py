@@ -70,7 +70,10 @@ class Count(TorchDispatchMode):
             return out
         self.kernels += 1
         self.syncs += name in SYNCS
-        flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs or {}, out)) if isinstance(x, torch.Tensor)]
+        if name == "gather":  # reads only the elements it gathers (the sampler's look at p of its token), not its input
+            flat = [args[2], out, out]
+        else:
+            flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs or {}, out)) if isinstance(x, torch.Tensor)]
         self.bytes[kind(name)] += sum(t.numel() * t.element_size() for t in flat)
         return out
 
@@ -196,11 +199,11 @@ def main():
     ap.add_argument("--measure", default="", help="batch:context,... also measure ms per decoding step of the "
                     "real-width model (random weights, bf16 on cuda) on --device, beside the model's prediction")
     ap.add_argument("--json", default="", help="write the measurements and predictions here")
-    ap.add_argument("--cache", choices=["dynamic", "static", "paged"], default="dynamic", help="the path --measure "
+    ap.add_argument("--cache", choices=["dynamic", "paged"], default="dynamic", help="the path --measure "
                     "times (the counting above is always the dynamic path's, in this thread)")
     ap.add_argument("--new", default="", help="short:long: new tokens of the two runs whose difference --measure "
-                    "times (default 1:9 for the dynamic path, which warms up at other lengths; 1:65 for static, 17:81 "
-                    "for paged, which warm up with the long run)")
+                    "times (default 1:9 for the dynamic path, which warms up at other lengths; 17:81 for paged, "
+                    "which warms up with the long run)")
     ap.add_argument("--attention", choices=["sdpa_gqa", "sdpa"], default="sdpa_gqa", help="how rollout.generate "
                     "decodes: sdpa_gqa (its default: each KV head read once) or transformers' sdpa")
     args = ap.parse_args()
@@ -280,7 +283,7 @@ def main():
         print(f"\nMeasured on {where}: ms per decoding step of the real-width model (random weights), beside the "
               f"model (device bytes at {args.bandwidth / 1e12:.1f} TB/s; host: the narrow model's eager step on this "
               f"device, or for paged continuous batching's host model (bench/cb_host.py) and torch's kernel at "
-              f"{phase_cost.TORCH_KERNEL_KV_MULT}x the K and V bytes, for static 1 ms assumed)"
+              f"{phase_cost.TORCH_KERNEL_KV_MULT}x the K and V bytes)"
               f":\n\n| batch, context | measured | device (model) | host (model) | model: max .. sum |\n"
               "|---|---|---|---|---|")
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -295,10 +298,10 @@ def main():
         results["cache"] = args.cache
         # two runs at the same prompt, --new short:long new tokens; their difference is long - short decoding
         # steps with the same prefill. The dynamic path warms up at other lengths (fresh key lengths, as a rollout
-        # meets them); static and paged warm up with the longer run itself: a static cache compiles (and captures)
-        # per cache length, and each paged generate_batch call captures its CUDA graphs anew (one per padded shape
-        # met; a 1-token run against a 9-token one came out negative on 2026-11-30), captures counted apart
-        short0, new0 = map(int, (args.new or {"dynamic": "1:9", "static": "1:65", "paged": "17:81"}[args.cache]).split(":"))
+        # meets them); paged warms up with the longer run itself: each generate_batch call captures its CUDA graphs
+        # anew (one per padded shape met; a 1-token run against a 9-token one came out negative on 2026-11-30),
+        # captures counted apart
+        short0, new0 = map(int, (args.new or {"dynamic": "1:9", "paged": "17:81"}[args.cache]).split(":"))
 
         for spec in args.measure.split(","):
             batch, ctx = map(int, spec.split(":"))
@@ -315,7 +318,7 @@ def main():
             try:
                 # warm-up: dynamic, at a longer prompt, so that the measured calls decode at key lengths this
                 # process has not seen, as every step of a real rollout does (a kernel that plans per shape, cuDNN's
-                # attention, pays there and is hidden by a repeat); static and paged, the long run itself
+                # attention, pays there and is hidden by a repeat); paged, the long run itself
                 first = run(big, batch, prompt + (new + 16 if args.cache == "dynamic" else 0), new, eos,
                             cache=args.cache)
                 with Captures() if cuda else contextlib.nullcontext() as c1:
@@ -334,7 +337,7 @@ def main():
                 results["captures"] = results.get("captures", []) + [{"batch": batch, "context": ctx, "short": [
                     c1.n, c1.seconds], "long": [cn.n, cn.seconds]}]
             p = model_bytes(real, batch, ctx, 2 if dtype == torch.bfloat16 else 4, gqa_copy and args.cache != "paged",
-                            rollout.PREALLOCATE or args.cache != "dynamic")  # static, paged: written in place
+                            rollout.PREALLOCATE or args.cache != "dynamic")  # paged: written in place
             dev = 1000 * p["total"] / args.bandwidth
             host = m["host_ms"]  # eager: the narrow model's step here
             if args.cache == "paged":  # phase_cost's charge: continuous batching's host work (varlen path) and,
@@ -343,8 +346,6 @@ def main():
                 if not is_flash_attn_2_available():
                     dev += 1000 * batch * ctx * (phase_cost.TORCH_KERNEL_KV_MULT - 1) * kv_cache_bytes(
                         real, 1, 1, 2) / args.bandwidth
-            elif args.cache == "static" and cuda:  # a CUDA-graphed step: phase_cost's assumed host time
-                host = 1.0
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {batch}, {ctx} | {ms:.1f} ms | {dev:.1f} ms | {host:.1f} ms | {max(dev, host):.1f} .. "
                   f"{dev + host:.1f} ms | first call {first:.1f} s (warm {tn:.1f} s), peak {peak:.1f} GiB{graphs} |")

@@ -2,7 +2,7 @@
 # One-GPU smoke test and figures (no network; torch + transformers preinstalled; math-verify from wheels in .whl/,
 # see README "Performance", GPU): a random-weight Qwen2.5-1.5B architecture (bench/qwen2.5-1.5b/config.json).
 # Parts, in the order they run (SMOKE_PARTS=varlen,phase,full,steps by default: limits 300 s in all; add
-# trainer, sweep, decode, static, sdpa, rollout and memory, the earlier paths' figures):
+# trainer, sweep, decode, sdpa, rollout and memory, the earlier paths' figures):
 #   varlen: torch's flash kernel against its reference at the real head shape (rollout.varlen_attention, the paged
 #      path's; and rollout.slot_attention, the decode loop's, with seqused_k: which kernel arguments this torch
 #      has, agreement at one query token a row, ms a layer against the used keys' bytes); then bench/paged_check.py:
@@ -19,7 +19,6 @@
 #   sweep (optional): ms per decoding step of the eager dynamic path at three shapes (bench/decode_cost.py);
 #   decode (optional): the paged path (continuous batching, transformers' CUDA graphs) at 128:1,024
 #      (2026-11-30: 30.3 ms a step at 128:1,024, 94.0 ms at 512:1,024);
-#   static (optional): the static cache compiled by transformers (CUDA graphs) at 128:1,024;
 #   sdpa (optional): the decode part's shape with transformers' sdpa instead of rollout's sdpa_gqa;
 #   rollout (optional): bench/rollout.py tokens/s per cache;
 #   memory (optional): bench/memory.py's prediction of the update's peak, which the steps part then checks;
@@ -78,20 +77,13 @@ print('parameters', random_model('bench/qwen2.5-1.5b/config.json', '$MODEL'))" |
 [[ $PARTS == *full* ]] && step 80 $PY bench/phase_check.py --model $MODEL --caches slots --rollouts 1024 \
   --median 600 --limit 3072 --prompt-median 150 --max-batch-tokens 1048576 --max-batch-size 1024 \
   --json ${OUT:-/tmp}/phase_full.json
-# the static cache, which transformers compiles (torch.compile, CUDA graphs) on a GPU: never measured, and since
-# 2026-11-30 predicted ahead of the paged path on torch's kernel for a whole phase (bench/phase_cost.py) on an
-# assumed 1 ms of host a step; the first call's seconds are the compile's
-[[ $PARTS == *static* ]] && step 75 $PY bench/decode_cost.py --device cuda --cache static --measure 128:1024 \
-  --new 1:137 --json ${OUT:-/tmp}/decode_cost_static.json
 # transformers' own sdpa (repeat_kv under a padding mask on 5.17): what rollout's sdpa_gqa attention saves
 [[ $PARTS == *sdpa* ]] && step 60 $PY bench/decode_cost.py --device cuda --attention sdpa \
   --measure 128:1024 --json ${OUT:-/tmp}/decode_cost_sdpa.json
 # generation alone, 32 prompts x 4 rollouts x 256 tokens with each cache: the dynamic one once against plain
-# generate, the static one twice (the first call compiles), the paged one once
+# generate, the paged one once
 [[ $PARTS == *rollout* ]] && step 90 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache dynamic --repeats 1
-[[ $PARTS == *rollout* ]] && step 120 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
-  --max-batch-tokens 600000 --cache static --no-plain
 [[ $PARTS == *rollout* ]] && step 60 $PY bench/rollout.py --model $MODEL --prompts 32 --n 4 --max-new-tokens 256 \
   --max-batch-tokens 600000 --cache paged --no-plain --repeats 1
 [[ $PARTS == *memory* ]] && step 60 $PY bench/memory.py --models 1.5b --worlds 1 --tokens 2048 --micro-batch-tokens $MB --device cuda:0 \

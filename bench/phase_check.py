@@ -101,7 +101,7 @@ def predicted(path: str, prompt, resp, limit: int, max_batch_tokens: int, max_ba
                                                   max_batch_size=max_batch_size))
     params = model_cfg["params"]
     return phase_cost.phase_seconds(path, prompt, resp, cfg, 2 * params, model_cfg["kv_bytes"], bandwidth, host_us,
-                                    1.0, slot_check=0 if cuda else 1)  # the loop looks every step when eager
+                                    slot_check=0 if cuda else 1)  # the loop looks every step when eager
 
 
 def main():
@@ -160,7 +160,6 @@ def main():
           f"{args.limit} (mean {resp.mean():.0f}), prompts median {args.prompt_median:g} (mean {prompt.mean():.0f}); "
           f"at most {args.max_batch_size} rows at once, KV budget {args.max_batch_tokens:,} tokens\n")
     paths = {"dynamic": "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)",
-             "static": "static, sdpa_gqa, compiled (CUDA graphs)",
              "paged": "paged, flash-attn (block table), CUDA graphs" if flash else
              "paged, torch's flash kernel (keys gathered), CUDA graphs",
              "slots": "slots (our decode loop), torch's flash kernel (seqused_k), CUDA graphs"}

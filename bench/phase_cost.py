@@ -11,30 +11,28 @@ the larger of the two 7-49 % short (mean 26 %); `--overlap` charges the larger e
   at `--host-us` each: 18.4 us by default, measured on an H200 machine (2026-11-29, bench/results/gpu: the
   narrow model's eager step, 22.2 ms for 1,202 kernels; the real width at batch 128 implies at most 23 us). The
   55 us that train.py's decoding implied (86 ms a step, 2026-11-28) included, we predict, a cuDNN attention plan
-  built at every step, which rollout no longer allows (rollout.attention_backends). A CUDA-graphed step of a static
-  cache compiled by transformers is charged `--graph-host-ms` a step instead (an assumption until a GPU measures
-  it). Continuous batching adds its own host work every step, eager or graphed: its scheduler, the step's inputs
-  and each request's bookkeeping, in Python, `--cb-host-ms` + `--cb-host-us-per-row` x the step's rows, plus, on
-  steps that take its varlen path (every step without flash-attn's block table; with it, the steps that admit
-  requests), `--cb-host-ns-per-token` x the tokens in the cache (the read indices it lists); measured on this CPU
-  through rollout.generate by bench/cb_host.py: 1.2 ms + 19 us a request + 105 ns a cached token, transformers
-  5.24 and 5.17. With CUDA graphs transformers prepares the next batch while the device runs this one (its "async
-  batching"), which would make a graphed paged step max(host, device); on the H200 (2026-11-30, torch's kernel,
-  bench/decode_cost.py --cache paged) it was 30.3 ms at batch 128, context 1,024 (max 17.4, sum 31.7 ms here) and
-  94.0 ms at 512 (max 66.0, sum 121.4 ms): partial overlap (about a tenth of the smaller term hidden at 128, half
-  at 512), so every step is charged host + device (pessimistic) and the fully overlapped figure is printed beside
-  it: the phase lies between the two. A graphed paged call also captures a CUDA graph per padded shape it
-  meets (CAPTURE_S each, counted over the schedule's distinct (query tokens, KV read) buckets).
+  built at every step, which rollout no longer allows (rollout.attention_backends). Continuous batching adds its
+  own host work every step, eager or graphed: its scheduler, the step's inputs and each request's bookkeeping, in
+  Python, `--cb-host-ms` + `--cb-host-us-per-row` x the step's rows, plus, on steps that take its varlen path
+  (every step without flash-attn's block table; with it, the steps that admit requests), `--cb-host-ns-per-token`
+  x the tokens in the cache (the read indices it lists); measured on this CPU through rollout.generate by
+  bench/cb_host.py: 1.2 ms + 19 us a request + 105 ns a cached token, transformers 5.24 and 5.17. With CUDA graphs
+  transformers prepares the next batch while the device runs this one (its "async batching"), which would make a
+  graphed paged step max(host, device); on the H200 (2026-11-30, torch's kernel, bench/decode_cost.py --cache
+  paged) it was 30.3 ms at batch 128, context 1,024 (max 17.4, sum 31.7 ms here) and 94.0 ms at 512 (max 66.0, sum
+  121.4 ms): partial overlap (about a tenth of the smaller term hidden at 128, half at 512), so every step is
+  charged host + device (pessimistic) and the fully overlapped figure is printed beside it: the phase lies between
+  the two. A graphed paged call also captures a CUDA graph per padded shape it meets (CAPTURE_S each, counted over
+  the schedule's distinct (query tokens, KV read) buckets).
 - device: the bf16 weights once, plus per token in the KV cache: the read (1x its bytes; 18x with `repeat_kv`,
   which copies the cache 6 heads wide and reads the copy), transformers' DynamicLayer's concatenation (read and
-  rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place), and for a static cache
-  the whole preallocated length, read whether written or not. Continuous batching with flash-attn's paged kernel
+  rewritten every step: +2x; rollout's PreallocatedLayer writes the new token in place). Continuous batching with flash-attn's paged kernel
   reads the cache in place through the block table; without flash-attn (rollout.paged_varlen_attention, torch's
   flash kernel), transformers first gathers each sequence's keys and values out of the paged cache (a read and a
   write of them), and the kernel, given padded queries under CUDA graphs, reads each KV head once per query head
   (6 for 12 on 2): 8x predicted, 17.5x measured (bench/varlen_check.py on the H200, 2026-11-30).
 
-Batching: `dynamic`/`static` decode rollout.plan_batches' batches until their longest response ends (finished
+Batching: `dynamic` decodes rollout.plan_batches' batches until their longest response ends (finished
 rows keep their slot); `paged` is continuous batching (a finished row leaves, a waiting one joins).
 The decode bound is the paged calls' device time under an ideal scheduler (single tokens, no margin), with a single
 read of the cache and no host time.
@@ -66,7 +64,6 @@ PATHS = {
     "dynamic (DynamicLayer: concatenated), sdpa (5.17: repeat_kv), eager": ("padded", "concatenated", 18.0, 1205),
     "dynamic (DynamicLayer: concatenated), sdpa_gqa, eager": ("padded", "concatenated", 1.0, 1149),
     "dynamic (PreallocatedLayer), sdpa_gqa, eager (rollout.generate today)": ("padded", "preallocated", 1.0, 1149),
-    "static, sdpa_gqa, compiled (CUDA graphs)": ("padded", "static", 1.0, "graph"),
     "paged, flash-attn (block table), eager": ("paged", "block table", 1.0, 1149),
     "paged, flash-attn (block table), CUDA graphs": ("paged", "block table", 1.0, "graph"),
     "paged, torch's flash kernel (keys gathered), CUDA graphs": ("paged", "gathered", "torch kernel", "graph"),
@@ -101,15 +98,14 @@ def cb_host_s(rows, cached, varlen, cb_host_ms: float = CB_HOST_MS, cb_host_us_p
 
 
 def padded_steps(prompt, resp, batches, limit: int):
-    """Per decoding step of static batches: (rows, tokens in the cache, tokens allocated for a static cache)."""
-    rows, cached, allocated = [], [], []
+    """Per decoding step of batches decoded to their longest response: (rows, tokens in the cache)."""
+    rows, cached = [], []
     for b in batches:
         T, P = int(resp[b].max()), int(prompt[b].max())  # left-padded to the batch's longest prompt
         t = np.arange(T)
         rows.append(np.full(T, len(b)))
         cached.append(len(b) * (P + t))
-        allocated.append(np.full(T, len(b) * (P + limit)))
-    return np.concatenate(rows), np.concatenate(cached), np.concatenate(allocated)
+    return np.concatenate(rows), np.concatenate(cached)
 
 
 def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: int = 1, margin: float = 0.0,
@@ -151,12 +147,13 @@ def paged_steps(prompt, resp, max_batch_tokens: int, max_batch_size: int, page: 
 
 def slots_steps(prompt, resp, limit: int, max_batch_tokens: int, max_batch_size: int, check: int = 0):
     """The decode loop's schedule (rollout._generate_slots), row for row: as many slots as the KV budget holds at
-    the longest prompt + limit; every `check` steps (default SLOT_CHECK_EVERY, as graphed; eager: 1) finished rows retire and waiting rows (in order) take
-    the free slots, lowest first, prefilled in forwards of up to SLOT_PREFILL_TOKENS prompt tokens (their first
+    the longest prompt + limit; every `check` steps (default SLOT_CHECK_EVERY, as graphed; eager: 1) finished rows
+    retire and waiting rows (in order) take the free slots, lowest first, prefilled in forwards of up to SLOT_PREFILL_TOKENS prompt tokens (their first
     token sampled there); with none waiting and at most half the step's slots held, the rows move to the first
     slots and the step runs on the smallest power of two that holds them. Rollout i ends after resp[i] tokens (its
     EOS included). Returns (rows computed a step, tokens read a step: a live row's cache and new token, one key a
-    finished row, live rows a step), the prefill forwards and the batch shapes stepped."""
+    finished row, live rows a step), the prefill forwards and the batch shapes stepped. Each rollout is its own
+    prompt here (as phase_cost and phase_check draw them; the loop prefills a prompt once for all its rows)."""
     B, width = len(resp), int(prompt.max()) + limit
     S = max(1, min(B, max_batch_size, max_batch_tokens // width))
     row, length, count, live = np.full(S, -1), np.zeros(S, int), np.zeros(S, int), np.zeros(S, bool)
@@ -219,7 +216,7 @@ def paged_schedule(prompt, resp, limit: int, max_batch_tokens: int, max_batch_si
 
 
 def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float, bandwidth: float,
-                  host_us: float, graph_host_ms: float, overlap: bool = False, cb_host_ms: float = CB_HOST_MS,
+                  host_us: float, overlap: bool = False, cb_host_ms: float = CB_HOST_MS,
                   cb_host_us_per_row: float = CB_HOST_US_PER_ROW, cb_host_ns_per_token: float = CB_HOST_NS_PER_TOKEN,
                   slot_check: int = 0) -> dict:
     """Predicted seconds of one rank's decoding (prefill not included), host-bound steps, decode steps."""
@@ -240,9 +237,9 @@ def phase_seconds(path, prompt, resp, cfg, weight_bytes: float, kv_bytes: float,
                 "prefills": prefills}
     if batching == "padded":
         batches = rollout.plan_batches(list(prompt), limit, cfg.rollout.max_batch_tokens, cfg.rollout.max_batch_size)
-        rows, cached, allocated = padded_steps(prompt, resp, batches, limit)
-        read = allocated if cache == "static" else cached
-        host = np.full(len(rows), graph_host_ms * 1e-3 if graphed else launches)
+        rows, cached = padded_steps(prompt, resp, batches, limit)
+        read = cached
+        host = np.full(len(rows), launches)
     else:  # continuous batching's own host work besides the launches (with graphs: instead of them)
         rows, cached, joined, q, call = paged_schedule(prompt, resp, limit, cfg.rollout.max_batch_tokens,
                                                        cfg.rollout.max_batch_size)
@@ -278,8 +275,6 @@ def main():
     ap.add_argument("--kv-bytes", type=float, default=28 * 1024, help="KV cache bytes per token (bench/memory.py)")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3)")
     ap.add_argument("--host-us", type=float, default=18.4, help="host time per eager kernel on the GPU machine")
-    ap.add_argument("--graph-host-ms", type=float, default=1.0, help="host time of a CUDA-graphed decoding step "
-                    "of a compiled static cache")
     ap.add_argument("--cb-host-ms", type=float, default=CB_HOST_MS, help="continuous batching's host time a step, "
                     "fixed part (bench/cb_host.py)")
     ap.add_argument("--cb-host-us-per-row", type=float, default=CB_HOST_US_PER_ROW, help="continuous batching's "
@@ -299,8 +294,7 @@ def main():
     print(f"{os.path.relpath(args.config, ROOT)}: {n} rollouts per rank, max_new_tokens {limit}, KV budget "
           f"{cfg.rollout.max_batch_tokens:,} tokens; lengths lognormal(median 600, sigma 0.7) + {args.runaway:.0%} at "
           f"{limit}; {args.params / 1e9:.2f}B bf16, {args.kv_bytes / 1024:.0f} KiB KV a token, "
-          f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, {args.graph_host_ms} ms a "
-          f"graphed static step, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row "
+          f"{args.bandwidth / 1e12:.2f} TB/s; host {args.host_us:.1f} us an eager kernel, continuous batching {args.cb_host_ms} ms + {args.cb_host_us_per_row} us a row "
           f"(+ {args.cb_host_ns_per_token} ns a cached token on varlen steps); a step "
           f"{'max(host, device)' if args.overlap else 'host + device'}; a CUDA graph capture {CAPTURE_S * 1e3:.0f} ms; "
           f"{args.seeds} seeds\n")
@@ -314,7 +308,7 @@ def main():
         tokens.append(int(resp.sum()))
         for p in PATHS:
             res[p].append(phase_seconds(p, prompt, resp, cfg, W, args.kv_bytes, args.bandwidth, args.host_us,
-                                        args.graph_host_ms, args.overlap, args.cb_host_ms, args.cb_host_us_per_row,
+                                        args.overlap, args.cb_host_ms, args.cb_host_us_per_row,
                                         args.cb_host_ns_per_token))
     bound, tok = float(np.mean(bounds)), float(np.mean(tokens))
     print("| path | decode steps | predicted phase | tokens/s | share of the decode bound | host-bound steps | "

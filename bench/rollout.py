@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 16)
-    ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | static | paged")
+    ap.add_argument("--cache", default="dynamic", help="rollout.generate's KV cache: dynamic | slots | paged")
     ap.add_argument("--no-share-prefill", action="store_true", help="prefill every rollout (rollout.share_prefill=false)")
     ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the plain-generate baseline")

@@ -105,7 +105,6 @@ def trl(steps, out, new):
 
 VARIANTS = {"padded": ("ours, padded micro-batches", ["--train.share_prompt=false"]),
             "shared": ("ours, shared prompts", ["--train.share_prompt=true"]),
-            "static": ("ours, padded, static KV cache", ["--train.share_prompt=false", "--rollout.cache=static"]),
             "trl": ("TRL GRPOTrainer", None)}
 
 

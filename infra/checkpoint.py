@@ -29,8 +29,9 @@ def check_out_dir(cfg: Config):
     the two: refuse, unless run.overwrite, which removes them first."""
     out = cfg.run.out_dir
     found = [p for p in ("checkpoints", "metrics.jsonl", "final") if os.path.lexists(os.path.join(out, p))]
+    found += ["config.yaml"] if found and os.path.islink(os.path.join(out, "config.yaml")) else []
     if not (found and cfg.run.overwrite and not cfg.run.resume):
-        for name in found + ["config.yaml"]:  # never followed out of the run directory: what it holds is refused
+        for name in set(found + ["config.yaml"]):  # never followed out of the run directory: refused
             refuse_links(os.path.join(out, name), depth=3 if name == "checkpoints" else 1)
     if cfg.run.resume or not found:
         return
@@ -246,17 +247,22 @@ def _read_dcp_metadata(path: str):
     """A checkpoint's torch.distributed.checkpoint metadata, read here rather than by torch: torch's
     FileSystemReader unpickles .metadata with plain pickle and, when that does not give it a usable object, falls
     back to a rank-local __<rank>.metadata that it unpickles the same way. Here .metadata is the only metadata
-    file read (a checkpoint holding any other is refused; this code never writes one), with an unpickler that
-    allows only DCP's metadata classes, torch.Size and dtypes; it must hold a Metadata object; every storage
+    file read (a checkpoint holding a __<rank>.metadata is refused; this code never writes one), with an
+    unpickler that allows only DCP's metadata classes, torch.Size and dtypes, and sets state on instances only
+    (pickle's BUILD on a class would change that class for the whole process: pathlib.Path's, say, redirecting
+    every later read and write); it must hold a Metadata object; every storage
     file it names must be a plain file name of a real file in the checkpoint directory, with no transforms (this
     code writes none). Anything else raises UnsafeCheckpoint naming it; a truncated file raises what pickle
     raised (a corrupt checkpoint)."""
     import pickle
+    import re
 
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
-    class Unpickler(pickle.Unpickler):
+    class Unpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be overridden
+        dispatch = dict(pickle._Unpickler.dispatch)
+
         def find_class(self, module, name):
             if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
                     module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
@@ -264,8 +270,14 @@ def _read_dcp_metadata(path: str):
             _refuse(f"{path}/.metadata", f"it asks for {module}.{name}, which a checkpoint of this code never holds "
                                          "and which could run code when loaded")
 
+        def load_build(self):
+            if isinstance(self.stack[-2], type):  # the state would be set on a class, for the whole process
+                _refuse(f"{path}/.metadata", f"it sets attributes of the class {self.stack[-2].__qualname__}")
+            super().load_build()
+        dispatch[pickle.BUILD[0]] = load_build
+
     refuse_links(path, depth=1)
-    others = [n for n in os.listdir(path) if n.endswith(".metadata") and n != ".metadata"]
+    others = [n for n in os.listdir(path) if re.fullmatch(r"__\d+\.metadata", n)]
     if others:
         _refuse(f"{path}/{others[0]}", "a rank-local metadata file, which this code never writes and which "
                                        "torch.distributed.checkpoint would unpickle with plain pickle")
@@ -281,10 +293,10 @@ def _read_dcp_metadata(path: str):
             _refuse(f"{path}/.metadata", f"it stores {getattr(index, 'fqn', index)} at {name!r}, not in a file of "
                                          "the checkpoint directory")
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path}/{name} (named by .metadata for {index.fqn}) is missing")
+            raise FileNotFoundError(f"{path}/{name} (named by .metadata for {getattr(index, 'fqn', index)}) is missing")
         if info.transform_descriptors:
             _refuse(f"{path}/.metadata", f"it asks for the storage transforms {list(info.transform_descriptors)} "
-                                         f"for {index.fqn}, which this code never writes")
+                                         f"for {getattr(index, 'fqn', index)}, which this code never writes")
     return metadata
 
 

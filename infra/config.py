@@ -70,8 +70,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch_tokens: int = 1 << 21  # KV-cache budget per generate call, in tokens
     max_batch_size: int = 1024
-    cache: str = "dynamic"  # dynamic (HF generate: the reference) | static (on GPU: torch.compile + CUDA graphs) |
-    #                         slots (our decode loop: CUDA graphs, all rollouts at once) | paged (continuous batching)
+    cache: str = "dynamic"  # dynamic (HF generate: the reference) | slots (our decode loop: CUDA graphs, all
+    #                         rollouts at once) | paged (transformers' continuous batching)
     share_prefill: bool = True  # dynamic cache: prefill each distinct prompt once for all its rollouts
     stop_at_im_end: bool = False  # also stop at <|im_end|> (released: the tokenizer's EOS only)
     # Beyond the paper, DAPO's dynamic sampling (the baseline curricula are compared against): groups whose
@@ -231,7 +231,7 @@ def usage(doc: str, cfg: Config | None = None) -> str:
     config key with its default."""
     cfg = cfg or Config()
     lines = [doc.split("\n\n")[0], "", "usage: [torchrun ...] train.py [--config FILE.yaml] [--section.key=value ...]",
-             "", "config keys (defaults = the paper's setting; see README, Config reference):"]
+             "", "config keys (defaults = the paper's setting; see docs/config.md):"]
     for section in dataclasses.fields(cfg):
         lines.append(f"  {section.name}:")
         for f in dataclasses.fields(getattr(cfg, section.name)):
@@ -270,13 +270,16 @@ def validate_config(cfg: Config):
     choices = {"cures.sampling": ("cures", "uniform"), "cures.allocation": ("cures", "uniform"),
                "cures.sigma": ("accuracy", "gradient"), "train.advantage": ("grpo", "rpp"),
                "train.kl_kind": ("low_var_kl", "kl", "mse"), "train.loss_agg": ("token_mean", "seq_mean_token_mean"),
-               "train.group_by": ("prompt", "draw"), "rollout.cache": ("dynamic", "static", "slots", "paged"),
+               "train.group_by": ("prompt", "draw"), "rollout.cache": ("dynamic", "slots", "paged"),
                "data.answer_format": ("answer", "solution")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if not (0 < cfg.rollout.top_p <= 1) or cfg.rollout.temperature < 0 or cfg.eval.temperature < 0:
+        raise ValueError(f"rollout.top_p must be in (0, 1] and temperatures >= 0, not top_p={cfg.rollout.top_p}, "
+                         f"temperature={cfg.rollout.temperature}, eval.temperature={cfg.eval.temperature}")
     micro_batch_layout(cfg)  # train.pack, and share_prompt's attention needs
     cache_tokens, attn = cfg.rollout.max_batch_tokens, cfg.model.attn_implementation
     forward_tokens, mask_limit = min(rollout.PAGED_FORWARD_TOKENS, cache_tokens), 2**32

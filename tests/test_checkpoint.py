@@ -425,6 +425,11 @@ def _craft(route, ckpt, marker, elsewhere):
         shutil.copy(os.path.join(ckpt, "meta.pt"), elsewhere / "meta.pt")
         os.remove(os.path.join(ckpt, "meta.pt"))
         os.symlink(elsewhere / "meta.pt", os.path.join(ckpt, "meta.pt"))
+    elif route == "class attributes set by BUILD":  # pathlib.Path's string set, for every path made after
+        target = str(elsewhere).encode()
+        with open(os.path.join(ckpt, ".metadata"), "wb") as f:  # GLOBAL, {"_str": target}, BUILD, STOP
+            f.write(b"cpathlib\nPosixPath\n}X\x04\x00\x00\x00_strX" + len(target).to_bytes(4, "little") + target
+                    + b"sb.")
     elif route == "storage transform":
         def edit(md):
             for info in md.storage_data.values():
@@ -439,6 +444,7 @@ CRAFTED = {"rank-local metadata": "__0.metadata: a rank-local metadata file",
            "data file linked elsewhere": "__0_0.distcp: it is a symbolic link",
            "meta.pt linked elsewhere": "meta.pt: it is a symbolic link",
            "storage transform": "asks for the storage transforms",
+           "class attributes set by BUILD": "sets attributes of the class PosixPath",
            "optimiser item through dcp.load": "optim.param_groups.*: it asks for posix.system"}
 
 
@@ -473,7 +479,7 @@ def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model
     metrics = open(out / "metrics.jsonl").read()
     with pytest.raises(UnsafeCheckpoint, match=CRAFTED[route]):
         train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
-    assert not marker.exists()
+    assert not marker.exists() and str(__import__("pathlib").Path("/a") / "b") == "/a/b"  # pathlib untouched
     assert open(out / "metrics.jsonl").read() == metrics and len(checkpoint_dirs(str(out))) == 2
 
 
@@ -552,3 +558,28 @@ def test_a_stop_inside_a_paged_generation_call_resumes(tiny_model_dir, tmp_path,
             signal.signal(s, h)
     rows = [r for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl")) if "train/reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_stop_inside_the_decode_loop_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """SIGTERM while the decode loop (rollout.cache=slots, 7 slots) generates: the run stops at the loop's next look,
+    saves its last finished step, and the resumed run, on the loop with another batching (13 slots: a free key),
+    ends where the uninterrupted run on HF generate's dynamic cache ends: same logged values, posteriors and
+    weights. Every rollout samples with its own key, so neither the cache nor its batching changes what is sampled."""
+    import rollout
+
+    train.main(tiny_default_run(tmp_path / "a", "--run.max_steps=3"))
+    wrapped, fired = sigterm_at(rollout._decode_step, lambda k, a, kw: k == 300)
+    monkeypatch.setattr(rollout, "_decode_step", wrapped)
+    state, _ = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=3", "--rollout.cache=slots",
+                                           "--rollout.max_batch_size=7"))
+    assert fired and state["step"] < 3  # (the wrapper fires once: the resumed run goes through it untouched)
+    train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=3", "--run.resume=auto", "--rollout.cache=slots",
+                                "--rollout.max_batch_size=13"))
+    skip = ("time/", "perf/")
+    rows = {run: [{k: v for k, v in json.loads(l).items() if not k.startswith(skip)}
+                  for l in open(tmp_path / run / "metrics.jsonl")] for run in "ab"}
+    assert [r["step"] for r in rows["b"]] == [r["step"] for r in rows["a"]] == [0, 1, 2, 3]
+    assert rows["a"] == rows["b"]
+    wa, wb = final_weights(tmp_path / "a" / "final"), final_weights(tmp_path / "b" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -62,6 +62,7 @@ def test_help_and_config_flag_forms(capsys, tmp_path):
     (["--train.advantage=grpoo"], "train.advantage must be one of grpo, rpp"),
     (["--train.kl_kind=k3"], "train.kl_kind"), (["--train.loss_agg=mean"], "train.loss_agg"),
     (["--train.pack=yes"], "train.pack"), (["--rollout.cache=paged2"], "rollout.cache"),
+    (["--rollout.top_p=0"], "rollout.top_p must be in"),
     (["--rollout.rollouts_per_step=0"], "rollouts_per_step >= 2048"),
     (["--data.num_subsets=0", f"--data.train={TRAIN_DATA}"], "data.num_subsets=0"),
     (["--model.path=./no/such/model"], "model.path='./no/such/model': no such directory"),

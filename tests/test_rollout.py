@@ -49,17 +49,11 @@ def test_generate_layout_and_reproducibility(tiny_model_dir):
     assert torch.equal(greedy.response_ids[0], greedy.response_ids[1])  # greedy: both samples equal
 
 
-def test_static_cache_gives_the_same_rollouts(tiny_model_dir):
-    """rollout.cache=static (preallocated KV cache; compiled on GPU) samples exactly what the default does."""
+def test_an_unknown_cache_is_refused(tiny_model_dir):
     model, tok = _model_and_tok(tiny_model_dir)
-    prompts = [tok("What is 1+1?").input_ids, tok("Hi").input_ids, tok("What is 12+345?").input_ids]
-    kw = dict(max_new_tokens=6, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=3, max_batch_tokens=40)
-    for temperature in (0.0, 1.0):
-        dynamic = rollout.generate(model, prompts, [2, 1, 3], temperature=temperature, **kw)
-        static = rollout.generate(model, prompts, [2, 1, 3], temperature=temperature, cache="static", **kw)
-        assert torch.equal(dynamic.response_ids, static.response_ids)
-    with pytest.raises(ValueError, match="cache"):
-        rollout.generate(model, prompts, 1, cache="paged_attention", **kw)
+    with pytest.raises(ValueError, match="cache must be dynamic, slots or paged, not 'static'"):
+        rollout.generate(model, [tok("Hi").input_ids], 1, max_new_tokens=2, eos_ids=[tok.eos_token_id],
+                         pad_id=tok.pad_token_id, cache="static")
 
 
 def test_shared_prefill_gives_the_same_rollouts(tiny_model_dir):
@@ -332,20 +326,17 @@ def test_gqa_decoding_gives_the_same_rollouts(temperature, monkeypatch):
         return rollout.sdpa_gqa_attention(module, query, *args, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, rollout.GQA_ATTENTION, counted)
-    for cache in ("dynamic", "static"):
-        calls.clear()
-        gqa = rollout.generate(model, prompts, 3, cache=cache, **kw)
-        decode_calls = sum(q == 1 for q in calls)
-        assert decode_calls >= model.config.num_hidden_layers * (gqa.response_ids.shape[1] - 1)
-        assert model.config._attn_implementation == "sdpa"
-        monkeypatch.setattr(rollout, "DECODE_GQA", False)
-        calls.clear()
-        plain = rollout.generate(model, prompts, 3, cache=cache, **kw)
-        monkeypatch.setattr(rollout, "DECODE_GQA", True)
-        assert not calls and torch.equal(gqa.response_ids, plain.response_ids)
+    gqa = rollout.generate(model, prompts, 3, **kw)
+    decode_calls = sum(q == 1 for q in calls)
+    assert decode_calls >= model.config.num_hidden_layers * (gqa.response_ids.shape[1] - 1)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(rollout, "DECODE_GQA", False)
+    calls.clear()
+    plain = rollout.generate(model, prompts, 3, **kw)
+    assert not calls and torch.equal(gqa.response_ids, plain.response_ids)
 
 
-@pytest.mark.parametrize("cache", ["static", "slots", "paged"])
+@pytest.mark.parametrize("cache", ["slots", "paged"])
 def test_weights_updated_in_place_are_seen(tiny_model_dir, cache):
     """The trainer updates the generation model's weights in place between phases: the next call of either
     cache decodes with the new weights (greedy tokens equal to the dynamic path's on the updated model), nothing
@@ -453,7 +444,7 @@ def _random_model(tok, **kw):
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
 def test_every_cache_and_batching_samples_the_same_rollouts(tiny_model_dir, temperature, top_p, monkeypatch):
     """A rollout's tokens are a function of (seed, its prompt's key, its index) only: HF generate on the dynamic
-    and static caches and the decode loop (cache="slots") sample the same tokens, greedy and sampled, under any
+    cache and the decode loop (cache="slots") sample the same tokens, greedy and sampled, under any
     max_batch_tokens / max_batch_size (the loop with 1, 3 and all slots: refills and tail compaction), and a
     prompt generated in another call with the same prompt key gets the same rollouts. Prompts of 1 to 16 tokens,
     a random model (a flat distribution: every draw matters) and EOS tokens it samples (lengths vary)."""
@@ -471,8 +462,7 @@ def test_every_cache_and_batching_samples_the_same_rollouts(tiny_model_dir, temp
     ref = rollout.generate(model, prompts, n, **kw)
     assert 1 < len(set(ref.lengths.tolist()))
     runs = {"dynamic, batches of 2": rollout.generate(model, prompts, n, max_batch_size=2, share_prefill=False, **kw),
-            "dynamic, 60-token budget": rollout.generate(model, prompts, n, max_batch_tokens=60, **kw),
-            "static": rollout.generate(model, prompts, n, cache="static", max_batch_size=5, **kw)}
+            "dynamic, 60-token budget": rollout.generate(model, prompts, n, max_batch_tokens=60, **kw)}
     shapes = {}
     for slots in (1, 3, 12):
         steps.clear()
