@@ -130,7 +130,10 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
     state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0,
              "pending_eval": -1, "cold": {}}
     candidates = checkpoint_dirs(cfg.run.out_dir)[::-1] if cfg.run.resume == "auto" else [cfg.run.resume]
+    if cfg.run.resume == "auto" and not candidates:
+        refuse_fresh_start_over_a_run(cfg.run.out_dir)
     for path in [p for p in candidates if p]:
+        optimizer.state.clear()  # nothing a failed newer attempt created: a fallback loads what a direct load does
         try:
             meta = read_meta(path)
         except UnsafeCheckpoint:
@@ -151,6 +154,8 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
             print0(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one")
             continue
         state.update({k: meta.get(k, state[k]) for k in state})
+        if cfg.run.resume != "auto":  # a roll-back: the newer checkpoints of this run go aside, auto follows this line
+            set_aside_newer(cfg.run.out_dir, state["step"])
         scheduler.load_state_dict(meta["scheduler"])
         apply_optimizer_settings(optimizer, scheduler, cfg)
         print0(f"resumed from {path} at step {state['step']}"
@@ -163,13 +168,51 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
 
 
 def checkpoint_dirs(out_dir: str):
-    """Complete checkpoints (directories with meta.pt), oldest first; half-written ones are ignored."""
+    """Complete checkpoints (step_<n> directories with meta.pt), oldest first; half-written ones (.tmp) are
+    ignored. A step re-saved is swapped in as replaced_step_<n> -> the new step_<n>: a replaced_step_<n> left
+    without its step_<n> (a kill between the two renames) is the step's checkpoint."""
+    import re
+
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-            and os.path.exists(os.path.join(root, d, "meta.pt"))]
-    return [os.path.join(root, d) for d in sorted(done)]
+    done = {}
+    for d in sorted(os.listdir(root), key=lambda d: d.startswith("step_")):  # step_<n> over replaced_step_<n>
+        m = re.fullmatch(r"(?:replaced_)?step_(\d+)", d)
+        if m and os.path.exists(os.path.join(root, d, "meta.pt")):
+            done[int(m.group(1))] = os.path.join(root, d)
+    return [done[k] for k in sorted(done)]
+
+
+def refuse_fresh_start_over_a_run(out_dir: str):
+    """--run.resume=auto found no complete checkpoint: start fresh only where no run has left anything (a fresh
+    start would empty metrics.jsonl and overwrite final/); otherwise refuse, saying what is there."""
+    found = [p for p in ("metrics.jsonl", "final") if os.path.lexists(os.path.join(out_dir, p))]
+    root = os.path.join(out_dir, "checkpoints")
+    found += [f"checkpoints/{d}" for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
+    if found:
+        raise FileExistsError(f"--run.resume=auto found no complete checkpoint in {out_dir}, which holds a run "
+                              f"({', '.join(found)}): name a checkpoint with --run.resume=PATH, or start afresh "
+                              "without --run.resume, with --run.overwrite=true (removes it) or another --run.out_dir")
+
+
+def set_aside_newer(out_dir: str, step: int):
+    """A run resumed from an earlier checkpoint of its own (--run.resume=PATH, a roll-back): its checkpoints after
+    `step` move to checkpoints/abandoned/<time>/, kept, so that --run.resume=auto continues the rolled-back line
+    (rank 0 moves them; every rank waits)."""
+    import re
+    import time
+
+    newer = [p for p in checkpoint_dirs(out_dir)
+             if int(re.search(r"step_(\d+)$", p).group(1)) > step]
+    if newer and int(os.environ.get("RANK", 0)) == 0:
+        aside = os.path.join(out_dir, "checkpoints", "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for p in newer:
+            os.rename(p, os.path.join(aside, os.path.basename(p)))
+        print0(f"rolled back to step {step}: the later checkpoints ({', '.join(map(os.path.basename, newer))}) "
+               f"moved to {aside}")
+    barrier()
 
 
 def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, ref=None):
@@ -205,9 +248,13 @@ def save_checkpoint(policy, optimizer, cur, meta: dict, cfg: Config, rank: int, 
             raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} "
                                         f"({shutil.disk_usage(root).free / 2**20:.0f} MiB free); removed it") from e
         raise
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+    if rank == 0:  # a step saved again (a stop right after a periodic save): the old one goes only once the new
+        replaced = os.path.join(root, "replaced_" + os.path.basename(final))  # one is in place
+        if os.path.exists(final):
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in checkpoint_dirs(cfg.run.out_dir)[:-cfg.run.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -17,6 +17,25 @@ from infra.config import Config, config_dict
 from infra.distributed import all_reduce, print0
 
 
+def metrics_rows(path: str) -> list[str]:
+    """metrics.jsonl's lines (each ending in a newline), every one a JSON object with a step; a torn last line (a
+    crash or a full disk mid-write) is dropped with a warning, any other bad line is an error naming it."""
+    lines = open(path).read().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print0(f"warning: dropping the torn last line of {path} (line {i + 1}: {line[:80]!r})")
+                break
+            raise ValueError(f"{path}, line {i + 1}: {e}; fix or remove the line to resume") from None
+        rows.append(line + "\n")
+    return rows
+
+
 class Logger:
     """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
 
@@ -26,10 +45,15 @@ class Logger:
             return
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
-        if os.path.exists(path):  # resumed at `step`: rows written after that checkpoint are written again
-            rows = [line for line in open(path) if step > 0 and json.loads(line)["step"] <= step]
+        if os.path.exists(path):  # resumed at `step`: rows written after that checkpoint are written again (the
+            rows = metrics_rows(path)  # dropped ones are kept in metrics.dropped.jsonl)
+            keep = [step > 0 and json.loads(r)["step"] <= step for r in rows]
+            if not all(keep):
+                with open(os.path.join(cfg.run.out_dir, "metrics.dropped.jsonl"), "a") as f:
+                    f.writelines(r for r, k in zip(rows, keep) if not k)
+            keep = [r for r, k in zip(rows, keep) if k]
             with open(path, "w") as f:
-                f.writelines(rows)
+                f.writelines(keep)
         self.file = open(path, "a")
         if cfg.run.wandb_project:
             try:

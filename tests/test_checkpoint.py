@@ -583,3 +583,108 @@ def test_a_stop_inside_the_decode_loop_resumes_to_the_uninterrupted_run(tmp_path
     assert rows["a"] == rows["b"]
     wa, wb = final_weights(tmp_path / "a" / "final"), final_weights(tmp_path / "b" / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_auto_without_a_complete_checkpoint_never_starts_over_a_run(tiny_model_dir, tmp_path):
+    """--run.resume=auto where no complete checkpoint is left but a run is (metrics.jsonl, final/, a half-written
+    checkpoint): refused, naming what is there, nothing emptied or overwritten; in an empty directory it starts."""
+    import shutil
+
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=1"))
+    shutil.rmtree(out / "checkpoints")
+    os.makedirs(out / "checkpoints" / "step_000002.tmp")
+    metrics = open(out / "metrics.jsonl").read()
+    with pytest.raises(FileExistsError, match=r"no complete checkpoint .* holds a run \(metrics.jsonl, final, "
+                                              r"checkpoints/step_000002.tmp\)"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
+    assert open(out / "metrics.jsonl").read() == metrics and (out / "final").exists()
+    state, _ = train.main(small_run(tiny_model_dir, tmp_path / "fresh", "--run.max_steps=1", "--run.resume=auto"))
+    assert state["step"] == 1
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes(tiny_model_dir, tmp_path, capsys):
+    """A crash or a full disk mid-write leaves half a row at the end of metrics.jsonl: the resume drops it with a
+    warning and goes on (a bad row elsewhere is an error naming its line)."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train/rew')
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert "dropping the torn last line" in capsys.readouterr().out
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    lines = open(out / "metrics.jsonl").read().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:1] + ["{oops"] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
+        train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+
+
+@pytest.mark.slow
+def test_a_roll_back_sets_the_later_line_aside_and_auto_follows_it(tiny_model_dir, tmp_path):
+    """--run.resume=PATH to an earlier checkpoint of the run (a roll-back): the later checkpoints move to
+    checkpoints/abandoned/<time>/ and the later metrics rows to metrics.dropped.jsonl, nothing deleted; a later
+    --run.resume=auto continues the rolled-back line, not the abandoned one."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.keep_checkpoints=3"))
+    first = checkpoint_dirs(str(out))[0]
+    old_rows = [l for l in open(out / "metrics.jsonl") if json.loads(l)["step"] > 1]
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.keep_checkpoints=3", f"--run.resume={first}",
+                         "--train.lr=2e-3"))  # the new line differs from the old one
+    aside = [os.path.join(r, f) for r, _, fs in os.walk(out / "checkpoints" / "abandoned") for f in fs if f == "meta.pt"]
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in aside) == ["step_000002", "step_000003"]
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(out))] == ["step_000001", "step_000002"]
+    assert open(out / "metrics.dropped.jsonl").readlines()[:len(old_rows)] == old_rows
+    state, _ = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.keep_checkpoints=3",
+                                    "--run.resume=auto", "--train.lr=2e-3"))
+    assert state["step"] == 3 and [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_step_saved_again_replaces_its_checkpoint_only_once_the_new_one_is_in_place(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Saving a step that already has a checkpoint (a stop right after a periodic save): killed between moving the
+    old one aside and putting the new one in place, the step still has a complete checkpoint that resume finds."""
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(small_run(tiny_model_dir, out))
+    policy = Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    optimizer, _ = train.make_optimizer(policy, cfg)
+    real = os.rename
+
+    def killed(src, dst):  # the new checkpoint's move into place (not DCP's own renames inside it)
+        if os.path.basename(str(src)) == "step_000002.tmp":
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+    monkeypatch.setattr(os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(policy, optimizer, cures.Curriculum(3), {"step": 2}, cfg, 0)
+    monkeypatch.setattr(os, "rename", real)
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(out))][-1] == "replaced_step_000002"
+    state, _ = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    assert state["step"] == 3
+
+
+@pytest.mark.slow
+def test_a_fallback_loads_what_a_direct_load_loads(tiny_model_dir, tmp_path):
+    """A newer checkpoint that fails half-way (weights unreadable) and a fallback to the older one: the run then
+    equals a run resumed from the older checkpoint directly (nothing the failed attempt created, such as optimiser
+    state, carries over)."""
+    import shutil
+
+    out = tmp_path / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.keep_checkpoints=2"))
+    shutil.copytree(out, tmp_path / "direct")
+    old, new = checkpoint_dirs(str(out))
+    weights = sorted(f for f in os.listdir(new) if f.endswith(".distcp"))
+    with open(os.path.join(new, weights[0]), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(new, weights[0])) // 2)
+        f.write(b"\0" * 64)
+    fell_back, _ = train.main(small_run(tiny_model_dir, out, "--run.max_steps=3", "--run.resume=auto"))
+    direct, _ = train.main(small_run(tiny_model_dir, tmp_path / "direct", "--run.max_steps=3",
+                                     f"--run.resume={tmp_path / 'direct' / 'checkpoints' / os.path.basename(old)}"))
+    assert fell_back == direct
+    wa, wb = final_weights(out / "final"), final_weights(tmp_path / "direct" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
