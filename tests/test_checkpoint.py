@@ -448,8 +448,17 @@ CRAFTED = {"rank-local metadata": "__0.metadata: a rank-local metadata file",
            "optimiser item through dcp.load": "optim.param_groups.*: it asks for posix.system"}
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tiny_model_dir, tmp_path_factory):
+    """One small 2-step run (checkpoints at steps 1 and 2) that tests copy before changing it."""
+    out = tmp_path_factory.mktemp("two_step") / "r"
+    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    return out
+
+
 @pytest.mark.parametrize("route", list(CRAFTED))
-def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model_dir, tmp_path, monkeypatch, route):
+def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model_dir, two_step_run, tmp_path,
+                                                                      monkeypatch, route):
     """Each way a checkpoint handed over on a shared cluster could run code or read a file outside its directory
     through torch.distributed.checkpoint (its fallback to rank-local metadata read with plain pickle, storage
     paths, links, transforms, a pickled optimiser item reaching DCP's planner) raises UnsafeCheckpoint naming
@@ -459,7 +468,10 @@ def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model
 
     out, marker, elsewhere = tmp_path / "r", tmp_path / "ran", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    if route == "optimiser item through dcp.load":  # the step-2 checkpoint is saved with a pickled payload
+    if route != "optimiser item through dcp.load":  # the others: a copy of one 2-step run, crafted
+        __import__("shutil").copytree(two_step_run, out, symlinks=True)
+        _craft(route, checkpoint_dirs(str(out))[-1], marker, elsewhere)
+    else:  # the step-2 checkpoint is saved with a pickled payload
         real = checkpoint._state_dicts
 
         def poisoned(policy, optimizer, ref, fresh):
@@ -472,9 +484,6 @@ def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model
         monkeypatch.setenv("POISON", "1")
         train.main(small_run(tiny_model_dir, out, "--run.max_steps=2", "--run.resume=auto"))
         monkeypatch.setenv("POISON", "0")
-    else:
-        train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
-        _craft(route, checkpoint_dirs(str(out))[-1], marker, elsewhere)
     assert not marker.exists()
     metrics = open(out / "metrics.jsonl").read()
     with pytest.raises(UnsafeCheckpoint, match=CRAFTED[route]):
@@ -484,7 +493,7 @@ def test_a_crafted_checkpoint_is_refused_by_name_and_never_falls_back(tiny_model
 
 
 @pytest.mark.parametrize("planted", ["metrics.jsonl", "checkpoints/step_000003.tmp", "final"])
-def test_links_planted_in_a_run_directory_are_refused_not_followed(tiny_model_dir, tmp_path, planted):
+def test_links_planted_in_a_run_directory_are_refused_not_followed(tiny_model_dir, two_step_run, tmp_path, planted):
     """A symbolic link in a run directory where the run writes (metrics.jsonl, the next checkpoint's .tmp, final/)
     would make it write outside: a resume refuses it by name and writes nothing there; a fresh run with
     run.overwrite removes the link, never what it points to."""
@@ -493,7 +502,7 @@ def test_links_planted_in_a_run_directory_are_refused_not_followed(tiny_model_di
     out, elsewhere = tmp_path / "r", tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("mine")
-    train.main(small_run(tiny_model_dir, out, "--run.max_steps=2"))
+    __import__("shutil").copytree(two_step_run, out, symlinks=True)
     link = out / planted
     if link.is_dir() and not link.is_symlink():
         __import__("shutil").rmtree(link)
