@@ -39,12 +39,52 @@ def read_source(source: str, split: str) -> list[list[tuple]]:
         return [_numbered(f, read_rows(f)) for f in files]
     if os.path.exists(source):
         return [_numbered(source, read_rows(source))]
+    root, files = hub_dataset_files(source, split)
+    return [_numbered(f"{source} ({split}: {', '.join(files)})",
+                      [row for f in files for row in read_rows(os.path.join(root, f))])]
+
+
+def hub_dataset_files(repo_id: str, split: str) -> tuple[str, list[str]]:
+    """A hub dataset's files of `split`, without the `datasets` package: the repository's snapshot through
+    huggingface_hub (its cache: HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads the cache only), downloaded by one
+    process per node (LOCAL_RANK 0) while the others wait, then read from the cache by all. The split's files:
+    those in a folder named after it or named `<split>-...` / `<split>.<ext>` (the hub's conventions, e.g.
+    data/train-00000-of-00001.parquet); a repository without split names is all train. Returns (snapshot
+    folder, the files relative to it, sorted)."""
+    import re
+
+    from huggingface_hub import snapshot_download
+
+    from infra.distributed import barrier
+
+    kw = dict(repo_id=repo_id, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl", "*.json"])
+    first, error, root = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
     try:
-        import datasets  # hub dataset id; optional dependency
-    except ImportError:
-        raise ImportError(f"{source!r} is not a local file or directory; to load it as a hub dataset, "
-                          "pip install datasets") from None
-    return [_numbered(source, datasets.load_dataset(source, split=split))]
+        if first:
+            root = snapshot_download(**kw)
+    except Exception as e:  # noqa: BLE001  raised after the barrier, so that no rank waits for ever
+        error = e
+    barrier()
+    try:
+        root = root or snapshot_download(**kw, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        error = error or e
+    if error is not None:
+        raise FileNotFoundError(f"data.train: {repo_id!r} is not a local file or directory, and as a hub dataset it "
+                                f"could not be fetched ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                                "with no network, point data.train at local copies or fill the hub cache "
+                                "(HF_HOME) where there is one") from None
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names
+                   if f.endswith((".parquet", ".jsonl", ".json")))
+    def split_of(f):  # the split a file's folder or name gives, if any
+        names = f.split(os.sep)[:-1] + [re.split(r"[-._]", os.path.basename(f))[0]]
+        return next((n for n in names if n in (split, "train", "test", "validation", "valid", "dev")), None)
+    named = [f for f in files if split_of(f) == split]
+    unnamed = split == "train" and all(split_of(f) is None for f in files)
+    chosen = named or ([f for f in files if not f.endswith(".json")] if unnamed else [])
+    if not chosen:
+        raise ValueError(f"hub dataset {repo_id!r} ({root}): no data file for split {split!r} among {files[:8]}")
+    return root, chosen
 
 
 def _numbered(name: str, rows) -> list[tuple]:

@@ -107,3 +107,43 @@ def test_empty_or_null_answers_are_skipped_and_counted(tiny_model_dir, tmp_path,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=f"{path}:6: row has no 'answer'"):
         load_subsets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def _hub_cache(root, repo_id: str, files: dict, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A dataset repository in a huggingface_hub cache, laid out as huggingface_hub lays it:
+    hub/datasets--owner--name/{refs/main, snapshots/<commit>/<files>} (real files here; blobs and links there)."""
+    repo = root / "hub" / ("datasets--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, rows in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_rows(path, rows)
+
+
+def test_hub_datasets_load_without_the_datasets_package(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id in data.train is read through huggingface_hub's cache and pyarrow/json, offline here, with the
+    `datasets` package unimportable: the authors' numina_math_k layout (the train split in shards under data/, a
+    test split beside it) gives one subset per id, shards in order, the test split left out; an id the cache lacks
+    fails naming it and what to do."""
+    import sys
+
+    import huggingface_hub.constants as hub
+    from transformers import AutoTokenizer
+
+    _hub_cache(tmp_path, "ScaleML-RLHF/numina_math_1", {
+        "data/train-00000-of-00002.parquet": numina_rows("a", 2), "data/train-00001-of-00002.parquet": numina_rows("b", 1),
+        "data/test-00000-of-00001.parquet": numina_rows("t", 5), "dataset_infos.json": []})
+    _hub_cache(tmp_path, "ScaleML-RLHF/numina_math_2", {"train.jsonl": numina_rows("c", 2)})
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(["--data.train=[ScaleML-RLHF/numina_math_1, ScaleML-RLHF/numina_math_2]", "--data.num_subsets=0"])
+    subsets, _ = load_subsets(cfg, tok)
+    assert [len(s) for s in subsets] == [3, 2]
+    texts = [tok.decode(s["prompt_ids"]) for s in subsets[0]]
+    assert "a problem 0" in texts[0] and "a problem 1" in texts[1] and "b problem 0" in texts[2]
+    with pytest.raises(FileNotFoundError, match=r"'ScaleML-RLHF/numina_math_3' is not a local file or directory.*"
+                                                r"could not be fetched .*point data.train at local copies"):
+        load_subsets(load_config(["--data.train=[ScaleML-RLHF/numina_math_3]", "--data.num_subsets=0"]), tok)
