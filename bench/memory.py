@@ -133,11 +133,16 @@ def activation_bytes(path: str, tokens: int, chunk: int, device=torch.device("cp
     w = (torch.randn(V, d, device=device) * 0.02).to(dtype)  # its dense (V, d) gradient is counted with the root's
     y = torch.randint(0, V, (T,), device=device)
 
-    def head():
-        logp, _ = grpo.token_logprobs(h, w, y, 1.0, chunk)
+    def head(n):
+        logp, _ = grpo.token_logprobs(h[:n], w, y[:n], 1.0, chunk)
         logp.sum().backward()
 
-    return {"layer": layer / tokens, "layer_input": dtype.itemsize * d, "head": _peak(head, device) / T, "prefill": prefill / tokens}
+    # a fixed part and a part per token (two sizes): at a few tokens the fixed part dominates (the check's small
+    # micro-batches), at thousands the per-token part
+    big, small = _peak(lambda: head(T), device), _peak(lambda: head(max(1, T // 4)), device)
+    per_token = (big - small) / (T - max(1, T // 4)) if T > 1 else big
+    return {"layer": layer / tokens, "layer_input": dtype.itemsize * d, "head": per_token,
+            "head_fixed": max(0.0, big - per_token * T), "prefill": prefill / tokens}
 
 
 def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, prompt_frac: float,
@@ -172,7 +177,7 @@ def table(name: str, world: int, act: dict, chunk: int, max_batch_size: int, pro
     return {"model": name, "world": world, "params": params, "bytes": b, "kv_per_token": kv_per_token,
             "micro_batch_tokens": micro_batch_tokens,
             "update_peak": peak(micro_batch_tokens)["total"] if micro_batch_tokens else None,
-            "act_per_token": act_per_token, "head": chunk * act["head"], "sampling": sampling,
+            "act_per_token": act_per_token, "head": act.get("head_fixed", 0.0) + chunk * act["head"], "sampling": sampling,
             "gen_static": gen_static, "train_static": zero["total"] - max(zero["head phase"], zero["backward phase"]),
             "fit": fit}
 
@@ -186,7 +191,7 @@ def update_peak(cfg, world: int, act: dict, tokens: int, resp_tokens: int, chunk
     - always: fp32 master shards, AdamW's two moments, the KL reference's shards, the generation copy, and the
       root module (embeddings, lm_head) gathered in the compute dtype for the whole forward and backward;
     - the head phase (the log-prob head's forward and backward over min(chunk, resp_tokens) tokens): its
-      temporaries, one prefetched decoder layer, and the activations alive then (with checkpointing the L
+      temporaries (a fixed part and a part per token, measured at two sizes), one prefetched decoder layer, and the activations alive then (with checkpointing the L
       layer inputs, without it all L layers' saved tensors);
     - the layers' backward: two gathered layers, the L inputs plus the recomputed layer's saved tensors (or
       all L layers' without checkpointing) and the root's fp32 gradient;
@@ -201,7 +206,7 @@ def update_peak(cfg, world: int, act: dict, tokens: int, resp_tokens: int, chunk
          "generation copy": gen_dtype.itemsize * params, "root gathered": size * root,
          "grads fp32 (from micro-batch 2)": 4 * local if micro_batches > 1 else 0,
          "unsharded gradients": 4 * params if accumulate_unsharded else 0}
-    head = min(chunk, resp_tokens) * act["head"] + size * layer + saved
+    head = act.get("head_fixed", 0.0) + min(chunk, resp_tokens) * act["head"] + size * layer + saved
     backward = (2 * size * layer + saved + (tokens * act["layer"] if checkpointing else 0) + 4 * root
                 + (4 * local if micro_batches == 1 else 0))
     b["head phase"], b["backward phase"] = head, backward
@@ -294,7 +299,7 @@ def main():
     for name in args.models:
         act = activation_bytes(CONFIGS[name], args.tokens, args.chunk, torch.device(args.device))
         print(f"\n{name}: per trained token, a decoder layer saves {act['layer'] / 2**10:.0f} KiB for backward, its "
-              f"checkpointed input {act['layer_input'] / 2**10:.0f} KiB; log-prob head {act['head'] / 2**20:.2f} MiB/token up to {args.chunk} tokens, "
+              f"checkpointed input {act['layer_input'] / 2**10:.0f} KiB; log-prob head {act['head_fixed'] / 2**20:.0f} MiB + {act['head'] / 2**20:.2f} MiB/token up to {args.chunk} tokens, "
               f"prefill {act['prefill'] / 2**10:.0f} KiB/prompt token")
         for world in args.worlds:
             r = table(name, world, act, args.chunk, args.max_batch_size, prompt_frac, args.micro_batch_tokens)

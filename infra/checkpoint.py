@@ -33,6 +33,8 @@ def check_out_dir(cfg: Config):
     if not (found and cfg.run.overwrite and not cfg.run.resume):
         for name in set(found + ["config.yaml"]):  # never followed out of the run directory: refused
             refuse_links(os.path.join(out, name), depth=3 if name == "checkpoints" else 1)
+    if cfg.run.resume == "auto" and not checkpoint_dirs(out):  # (every rank checks this before the process
+        refuse_fresh_start_over_a_run(out)                     # group forms, so before any rank writes)
     if cfg.run.resume or not found:
         return
     if not cfg.run.overwrite:
@@ -130,8 +132,6 @@ def resume_state(cfg: Config, policy, optimizer, scheduler, cur, ref) -> dict:
     state = {"step": 0, "subset": -1, "rollouts_cold": 0, "rollouts_train": 0, "tokens_train": 0, "bad_updates": 0,
              "pending_eval": -1, "cold": {}}
     candidates = checkpoint_dirs(cfg.run.out_dir)[::-1] if cfg.run.resume == "auto" else [cfg.run.resume]
-    if cfg.run.resume == "auto" and not candidates:
-        refuse_fresh_start_over_a_run(cfg.run.out_dir)
     for path in [p for p in candidates if p]:
         optimizer.state.clear()  # nothing a failed newer attempt created: a fallback loads what a direct load does
         try:
