@@ -160,9 +160,11 @@ def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
 def rollout_sums(out, rewards: torch.Tensor, scored: torch.Tensor, timeouts: int) -> dict[str, float]:
     """This rank's sums over one round's generated rollouts (what was paid for): rewards, responses, scored
     responses, response tokens, truncated responses, checker timeouts, unscored responses, and the mechanism
-    sums over the scored ones. out: Rollouts; rewards, scored: (B,)."""
+    sums over the scored ones (and their response tokens, the mechanism shares' denominator). out: Rollouts;
+    rewards, scored: (B,)."""
     return {"reward": float(rewards[scored].sum()), "responses": float(len(rewards)), "scored": float(scored.sum()),
-            "response_tokens": float(out.lengths.sum()), "truncated": float((~out.finished).sum()),
+            "response_tokens": float(out.lengths.sum()), "scored_tokens": float(out.lengths[scored].sum()),
+            "truncated": float((~out.finished).sum()),
             "timeouts": float(timeouts), "unscored": float((~scored).sum()),
             **{k: float(v) for k, v in mechanism_sums(rewards[scored], out.prompt_index[scored],
                                                       out.lengths[scored]).items()}}
@@ -186,9 +188,11 @@ def step_metrics(tok: dict[str, float], actor_keys: list[str], norms: list[float
     metrics = {"train/reward": tok["reward"] / max(tok["scored"], 1), "train/response_len": tok["response_tokens"] / B,
                "train/truncated": tok["truncated"] / B, "reward/timeouts": tok["timeouts"],
                "reward/unscored": tok["unscored"],  # never scored: out of the Beta counts and the loss
-               "mech/mixed_rollouts": tok["mixed_rollouts"] / B,  # share in groups with mixed rewards
-               "mech/zero_adv_tokens": tok["zero_adv_tokens"],  # response tokens spent for no gradient
-               "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok["response_tokens"], 1),
+               # of the scored rollouts (an unscored one is in no group's advantage): the share in groups with mixed
+               # rewards, and the response tokens spent for no gradient
+               "mech/mixed_rollouts": tok["mixed_rollouts"] / max(tok["scored"], 1),
+               "mech/zero_adv_tokens": tok["zero_adv_tokens"],
+               "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok.get("scored_tokens", 0), 1),
                "actor/grad_norm": float(np.mean(norms)), "actor/lr": lr}
     for k in actor_keys:  # losses: mean over optimiser steps; the rest: per trained token
         metrics[k] = tok[k] / (num_mb * epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from infra.config import load_config
-from infra.metrics import Logger, difficulty_shares, level_shares, mechanism_sums
+from infra.metrics import Logger, difficulty_shares, level_shares, mechanism_sums, rollout_sums, step_metrics
 
 
 def test_mechanism_metrics_on_a_constructed_batch():
@@ -47,3 +47,18 @@ def test_logger_close_finishes_every_sink(tmp_path, monkeypatch):
     assert logger.file.closed
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 1, "train/reward": 0.5}]
     Logger(cfg, rank=1).close()  # other ranks hold no sinks
+
+
+def test_mechanism_shares_count_scored_rollouts_only():
+    """A rollout the checker could not score is in no group's advantage: the mechanism shares are over the scored
+    rollouts and their tokens (an unscored one counted in the denominator once made them look smaller)."""
+    from rollout import Rollouts
+
+    responses = [[1] * n for n in (5, 6, 7, 8, 9)]
+    out = Rollouts.from_responses(responses, [0, 0, 1, 1, 1], [True] * 5, pad_id=0)
+    rewards = torch.tensor([1.0, 0, 1, 1, 0])
+    scored = torch.tensor([True, True, True, True, False])  # the last one unscored: group 1 is then uniform
+    sums = rollout_sums(out, rewards, scored, 0)
+    m = step_metrics({**sums, "trained_tokens": 1.0}, [], [0.0], 1, 1, 1e-6)
+    assert m["mech/mixed_rollouts"] == 2 / 4  # group 0 mixed (2 rollouts), group 1's scored two uniform
+    assert m["mech/zero_adv_tokens"] == 7 + 8 and m["mech/zero_adv_token_share"] == 15 / (5 + 6 + 7 + 8)
