@@ -236,10 +236,11 @@ PAGED_TORCH_FLASH = True  # a paged call on a model not on flash-attention decod
 #                          (False: transformers' sdpa, which builds a dense mask: 8-23x slower a step, bench/results/gpu)
 
 
-def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None = None):
+def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None = None, seqused_k=None):
     """Causal attention over packed sequences: q (Tq, h, d), k and v (Tk, h_kv, d), h a multiple of h_kv (GQA);
-    sequence i's queries are q[cu_q[i]:cu_q[i+1]], its keys k[cu_k[i]:cu_k[i+1]], and its queries are the last
-    positions of its keys (bottom-right causal: a prompt chunk after its cached part, or one decoding token).
+    sequence i's queries are q[cu_q[i]:cu_q[i+1]], its keys k[cu_k[i]:cu_k[i+1]] (with seqused_k (n,) int32,
+    only the first seqused_k[i] of them: the decode loop's slots), and its queries are the last positions of its
+    keys (bottom-right causal: a prompt chunk after its cached part, or one decoding token).
     Rows of q past cu_q[-1] (padding) are zeros on the CPU and unspecified on the kernel. -> (Tq, h, d).
     On CUDA (fp16/bf16): torch's own FlashAttention-2 kernel (aten::_flash_attention_forward, what
     torch.nn.attention.varlen calls; no flash-attn package needed): one launch, no host sync (CUDA-graph
@@ -247,19 +248,22 @@ def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float |
     queries of transformers' graphed steps) once per query head (bench/varlen_check.py measures both). On the CPU:
     varlen_attention_reference, which bench/varlen_check.py holds the kernel to on a GPU."""
     if not q.is_cuda:
-        return varlen_attention_reference(q, k, v, cu_q, cu_k, scale)
+        return varlen_attention_reference(q, k, v, cu_q, cu_k, scale, seqused_k)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"varlen_attention on CUDA runs torch's flash kernel, fp16 or bf16 only, not {q.dtype}")
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
-                                                   scale=scale)[0]
+    return torch.ops.aten._flash_attention_forward(q.contiguous(), k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale, seqused_k=seqused_k)[0]
 
 
-def varlen_attention_reference(q, k, v, cu_q, cu_k, scale: float | None = None):
-    """varlen_attention as the obvious loop: one sdpa call per sequence, its queries the last positions of its keys."""
+def varlen_attention_reference(q, k, v, cu_q, cu_k, scale: float | None = None, seqused_k=None):
+    """varlen_attention as the obvious loop: one sdpa call per sequence, its queries the last positions of its keys
+    (the first seqused_k[i] of them, when given)."""
     out = q.new_zeros(q.shape)
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    used = None if seqused_k is None else seqused_k.tolist()
     for i in range(len(cq) - 1):
         (q0, q1), (k0, k1) = cq[i:i + 2], ck[i:i + 2]
+        k1 = k1 if used is None else k0 + used[i]
         if q1 == q0:
             continue
         nq, nk = q1 - q0, k1 - k0
@@ -381,8 +385,9 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
     temperature 0 is greedy. Rollout j of prompt i samples with the key (seed, prompt_keys[i] (default i), j)
     (sample_tokens): on the dynamic and slots caches its tokens do not depend on the batching
     (max_batch_tokens, max_batch_size, the other prompts of the call), and a call is independent of the global
-    RNG. cache: "dynamic" (HF `generate` with its default KV cache: the reference), "slots" (our decode loop, _generate_slots: every rollout the KV budget holds at once, a
-    CUDA graph a step, finished rows replaced by waiting ones) or "paged" (transformers' continuous batching,
+    RNG. cache: "dynamic" (HF `generate` with its default KV cache: the reference), "slots" (our decode loop,
+    _generate_slots: every rollout the KV budget holds at once, a CUDA graph a step, finished rows replaced by
+    waiting ones) or "paged" (transformers' continuous batching,
     `generate_batch`; its scheduler runs in a thread and samples with torch's RNG: seeded, but neither bitwise
     reproducible nor batch-invariant).
     share_prefill (dynamic cache): each distinct prompt of a batch is prefilled once for all its rollouts (the
@@ -668,9 +673,9 @@ class SlotCache:
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for SlotCache, registered as SLOT_ATTENTION. query (b, h, q, d). A prefill (b = 1, prompts
-    packed, no slot_width given): causal attention of each prompt over its own new keys (varlen_attention, cu_seq_lens = slot_cu_q).
-    A decoding step (q = 1): each row's query over the first slot_used_k[r] keys of its slot (key, value: the
-    whole cache). On CUDA in fp16/bf16 both are one call of torch's flash varlen kernel (no flash-attn package, no
+    packed, no slot_width given): causal attention of each prompt over its own new keys (varlen_attention,
+    cu_seq_lens = slot_cu_q). A decoding step (q = 1): each row's query over the first slot_used_k[r] keys of its
+    slot (key, value: the whole cache). On CUDA in fp16/bf16 both are one call of torch's flash varlen kernel (no flash-attn package, no
     host sync: capturable); elsewhere the obvious reference (per prompt / one masked sdpa over the slots)."""
     b, h, q, d = query.shape
     packed = query.transpose(1, 2).reshape(b * q, h, d)  # (b * q, h, d)
@@ -679,10 +684,9 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         cu = kwargs["slot_cu_q"]
         out = varlen_attention(packed, key, value, cu, cu, kwargs["slot_max_q"], kwargs["slot_max_q"], scaling) \
             if fast else varlen_attention_reference(packed, key, value, cu, cu, scaling)
-    elif fast:
-        out = torch.ops.aten._flash_attention_forward(packed.contiguous(), key, value, kwargs["slot_cu_q"], kwargs["slot_cu_k"],
-                                                      1, kwargs["slot_width"], 0.0, False, False, scale=scaling,
-                                                      seqused_k=kwargs["slot_used_k"])[0]
+    elif fast:  # one query a row: bottom-right causal over its used keys is all of them
+        out = varlen_attention(packed, key, value, kwargs["slot_cu_q"], kwargs["slot_cu_k"], 1, kwargs["slot_width"],
+                               scaling, seqused_k=kwargs["slot_used_k"])
     else:
         width, h_kv = kwargs["slot_width"], key.shape[1]
         keys = key[:b * width].view(b, width, h_kv, d).transpose(1, 2)  # (b, h_kv, width, d)
@@ -767,10 +771,10 @@ def _admit(model, cache: SlotCache, st: _Slots, slots: list[int], rows: list[int
         cache.move_rows(torch.tensor([a for a, _ in copies], device=device),
                         torch.tensor([b for _, b in copies], device=device),
                         max(len(prompts[prompt_of_row[r]]) for r in rows))
-    s = torch.tensor(slots, device=device)
-    token = sample_tokens(torch.stack([logits[prompt_of_row[r]] for r in rows]), keys[rows].to(device),
+    s, row_keys = torch.tensor(slots, device=device), keys[rows].to(device)
+    token = sample_tokens(torch.stack([logits[prompt_of_row[r]] for r in rows]), row_keys,
                           torch.zeros(len(rows), dtype=torch.long, device=device), temperature, top_p)  # (r,)
-    st.token[s], st.key[s] = token, keys[rows].to(device)
+    st.token[s], st.key[s] = token, row_keys
     st.length[s] = torch.tensor([len(prompts[prompt_of_row[r]]) for r in rows], device=device)
     st.count[s] = 1
     st.out[s] = st.pad_id
@@ -809,9 +813,11 @@ def _generate_slots(model, prompts: list[list[int]], prompt_of_row: list[int], k
                     row_in[s] = -1
                 if bar is not None:
                     bar.update(len(done))
-                    bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}",
+                                    refresh=False)
             if should_stop is not None and should_stop():
-                raise Interrupted(f"stopped with {B - len(waiting) - sum(r >= 0 for r in row_in)} of {B} rollouts done")
+                raise Interrupted(f"stopped with {B - len(waiting) - sum(r >= 0 for r in row_in)} of {B} rollouts "
+                                  "done")
             free = [s for s in range(n) if row_in[s] < 0]
             if waiting and free:
                 rows = [waiting.pop() for _ in range(min(len(free), len(waiting)))]

@@ -91,10 +91,8 @@ def slot_decode(h, h_kv, d, rows: int, width: int, used: torch.Tensor, device, d
     cu_q = torch.arange(rows + 1, dtype=torch.int32, device=device)
     kw = dict(slot_cu_q=cu_q, slot_cu_k=cu_q * width, slot_width=width, slot_used_k=used.to(device, torch.int32))
     run = lambda: rollout.slot_attention(None, q, k, v, None, d ** -0.5, **kw)[0]  # noqa: E731
-    keep = torch.cat([torch.arange(r * width, r * width + int(n)) for r, n in enumerate(used.tolist())]).to(device)
-    cu_k = torch.cat([used.new_zeros(1), used.cumsum(0)]).to(device, torch.int32)
-    want = rollout.varlen_attention_reference(q[:, :, 0].float(), k[keep].float(), v[keep].float(), cu_q, cu_k,
-                                              d ** -0.5)
+    want = rollout.varlen_attention_reference(q[:, :, 0].float(), k.float(), v.float(), cu_q, cu_q * width,
+                                              d ** -0.5, seqused_k=kw["slot_used_k"])
     return run()[:, 0], want, run
 
 

@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -171,17 +172,19 @@ def checkpoint_dirs(out_dir: str):
     """Complete checkpoints (step_<n> directories with meta.pt), oldest first; half-written ones (.tmp) are
     ignored. A step re-saved is swapped in as replaced_step_<n> -> the new step_<n>: a replaced_step_<n> left
     without its step_<n> (a kill between the two renames) is the step's checkpoint."""
-    import re
-
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
     done = {}
     for d in sorted(os.listdir(root), key=lambda d: d.startswith("step_")):  # step_<n> over replaced_step_<n>
-        m = re.fullmatch(r"(?:replaced_)?step_(\d+)", d)
-        if m and os.path.exists(os.path.join(root, d, "meta.pt")):
-            done[int(m.group(1))] = os.path.join(root, d)
+        if re.fullmatch(r"(?:replaced_)?step_\d+", d) and os.path.exists(os.path.join(root, d, "meta.pt")):
+            done[checkpoint_step(d)] = os.path.join(root, d)
     return [done[k] for k in sorted(done)]
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint directory (step_<n>, replaced_step_<n>) holds."""
+    return int(re.search(r"step_(\d+)$", path).group(1))
 
 
 def refuse_fresh_start_over_a_run(out_dir: str):
@@ -200,11 +203,9 @@ def set_aside_newer(out_dir: str, step: int):
     """A run resumed from an earlier checkpoint of its own (--run.resume=PATH, a roll-back): its checkpoints after
     `step` move to checkpoints/abandoned/<time>/, kept, so that --run.resume=auto continues the rolled-back line
     (rank 0 moves them; every rank waits)."""
-    import re
     import time
 
-    newer = [p for p in checkpoint_dirs(out_dir)
-             if int(re.search(r"step_(\d+)$", p).group(1)) > step]
+    newer = [p for p in checkpoint_dirs(out_dir) if checkpoint_step(p) > step]
     if newer and int(os.environ.get("RANK", 0)) == 0:
         aside = os.path.join(out_dir, "checkpoints", "abandoned", time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(aside, exist_ok=True)
@@ -297,12 +298,10 @@ def _read_dcp_metadata(path: str):
     file read (a checkpoint holding a __<rank>.metadata is refused; this code never writes one), with an
     unpickler that allows only DCP's metadata classes, torch.Size and dtypes, and sets state on instances only
     (pickle's BUILD on a class would change that class for the whole process: pathlib.Path's, say, redirecting
-    every later read and write); it must hold a Metadata object; every storage
-    file it names must be a plain file name of a real file in the checkpoint directory, with no transforms (this
-    code writes none). Anything else raises UnsafeCheckpoint naming it; a truncated file raises what pickle
-    raised (a corrupt checkpoint)."""
+    every later read and write); it must hold a Metadata object; every storage file it names must be a plain
+    file name of a real file in the checkpoint directory, with no transforms (this code writes none). Anything
+    else raises UnsafeCheckpoint naming it; a truncated file raises what pickle raised (a corrupt checkpoint)."""
     import pickle
-    import re
 
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
@@ -353,7 +352,6 @@ def _safe_dcp_reading(path: str):
     (the optimiser's param_groups) with torch.load(weights_only=True) where torch's DefaultLoadPlanner uses
     weights_only=False (tensors torch already reads with weights_only=True). Returns (reader, planner)."""
     import pickle
-    import re
 
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta

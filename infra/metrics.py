@@ -17,9 +17,9 @@ from infra.config import Config, config_dict
 from infra.distributed import all_reduce, print0
 
 
-def metrics_rows(path: str) -> list[str]:
-    """metrics.jsonl's lines (each ending in a newline), every one a JSON object with a step; a torn last line (a
-    crash or a full disk mid-write) is dropped with a warning, any other bad line is an error naming it."""
+def metrics_rows(path: str) -> list[tuple[str, dict]]:
+    """metrics.jsonl's (line ending in a newline, its row) pairs, every row a JSON object with a step; a torn last
+    line (a crash or a full disk mid-write) is dropped with a warning, any other bad line is an error naming it."""
     lines = open(path).read().splitlines()
     rows = []
     for i, line in enumerate(lines):
@@ -32,7 +32,7 @@ def metrics_rows(path: str) -> list[str]:
                 print0(f"warning: dropping the torn last line of {path} (line {i + 1}: {line[:80]!r})")
                 break
             raise ValueError(f"{path}, line {i + 1}: {e}; fix or remove the line to resume") from None
-        rows.append(line + "\n")
+        rows.append((line + "\n", row))
     return rows
 
 
@@ -46,12 +46,12 @@ class Logger:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
         if os.path.exists(path):  # resumed at `step`: rows written after that checkpoint are written again (the
-            rows = metrics_rows(path)  # dropped ones are kept in metrics.dropped.jsonl)
-            keep = [step > 0 and json.loads(r)["step"] <= step for r in rows]
-            if not all(keep):
+            keep, dropped = [], []  # dropped ones are kept in metrics.dropped.jsonl)
+            for line, row in metrics_rows(path):
+                (keep if step > 0 and row["step"] <= step else dropped).append(line)
+            if dropped:
                 with open(os.path.join(cfg.run.out_dir, "metrics.dropped.jsonl"), "a") as f:
-                    f.writelines(r for r, k in zip(rows, keep) if not k)
-            keep = [r for r, k in zip(rows, keep) if k]
+                    f.writelines(dropped)
             with open(path, "w") as f:
                 f.writelines(keep)
         self.file = open(path, "a")
@@ -192,7 +192,7 @@ def step_metrics(tok: dict[str, float], actor_keys: list[str], norms: list[float
                # rewards, and the response tokens spent for no gradient
                "mech/mixed_rollouts": tok["mixed_rollouts"] / max(tok["scored"], 1),
                "mech/zero_adv_tokens": tok["zero_adv_tokens"],
-               "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok.get("scored_tokens", 0), 1),
+               "mech/zero_adv_token_share": tok["zero_adv_tokens"] / max(tok["scored_tokens"], 1),
                "actor/grad_norm": float(np.mean(norms)), "actor/lr": lr}
     for k in actor_keys:  # losses: mean over optimiser steps; the rest: per trained token
         metrics[k] = tok[k] / (num_mb * epochs) if k in ("actor/pg_loss", "actor/kl") else tok[k] / max(ntok, 1)
