@@ -40,6 +40,12 @@ _PRED_CFG = None
 _PARENT = None  # a worker's trainer (its pid), set on the worker's command line
 RETRIES = 2  # a worker lost without reaching its deadline: its item is scored again up to this many times
 START_FAILURES = 3  # per worker slot: workers in a row that die before they are ready: the pool cannot start
+START_TIMEOUT_S = 120.0  # a worker not ready this long after its start (a hung import, a stalled file system) is
+                         # killed and counts as one that died before it was ready
+
+
+class Interrupted(Exception):
+    """score_batch's `should_stop` said stop: the items in flight are dropped (the workers are kept)."""
 
 
 class _TimeoutLog(logging.Filter):
@@ -200,7 +206,7 @@ class _Worker:
         self.recv_conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
         self.proc.stdin.close()
         self.proc.stdout.close()
-        self.ready = False
+        self.ready, self.started = False, time.monotonic()
         self.item = None  # (index, deadline) of the item in flight
 
     def kill(self):
@@ -217,12 +223,14 @@ class ScorePool:
         self.workers = [_Worker() for _ in range(max(1, workers))]
         self.start_failures = 0  # workers in a row that died before they were ready
 
-    def map(self, responses, golds, timeout: float) -> Scores:
+    def map(self, responses, golds, timeout: float, should_stop=None) -> Scores:
         """Scores in input order. An item whose worker dies before the deadline (killed from outside, out of
         memory) is scored again by another worker, up to RETRIES times, then is listed in `.unscored` (its 0 is
         no score): a lost worker never turns an unscored item into a 0 silently. Workers that die before they
-        are ready, START_FAILURES times per worker slot in a row with none ready in between, close the pool and
-        fail the call with the reason (e.g. math-verify missing)."""
+        are ready, or are not ready START_TIMEOUT_S after their start, START_FAILURES times per worker slot in a
+        row with none ready in between, close the pool and fail the call with the reason (e.g. math-verify
+        missing). `should_stop()` is asked at least once a second; True raises Interrupted (workers busy with
+        a dropped item are replaced: the next call finds them idle)."""
         out = Scores([0.0] * len(responses))
         todo = list(range(len(responses)))[::-1]
         lost = [0] * len(responses)
@@ -244,6 +252,10 @@ class ScorePool:
             self._replace(w)
 
         while todo or any(w.item for w in self.workers):
+            if should_stop is not None and should_stop():
+                for w in [w for w in self.workers if w.item]:
+                    self._replace(w)
+                raise Interrupted()
             for w in self.workers:
                 if w.ready and w.item is None and todo:
                     i = todo.pop()
@@ -255,7 +267,8 @@ class ScorePool:
                     except OSError:  # died between items
                         again(w)
             deadlines = [w.item[1] for w in self.workers if w.item]
-            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            deadlines += [w.started + START_TIMEOUT_S for w in self.workers if not w.ready]
+            wait_s = min(1.0, max(0.0, min(deadlines, default=1e9) - time.monotonic()))
             ready = wait([w.recv_conn for w in self.workers], timeout=wait_s)
             for w in list(self.workers):
                 if w.recv_conn in ready:
@@ -273,6 +286,8 @@ class ScorePool:
                 elif w.item and time.monotonic() >= w.item[1]:  # stuck past its deadline
                     out.timeouts += 1
                     self._replace(w)
+                elif not w.ready and time.monotonic() >= w.started + START_TIMEOUT_S:  # never got ready
+                    again(w)  # killed and replaced there
         return out
 
     def _replace(self, w):
@@ -290,21 +305,22 @@ def _start_error() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         res = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import reward; "
-                              "reward._configs()"], capture_output=True, text=True, timeout=120)
+                              "reward._configs()"], capture_output=True, text=True, timeout=START_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return "importing math-verify took over 120 s"
+        return f"importing math-verify took over {START_TIMEOUT_S:.0f} s"
     return (res.stderr.strip().splitlines() or [f"exit code {res.returncode}, no message"])[-1]
 
 
 _POOL: ScorePool | None = None
 
 
-def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Scores:
+def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0, should_stop=None) -> Scores:
     """Score many responses in parallel; never raises on model output.
 
     workers = 0 uses one per CPU core (at most 32); the pool is kept between calls. Each item is bounded
     by `timeout` seconds of wall time; one that runs over scores 0 and counts in `.timeouts`. Items that could
-    not be scored at all (their worker lost again and again) are listed in `.unscored`."""
+    not be scored at all (their worker lost again and again) are listed in `.unscored`. `should_stop`: a
+    callable asked at least once a second while workers start or score; True raises Interrupted."""
     global _POOL
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
@@ -317,7 +333,7 @@ def score_batch(responses, golds, workers: int = 0, timeout: float = 10.0) -> Sc
                 _POOL.close()
             _POOL = ScorePool(workers)
         try:
-            scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout)
+            scored = _POOL.map([responses[i] for i in slow], [golds[i] for i in slow], timeout, should_stop)
         except RuntimeError:  # the pool could not start: the next call starts a new one
             _POOL = None
             raise

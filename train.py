@@ -44,8 +44,8 @@ from infra.batching import plan_micro_batches
 from infra.checkpoint import check_out_dir, resume_state, save_checkpoint, save_hf
 from infra.config import Config, config_dict, load_config, usage, validate_config
 from infra.data import load_subsets
-from infra.distributed import (StopRequested, all_gather_list, all_reduce, interruptible, leave, print0,
-                               setup_distributed)
+from infra.distributed import (StopAbandoned, StopRequested, all_gather_list, all_reduce, check_stop,
+                               interruptible, leave, print0, setup_distributed)
 from infra.metrics import (Logger, difficulty_shares, generated_sums, group_kinds, level_shares, log_step,
                            reduce_sums, rollout_sums, step_metrics, timed)
 from infra.models import Policy, build_models, sync_generation_weights, train_mode
@@ -103,7 +103,7 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
     """Rollouts for this rank's prompts and their binary rewards. Returns (Rollouts, rewards (B,), scored (B,)
     bool: False for the rare response the checker could not score at all (reward.Scores.unscored; it is left out
     of the Beta counts and of the loss), number of checker timeouts). `stop`: {"requested": bool}, checked
-    between generation batches (then StopRequested on every rank). `metrics`: the scoring's seconds are added to
+    between generation batches and while scoring (then StopRequested on every rank). `metrics`: the scoring's seconds are added to
     its "time/reward" (a part of the phase that calls this)."""
     with interruptible(stop) as should_stop:
         out = rollout.generate(gen, prompts, counts, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -113,11 +113,12 @@ def generate_and_score(gen, tokenizer, prompts, answers, counts, cfg: Config, se
                                max_batch_size=cfg.rollout.max_batch_size, cache=cfg.rollout.cache,
                                share_prefill=cfg.rollout.share_prefill, should_stop=should_stop, progress=progress,
                                prompt_keys=prompt_keys)
-    t0 = time.time()  # the scoring (not infra.metrics.timed: that resets the peak memory the calling phase measures)
-    texts = out.texts(tokenizer)
-    golds = [answers[i] for i in out.prompt_index.tolist()]
-    workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout)
+        t0 = time.time()  # the scoring (not infra.metrics.timed: that resets the peak memory the phase measures)
+        texts = out.texts(tokenizer)
+        golds = [answers[i] for i in out.prompt_index.tolist()]
+        workers = cfg.run.reward_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        scores = reward.score_batch(texts, golds, workers=min(workers, 32), timeout=cfg.run.reward_timeout,
+                                    should_stop=should_stop)
     if metrics is not None:
         metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.time() - t0
     scored = torch.ones(len(scores), dtype=torch.bool)
@@ -196,12 +197,12 @@ def score_logprobs(model: Policy, batches, device, cfg: Config):
 
 
 def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Config, world: int, scheduler=None,
-                  batches=None):
+                  batches=None, before_micro_batch=None):
     """One optimiser step on one mini-batch (this rank's share `seqs`). The token_mean normaliser is the
     token count of the whole mini-batch over all ranks, divided by W because FSDP averages gradients over
     ranks: the result does not depend on how the mini-batch is cut into ranks and micro-batches
     (tests/test_train.py). `batches`: the micro-batch plan of `seqs` if already made (make_micro_batches).
-    Returns (metrics sums, grad norm, ok)."""
+    `before_micro_batch()`: called before each micro-batch (UpdateStop). Returns (metrics sums, grad norm, ok)."""
     tokens = torch.tensor([float(sum(s["resp_len"] for s in seqs)), float(len(seqs))])
     tokens = all_reduce(tokens)
     num_tokens, num_seqs = tokens[0].item() / world, tokens[1].item() / world
@@ -218,6 +219,8 @@ def update_policy(policy: Policy, optimizer, seqs: list[dict], device, cfg: Conf
         # gradient unsharded in fp32 in between: 4 bytes a parameter per rank (6 GB for 1.5B, 30 GB for
         # 7B; bench/memory.py --check measured it) to save one reduce-scatter per micro-batch.
         for b in batches:
+            if before_micro_batch is not None:
+                before_micro_batch()
             logp, entropy = forward_batch(policy, b, device, cfg)  # (N,)
             rows = b["rows"]
             if rows:
@@ -338,11 +341,13 @@ def mini_batch_sequences(subset: list[dict], prompts: np.ndarray, mb: np.ndarray
     return parts
 
 
-def add_logprobs(parts, plans, policy: Policy, ref, device, cfg: Config):
+def add_logprobs(parts, plans, policy: Policy, ref, device, cfg: Config, stop: dict | None = None):
     """old_logp under the sampling policy and ref_logp under the KL reference, for every mini-batch.
     The first mini-batch of a one-epoch update is trained before any optimiser step, by the policy that
-    sampled it: its old_logp would equal logp.detach(), which update_policy uses when it is absent."""
+    sampled it: its old_logp would equal logp.detach(), which update_policy uses when it is absent. A stop
+    request before a mini-batch raises StopRequested on every rank (nothing has touched the weights yet)."""
     for b_id, (part, batches) in enumerate(zip(parts, plans)):
+        check_stop(stop)
         on_policy = b_id == 0 and cfg.train.epochs == 1
         models = ([] if on_policy else [("old_logp", policy)]) + ([("ref_logp", ref)] if ref is not None else [])
         for key, model in models:
@@ -350,14 +355,52 @@ def add_logprobs(parts, plans, policy: Policy, ref, device, cfg: Config):
                 part[i][key] = lp.cpu()
 
 
+class UpdateStop:
+    """What a stop request does inside an update: asked before each of its micro-batches, on every rank (a
+    collective: every rank runs the same micro-batches, dummies included).
+    - Before the update's first optimiser step nothing of the step has reached the weights: StopRequested
+      drops the step as a stop in generation does, and the resumed run redoes it (exact).
+    - After it the weights are part-way: the update goes on if what is left of it (timed from the
+      micro-batches done) and a save (as long as the last one took; 0 before the first) fit in what is left
+      of run.stop_grace_s since the signal, else StopAbandoned: nothing is saved and a resume starts from
+      the last checkpoint (a save still running when the launcher's SIGKILL comes would be lost anyway)."""
+
+    def __init__(self, stop: dict | None, grace_s: float, total: int):
+        self.stop, self.grace_s, self.total = stop, grace_s, total  # total: micro-batches of the whole update
+        self.done, self.stepped, self.going_on, self.t0 = 0, False, False, time.monotonic()
+
+    def __call__(self):
+        if self.stop is not None and not self.going_on:
+            now = time.monotonic()
+            since = now - self.stop["at"] if self.stop["requested"] else -1.0
+            left = (now - self.t0) / max(self.done, 1) * (self.total - self.done)
+            since, left = all_reduce(torch.tensor([since, left], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+            if since >= 0:  # some rank was asked to stop, `since` seconds ago
+                if not self.stepped:
+                    raise StopRequested()
+                need = since + left + self.stop.get("save_s", 0.0)
+                if need > self.grace_s:
+                    raise StopAbandoned(f"the update was {self.done}/{self.total} micro-batches in; finishing and "
+                                        f"saving would end {need:.0f} s after the signal, past run.stop_grace_s="
+                                        f"{self.grace_s:g}: nothing saved")
+                self.going_on = True
+                print0(f"stop requested inside the update: it ends and saves within {need:.0f} s of the signal "
+                       f"(run.stop_grace_s={self.grace_s:g})")
+        self.done += 1
+
+
 def update_epochs(policy: Policy, optimizer, scheduler, parts, plans, state: dict, device, cfg: Config,
-                  world: int):
+                  world: int, stop: dict | None = None):
     """PPO: `epochs` passes over the mini-batches, one optimiser step each. A non-finite update is skipped
-    with a warning; `train.max_bad_steps` in a row abort. Returns (summed actor metrics, grad norms)."""
+    with a warning; `train.max_bad_steps` in a row abort. Returns (summed actor metrics, grad norms). A stop
+    request: see UpdateStop."""
     sums, norms = {}, []
+    stop_check = UpdateStop(stop, cfg.run.stop_grace_s, cfg.train.epochs * sum(map(len, plans)))
     for _ in range(cfg.train.epochs):
         for part, batches in zip(parts, plans):
-            s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler, batches)
+            s_mb, norm, ok = update_policy(policy, optimizer, part, device, cfg, world, scheduler, batches,
+                                           stop_check)
+            stop_check.stepped = True
             norms.append(norm)
             for k, v in s_mb.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -449,8 +492,10 @@ def keep_mixed_groups(rounds: list[dict], cfg: Config, rank: int, world: int, pa
 def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy: Policy, ref, gen, tokenizer,
                optimizer, scheduler, state: dict, cfg: Config, rank: int, world: int, device, stop=None) -> dict:
     """One step of Algorithm 1 on this rank, in the paper's order. Advances the counters in `state`
-    (not the step) and returns the step's metrics, reduced over ranks. A stop request during generation
-    raises StopRequested before anything has changed (curriculum, weights, counters)."""
+    (not the step) and returns the step's metrics, reduced over ranks. A stop request during generation,
+    scoring, the log-probabilities or the update's first mini-batch raises StopRequested before anything
+    has changed (weights, counters; the curriculum is the caller's to restore); later in the update, see
+    UpdateStop."""
     step, metrics, t_step = state["step"], {}, time.time()
     with timed(metrics, "time/sync"):  # the policy that samples: one all-gather per phase, not per token
         sync_generation_weights(policy, gen)
@@ -471,9 +516,9 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
     parts = mini_batch_sequences(subset, idx[mine], mb[mine], out, adv, num_mb)
     with timed(metrics, "time/logprobs"):
         plans = [plan_micro_batches(p, cfg) for p in parts]
-        add_logprobs(parts, plans, policy, ref, device, cfg)
+        add_logprobs(parts, plans, policy, ref, device, cfg, stop)
     with timed(metrics, "time/update"):  # policy update: PPO-clip, dual clip, k3 KL, token-mean (grpo.py)
-        sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world)
+        sums, norms = update_epochs(policy, optimizer, scheduler, parts, plans, state, device, cfg, world, stop)
 
     # --- log: one metrics dict, reduced over ranks by name ------------------------------------------
     tok = reduce_sums({**generated_sums([r["generated"] for r in rounds]),
@@ -571,9 +616,12 @@ def run_training(argv=None):
         raise ValueError(f"cannot resume: the checkpoint's curriculum covers {len(cur.alpha)} prompts, subset "
                          f"{state['subset']} now has {len(subsets[state['subset']])}: the data or its filtering changed")
     logger = Logger(cfg, rank, state["step"])
-    stop = {"requested": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # save a checkpoint at the next safe point, then exit
-        signal.signal(sig, lambda *_: stop.update(requested=True))
+    stop = {"requested": False}  # and once asked: "at", when (monotonic); "save_s": how long the last save took
+
+    def request_stop(*_):  # save a checkpoint at the next safe point, then exit
+        stop.update(requested=True, at=stop.get("at", time.monotonic()))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
 
     def evaluate(metrics: dict, step: int, stop=None):  # held-out accuracy of the policy after `step` steps
         with timed(metrics, "time/eval"):
@@ -595,9 +643,12 @@ def run_training(argv=None):
     # the Beta estimates steer sampling (Eq. 14) or allocation (Eq. 20-21); GRPO (uniform/uniform) never reads them
     estimates_used = cfg.cures.sampling == "cures" or cfg.cures.allocation == "cures"
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="steps")
-    stopped, last_save = False, time.time()
-    save = lambda: save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()},  # noqa: E731
-                                   cfg, rank, saved_ref)
+    stopped, abandoned, last_save = False, False, time.time()
+
+    def save():
+        t = time.monotonic()
+        save_checkpoint(policy, optimizer, cur, {**state, "scheduler": scheduler.state_dict()}, cfg, rank, saved_ref)
+        stop["save_s"] = time.monotonic() - t
 
     for subset_id in range(state["step"] // M, T):  # Algorithm 1: one data subset at a time
         if state["step"] >= total_steps or stopped:
@@ -642,12 +693,17 @@ def run_training(argv=None):
                     last_save = time.time()
                 if stopped:
                     break
-        except StopRequested:  # in a cold start, a generation round or an evaluation: the last finished step saved
-            stopped = True
+        except StopRequested:  # in a cold start, a step before its first optimiser step, or an evaluation: the
+            stopped = True     # last finished step saved
             if before is not None:  # an unfinished cold start or step: its posterior updates are undone
                 cur.load_state_dict(before)
+            optimizer.zero_grad(set_to_none=True)  # a dropped update's first micro-batches
             save()
-        if stopped:
+        except StopAbandoned as e:  # inside an update that would not end and save in time (UpdateStop)
+            stopped, abandoned = True, True
+            print0(f"stop requested (SIGTERM or Ctrl-C) inside the update of step {state['step'] + 1}: {e}; a "
+                   f"resume starts from the last checkpoint")
+        if stopped and not abandoned:
             print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
     bar.close()
     logger.close()

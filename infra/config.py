@@ -135,6 +135,9 @@ class RunConfig:
     wandb_project: str = ""
     tensorboard: bool = False
     dist_timeout_minutes: float = 30.0  # a rank that hangs in a collective fails the run after this long
+    stop_grace_s: float = 25.0  # a stop signal to the end of the save: torchrun's SIGKILL comes 30 s after its
+                                # SIGTERM (--shutdown-timeout); a stop inside an update that cannot end and save
+                                # in this time is abandoned unsaved (train.UpdateStop)
 
 
 @dataclass
@@ -171,7 +174,8 @@ RESUME_FREE = (
     "train.micro_batch_tokens train.pack train.share_prompt train.cpu_offload train.logprob_chunk train.max_bad_steps "
     "eval.data eval.every eval.max_problems eval.samples eval.temperature eval.max_new_tokens "
     "run.out_dir run.save_every run.save_every_minutes run.keep_checkpoints run.resume run.overwrite run.max_steps "
-    "run.reward_workers run.reward_timeout run.wandb_project run.tensorboard run.dist_timeout_minutes").split()
+    "run.reward_workers run.reward_timeout run.wandb_project run.tensorboard run.dist_timeout_minutes run.stop_grace_s"
+    ).split()
 
 
 def config_keys(cfg: Config | None = None) -> list[str]:

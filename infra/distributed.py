@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import reward
 import rollout
 
 
@@ -64,6 +65,11 @@ class StopRequested(Exception):
     run saves the last finished step."""
 
 
+class StopAbandoned(Exception):
+    """A stop signal arrived inside an update whose end and save would not fit the grace period
+    (train.UpdateStop): the run exits without saving; a resume starts from the last checkpoint."""
+
+
 def check_stop(stop: dict | None, interrupted: bool = False):
     """Collective: raise StopRequested on every rank if any rank was asked to stop."""
     if stop is not None and all_reduce(torch.tensor([float(interrupted or stop["requested"])])).item() > 0:
@@ -73,10 +79,11 @@ def check_stop(stop: dict | None, interrupted: bool = False):
 @contextlib.contextmanager
 def interruptible(stop: dict | None):
     """A generation phase that a stop request ends between two batches: yields the `should_stop` callable
-    for rollout.generate, then checks on every rank (StopRequested everywhere if any rank stopped)."""
+    for rollout.generate and reward.score_batch, then checks on every rank (StopRequested everywhere if any
+    rank stopped)."""
     try:
         yield (lambda: stop["requested"]) if stop is not None else None
-    except rollout.Interrupted:
+    except (rollout.Interrupted, reward.Interrupted):
         check_stop(stop, interrupted=True)
         raise  # unreachable: check_stop raised
     check_stop(stop)

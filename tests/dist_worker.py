@@ -25,12 +25,13 @@ from infra.models import build_models, sync_generation_weights  # noqa: E402
 
 
 def run_train(out_dir, overrides):
-    if os.environ.get("STOP_IN"):  # STOP_IN=name:k: rank 0 sends itself SIGTERM as train.<name> is called the k-th time
-        from helpers import sigterm_at  # tests/, this script's directory
+    if os.environ.get("STOP_IN"):  # STOP_IN=[agent:]name:k: rank 0 sends SIGTERM to itself (or to its parent, the
+        from helpers import sigterm_at  # torchrun agent, as a scheduler does) as train.<name> is called the k-th time
 
-        name, k = os.environ["STOP_IN"].split(":")
+        *to, name, k = os.environ["STOP_IN"].split(":")
         rank0 = int(os.environ.get("RANK", 0)) == 0
-        setattr(train, name, sigterm_at(getattr(train, name), lambda calls, a, kw: rank0 and calls == int(k))[0])
+        pid = os.getppid() if to == ["agent"] else os.getpid()
+        setattr(train, name, sigterm_at(getattr(train, name), lambda calls, a, kw: rank0 and calls == int(k), pid)[0])
     state, cur = train.main([f"--run.out_dir={out_dir}", *overrides])
     rank = int(os.environ.get("RANK", 0))
     np.savez(os.path.join(out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,

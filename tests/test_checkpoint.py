@@ -295,6 +295,14 @@ PHASES = {  # phase: (extra arguments, function to stop in, on which call)
     "generation of step 3": ([], "draw_and_generate", lambda k, a, kw: k == 3),
     "evaluation after step 2": ([f"--eval.data={TRAIN_DATA}", "--eval.max_problems=3", "--eval.every=1"],
                                 "run_eval", lambda k, a, kw: a[6] == train.stream_seed(0, "eval", 0, 2)),
+    "log-probabilities of step 3": ([], "add_logprobs", lambda k, a, kw: k == 3),
+    # mini-batches of steps 1-3 (6 draws, 3 a mini-batch, grouped by prompt): 2, 1, 2: update_policy's calls 4
+    # and 5 are step 3's (the test asserts the step each way ends at)
+    "update of step 3, before its first optimiser step (dropped)": ([], "update_policy", lambda k, a, kw: k == 4),
+    "update of step 3, after one optimiser step, the rest fits run.stop_grace_s (finished and saved)":
+        ([], "update_policy", lambda k, a, kw: k == 5),
+    "update of step 3, after one optimiser step, the rest does not fit (abandoned, resumed from step 2)":
+        (["--run.save_every=1", "--run.stop_grace_s=0"], "update_policy", lambda k, a, kw: k == 5),
 }
 
 
@@ -302,7 +310,8 @@ PHASES = {  # phase: (extra arguments, function to stop in, on which call)
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys, phase):
     """SIGTERM inside a later subset's cold start (subsets of different sizes), inside round >= 1 of dynamic
-    sampling, inside a step's generation and inside an evaluation: the run saves what its finished steps made
+    sampling, inside a step's generation, inside an evaluation, before the log-probabilities and inside the
+    update, in each of train.UpdateStop's three ways: the run saves what its finished steps made
     (nothing of the dropped cold start, step or rounds: posteriors, optimiser, reference), exits, and the
     resumed run is the uninterrupted one: counters, Beta counts, every logged training metric, the evaluation
     curve (an interrupted evaluation is redone first) and the final weights."""
@@ -316,8 +325,15 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
         with monkeypatch.context() as patch:
             wrapped, fired = sigterm_at(getattr(train, name), when)
             patch.setattr(train, name, wrapped)
+            capsys.readouterr()
             stopped_state, _ = train.main(tiny_default_run(tmp_path / "b", *args))
         assert fired and stopped_state["step"] < 4, (fired, stopped_state)
+        said = capsys.readouterr().out
+        if name == "update_policy":  # which of UpdateStop's three ways, and what it said
+            way = {"dropped": (2, "checkpoint saved at step 2"), "finished": (3, "it ends and saves within"),
+                   "abandoned": (2, "nothing saved; a resume starts from the last checkpoint")}
+            step, text = next(v for k, v in way.items() if k in phase)
+            assert stopped_state["step"] == step and text in said, (stopped_state["step"], said[-2000:])
         assert checkpoint_dirs(str(tmp_path / "b"))[-1].endswith(f"step_{stopped_state['step']:06d}")
         with monkeypatch.context() as patch:  # the resumed run starts where the stopped one saved (not at 0)
             first = []

@@ -125,16 +125,22 @@ def test_real_shapes_rehearsal_two_ranks(qwen_tokenizer_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_in", ["cold_start:2", "draw_and_generate:3"])
+@pytest.mark.parametrize("stop_in", ["cold_start:2", "draw_and_generate:3", "agent:add_logprobs:3"])
 def test_two_ranks_stop_and_resume_to_the_uninterrupted_run(tmp_path, stop_in):
     """Under FSDP2 on two gloo ranks, SIGTERM to rank 0 only, inside the cold start of subset 1 (subsets of 30
-    and 31 prompts; a fresh, never-stepped AdamW state is saved as such) or inside the generation of step 3:
-    every rank stops, the resumed run's curriculum (on both ranks) and final weights equal the uninterrupted
-    run's."""
+    and 31 prompts; a fresh, never-stepped AdamW state is saved as such) or inside the generation of step 3,
+    or SIGTERM to the torchrun agent (as a scheduler sends it; the agent forwards it to every rank and kills
+    them after --shutdown-timeout) before step 3's log-probabilities: every rank stops and saves before any
+    SIGKILL, the resumed run's curriculum (on both ranks) and final weights equal the uninterrupted run's."""
     args = ["--run.max_steps=4", "--run.save_every=0", "--data.max_prompts=61"]
     full, stop = tmp_path / "full", tmp_path / "stop"
     torchrun(["train", str(full), *tiny_default_run(full, *args)])
-    torchrun(["train", str(stop), *tiny_default_run(stop, *args)], env={"STOP_IN": stop_in})
+    res = torchrun(["train", str(stop), *tiny_default_run(stop, *args)], env={"STOP_IN": stop_in},
+                   check=not stop_in.startswith("agent:"))
+    if stop_in.startswith("agent:"):  # the agent itself ends with its SignalException, its workers with 0
+        log = res.stdout + res.stderr
+        assert res.returncode != 0 and "got signal: 15" in log, log[-3000:]
+        assert "forcefully exiting via" not in log and "checkpoint saved at step 2" in log, log[-3000:]
     stopped = np.load(stop / "curriculum_rank0.npz")["step"]
     assert stopped == 2 and [os.path.basename(p) for p in checkpoint_dirs(str(stop))] == ["step_000002"]
     torchrun(["train", str(stop), *tiny_default_run(stop, *args, "--run.resume=auto")])

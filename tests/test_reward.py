@@ -273,6 +273,38 @@ def test_a_pool_that_cannot_start_fails_with_the_reason(tmp_path, monkeypatch):
         pool.close()
 
 
+def test_workers_that_never_get_ready_fail_the_call_by_a_deadline(tmp_path, monkeypatch):
+    """A worker stuck before it is ready (here its math-verify import sleeps: a stalled file system) is killed
+    START_TIMEOUT_S after its start and counts as a failed start: the call fails with the reason after
+    START_FAILURES of them, instead of waiting forever for the first item's deadline to start."""
+    (tmp_path / "math_verify.py").write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(reward, "START_TIMEOUT_S", 1.0)
+    pool = reward.ScorePool(1)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="cannot start .*importing math-verify took over 1 s"):
+            pool.map(["x = 2"], ["2"], timeout=30)
+    finally:
+        pool.close()
+    assert time.monotonic() - t0 < 30  # 3 starts of 1 s, then the 1 s foreground import that names the cause
+
+
+def test_a_stop_request_ends_scoring_while_workers_start(tmp_path, monkeypatch):
+    """should_stop is asked while the pool waits for its workers (and while they score): a stop request ends
+    the call within about a second with reward.Interrupted, whatever the workers are doing."""
+    (tmp_path / "math_verify.py").write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    pool = reward.ScorePool(2)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(reward.Interrupted):
+            pool.map(["x = 2"] * 4, ["2"] * 4, timeout=30, should_stop=lambda: time.monotonic() - t0 > 0.5)
+    finally:
+        pool.close()
+    assert time.monotonic() - t0 < 3
+
+
 def test_an_item_lost_past_its_retries_is_unscored_not_zero(monkeypatch):
     """An item whose worker is lost more than reward.RETRIES times is listed in .unscored (the trainer leaves
     it out), not counted as a checker timeout and not silently scored 0 (here RETRIES = 0: lost once)."""
