@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 
 class Interrupted(Exception):
-    """`generate` was asked to stop: should_stop() returned True between two of its batches."""
+    """`generate` was asked to stop: should_stop() returned True (between two of its batches, or inside one)."""
 
 
 @dataclass
@@ -431,7 +431,7 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
                 response_ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         else:
             gen = _generate_padded(model, [prompts[seq_prompt[i]] for i in batch], [seq_prompt[i] for i in batch],
-                                   gen_cfg, keys[batch], temperature, top_p, pad_id, cache, share_prefill)
+                                   gen_cfg, keys[batch], temperature, top_p, pad_id, cache, share_prefill, should_stop)
             response_ids[batch, :gen.shape[1]] = gen
         tokens += int((response_ids[batch] != pad_id).sum())
         bar.update(len(batch))
@@ -442,12 +442,17 @@ def generate(model, prompts: list[list[int]], n: list[int] | int, *, max_new_tok
 
 def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen_cfg: GenerationConfig,
                      keys: torch.Tensor, temperature: float, top_p: float, pad_id: int, cache: str,
-                     share_prefill: bool) -> torch.Tensor:
+                     share_prefill: bool, should_stop=None) -> torch.Tensor:
     """One `generate` call on left-padded rows (prompt token ids): the generated ids (b, t), t <= max_new_tokens.
     `generate` runs greedy over KeyedSampling's scores: each row samples with its key (b,). cache "dynamic":
     kv_cache's, for the prompt and max_new_tokens; share_prefill (dynamic): each distinct prompt (prompt_of_row)
-    is prefilled once for all its rows."""
-    from transformers import LogitsProcessorList
+    is prefilled once for all its rows. should_stop is asked after every token (a stopping criterion: a batch
+    can be minutes of decoding on a GPU); True ends the call with Interrupted."""
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    class StopRequest(StoppingCriteria):  # every row done once should_stop() says so; no effect until then
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
 
     device = next(model.parameters()).device
     L = max(map(len, rows))
@@ -464,8 +469,12 @@ def _generate_padded(model, rows: list[list[int]], prompt_of_row: list[int], gen
             kv = extra[_cache_kwarg(model)] = kv_cache(model, L + gen_cfg.max_new_tokens)
             if share_prefill and L > 1 and len(set(prompt_of_row)) < len(rows):  # some prompt has several rows
                 prefill_once_per_prompt(model, ids, attn, prompt_of_row, kv)
+        if should_stop is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([StopRequest()])
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, logits_processor=sampling,
                              **extra)
+    if should_stop is not None and should_stop():
+        raise Interrupted(f"stopped inside a generate call, {out.shape[1] - L} tokens in")
     return out[:, L:].cpu()
 
 

@@ -704,7 +704,8 @@ def run_training(argv=None):
             print0(f"stop requested (SIGTERM or Ctrl-C) inside the update of step {state['step'] + 1}: {e}; a "
                    f"resume starts from the last checkpoint")
         if stopped and not abandoned:
-            print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']}, exiting")
+            print0(f"stop requested (SIGTERM or Ctrl-C): checkpoint saved at step {state['step']} (the save took "
+                   f"{stop['save_s']:.1f} s), exiting")
     bar.close()
     logger.close()
     if state["step"] > 0 and (state["step"] == T * M or (cfg.run.max_steps and state["step"] >= cfg.run.max_steps)):

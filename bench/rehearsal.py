@@ -10,6 +10,12 @@ memory per rank. tests/test_train.py runs the same at a narrow width.
 
     python bench/rehearsal.py                       # width 1,536, 2 layers, 2 ranks
     python bench/rehearsal.py --hidden 256 --layers 2
+    python bench/rehearsal.py --stop draw_and_generate:2 --stop update_policy:2
+
+--stop NAME:K (repeatable) instead times a stop as a scheduler sends it: a fresh run (a checkpoint every step),
+SIGTERM to the torchrun agent as train.NAME is called the K-th time (rank 0 sends it, tests/dist_worker.py
+STOP_IN), and the seconds from the signal to the agent's exit, against torchrun's 30 s before SIGKILL: which
+step was saved (or the update abandoned), how long the save took, whether a rank had to be killed.
 """
 
 import argparse
@@ -76,14 +82,28 @@ def overrides(model_dir: str, data: str, out_dir: str, max_new_tokens: int = 8, 
             "--run.resume=auto", f"--run.max_steps={steps}", f"--run.out_dir={out_dir}"]
 
 
-def torchrun(args: list[str], nproc: int = 2, port: int = 29563, timeout: int = 1200):
+def torchrun(args: list[str], nproc: int = 2, port: int = 29563, timeout: int = 1200, env: dict | None = None,
+             check: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            os.path.join(ROOT, "tests", "dist_worker.py"), "rehearse", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)), **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    if res.returncode != 0:
+    if res.returncode != 0 and check:
         raise RuntimeError(res.stdout[-3000:] + res.stderr[-6000:])
     return res
+
+
+def time_stop(model: str, data: str, out: str, where: str, max_new_tokens: int) -> dict:
+    """A fresh 2-step run, SIGTERM to its torchrun agent as train.<where> (NAME:K) is called: what happened and
+    the seconds from the signal to the agent's exit."""
+    res = torchrun([*overrides(model, data, out, max_new_tokens, steps=2), "--run.save_every=1"],
+                   env={"STOP_IN": f"agent:{where}"}, check=False)
+    ended = time.time()
+    log = res.stdout + res.stderr
+    sent = float(open(os.path.join(out, "stop_sent_at")).read())
+    said = [line for line in log.splitlines() if "stop requested" in line]
+    return {"where": where, "exit_s": ended - sent, "killed": "forcefully exiting via" in log,
+            "said": " / ".join(line.split("stop requested ")[-1] for line in said) or "(nothing: " + log[-300:] + ")"}
 
 
 def main():
@@ -94,6 +114,8 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--stop", action="append", default=[], metavar="NAME:K",
+                    help="time a SIGTERM to the torchrun agent as train.NAME is called the K-th time (repeatable)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="rehearsal_")
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # benches leave nothing behind in /tmp
@@ -101,6 +123,13 @@ def main():
     write_rows(f"{work}/math.jsonl", args.rows)
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{params / 1e6:.0f}M parameters (hidden {args.hidden}, {args.layers} layers, vocab 151,936, tied)")
+    if args.stop:
+        print("| SIGTERM to the agent at | signal to the agent's exit (s) | a rank killed | what the run said |\n"
+              "|---|---|---|---|")
+        for k, where in enumerate(args.stop):
+            r = time_stop(f"{work}/model", f"{work}/math.jsonl", f"{work}/stop{k}", where, args.max_new_tokens)
+            print(f"| {r['where']} | {r['exit_s']:.1f} | {'yes' if r['killed'] else 'no'} | {r['said']} |", flush=True)
+        return
     out = f"{work}/run"
     t0 = time.time()
     torchrun(overrides(f"{work}/model", f"{work}/math.jsonl", out, args.max_new_tokens, steps=2))

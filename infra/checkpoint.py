@@ -105,12 +105,16 @@ def _effective(config: dict, key: str):
 
 
 def check_resume_config(old: dict, cfg: Config, path: str) -> list[str]:
-    """Refuse a resume whose config changes a refused key (infra/config.py: RESUME_REFUSED), naming every such
-    key with both values. Returns the applied keys that changed ("train.lr: 1e-06 -> 2e-06")."""
+    """Refuse a resume whose config changes a refused key (infra/config.py: RESUME_REFUSED, and rollout.cache to
+    or from paged), naming every such key with both values. Returns the applied keys that changed ("train.lr: 1e-06 -> 2e-06")."""
     new = config_dict(cfg)
     changed = {k: (_effective(old, k), _effective(new, k)) for k in RESUME_REFUSED + RESUME_APPLIED
                if _effective(old, k) != _effective(new, k)}
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in RESUME_REFUSED]
+    cache = (_effective(old, "rollout.cache"), cfg.rollout.cache)
+    if cache[0] != cache[1] and "paged" in cache:  # dynamic <-> slots: the same keyed tokens (numerics class)
+        refused.append(f"rollout.cache: {cache[0]!r} -> {cache[1]!r} (paged's continuous batching samples another "
+                       f"stream than the keyed sampler of dynamic and slots)")
     if refused:
         raise ValueError(f"cannot resume {path}: the config differs from the checkpoint's in keys that define the "
                          f"run (resume with the checkpoint's values, or start a new run): {'; '.join(refused)}")

@@ -152,10 +152,18 @@ class Config:
 
 
 # What a resumed run may change from its checkpoint's config. Every Config field is in exactly one class
-# (tests/test_config.py fails for a field added without one); infra/checkpoint.py acts on them.
-#   refused: the model, the data, the method, or which draw comes next: another value is refused, naming the key
-#   applied: optimiser settings: the new value is applied to the loaded AdamW state and lr schedule
-#   free:    where the run writes, how often it saves, logs and evaluates, and speed and memory layout
+# (tests/test_config.py fails for a field added without one); infra/checkpoint.py acts on them, and
+# tests/test_resume_classes.py resumes with each free and numerics key changed and checks its promise.
+#   refused:  the model, the data, the method, what the rollouts and rewards are, or which draw comes next: another
+#             value is refused, naming the key (rollout.cache: a change to or from paged, whose continuous
+#             batching samples another stream; dynamic <-> slots is numerics)
+#   applied:  optimiser settings: the new value is applied to the loaded AdamW state and lr schedule
+#   numerics: the same computation in another layout (speed, memory): the run equals the uninterrupted one up to
+#             float rounding. The rollout batching keys and the cache (dynamic, slots) are exact on a CPU (every
+#             rollout samples with its own key), up to the kernels' numerics on a GPU; the others change the
+#             weights by rounding, which a later sampled token can amplify, as two GPUs' runs differ
+#   free:     where the run writes, how often it saves, when it stops, how it logs and evaluates: the training
+#             (rollouts, rewards, posteriors, weights) is the uninterrupted run's, bit for bit
 RESUME_REFUSED = (
     "model.path model.tokenizer "  # the tokenizer is compared as used: model.tokenizer or else model.path
     "data.train data.split data.problem_key data.answer_key data.answer_format data.num_subsets data.max_prompts "
@@ -166,16 +174,17 @@ RESUME_REFUSED = (
     "rollout.stop_at_im_end rollout.dynamic_sampling rollout.max_rounds "
     "train.steps_per_subset train.restart_each_subset train.group_by train.mini_batch_prompts train.epochs "
     "train.advantage train.clip_low train.clip_high train.clip_c train.loss_agg train.kl_coef train.kl_kind "
-    "run.seed").split()
+    "run.seed run.reward_timeout").split()  # the timeout decides which slow answers score 0: part of the reward
 RESUME_APPLIED = "train.lr train.warmup_steps train.weight_decay train.betas train.adam_eps train.grad_clip".split()
-RESUME_FREE = (
+RESUME_NUMERICS = (
     "model.attn_implementation model.gradient_checkpointing "
     "rollout.max_batch_tokens rollout.max_batch_size rollout.cache rollout.share_prefill "
-    "train.micro_batch_tokens train.pack train.share_prompt train.cpu_offload train.logprob_chunk train.max_bad_steps "
+    "train.micro_batch_tokens train.pack train.share_prompt train.cpu_offload train.logprob_chunk").split()
+RESUME_FREE = (
+    "train.max_bad_steps "
     "eval.data eval.every eval.max_problems eval.samples eval.temperature eval.max_new_tokens "
     "run.out_dir run.save_every run.save_every_minutes run.keep_checkpoints run.resume run.overwrite run.max_steps "
-    "run.reward_workers run.reward_timeout run.wandb_project run.tensorboard run.dist_timeout_minutes run.stop_grace_s"
-    ).split()
+    "run.reward_workers run.wandb_project run.tensorboard run.dist_timeout_minutes run.stop_grace_s").split()
 
 
 def config_keys(cfg: Config | None = None) -> list[str]:

@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_train.py (and with plain python for world size 1).
 
-    dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum (STOP_IN=name:k
+    dist_worker.py train OUT_DIR [overrides...]  -> train.main, then each rank saves its curriculum (STOP_IN=[agent:]name:k
                                                     in the environment: a stop request inside that call)
     dist_worker.py grad MODEL_DIR OUT_FILE [overrides...]
                                                  -> one update on a fixed global batch, saves the full gradient
@@ -13,6 +13,7 @@
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -24,14 +25,28 @@ from infra.distributed import leave, setup_distributed  # noqa: E402
 from infra.models import build_models, sync_generation_weights  # noqa: E402
 
 
-def run_train(out_dir, overrides):
-    if os.environ.get("STOP_IN"):  # STOP_IN=[agent:]name:k: rank 0 sends SIGTERM to itself (or to its parent, the
-        from helpers import sigterm_at  # torchrun agent, as a scheduler does) as train.<name> is called the k-th time
+def stop_in(out_dir):
+    """STOP_IN=[agent:]name:k: rank 0 sends SIGTERM to itself (or to its parent, the torchrun agent, as a
+    scheduler does) as train.<name> is called the k-th time, and writes the time it sent it (time.time()) to
+    OUT_DIR/stop_sent_at."""
+    if os.environ.get("STOP_IN"):
+        from helpers import sigterm_at  # tests/, this script's directory
 
         *to, name, k = os.environ["STOP_IN"].split(":")
         rank0 = int(os.environ.get("RANK", 0)) == 0
+
+        def when(calls, a, kw):
+            if rank0 and calls == int(k):
+                with open(os.path.join(out_dir, "stop_sent_at"), "w") as f:
+                    f.write(repr(time.time()))
+                return True
+            return False
         pid = os.getppid() if to == ["agent"] else os.getpid()
-        setattr(train, name, sigterm_at(getattr(train, name), lambda calls, a, kw: rank0 and calls == int(k), pid)[0])
+        setattr(train, name, sigterm_at(getattr(train, name), when, pid)[0])
+
+
+def run_train(out_dir, overrides):
+    stop_in(out_dir)
     state, cur = train.main([f"--run.out_dir={out_dir}", *overrides])
     rank = int(os.environ.get("RANK", 0))
     np.savez(os.path.join(out_dir, f"curriculum_rank{rank}.npz"), alpha=cur.alpha, beta=cur.beta,
@@ -140,8 +155,9 @@ def run_rehearsal(argv):
 
     reward.score_batch = score_batch
     peaks = track_update_memory() if os.environ.get("TRACK_UPDATE_MEMORY") else []
-    state, cur = train.main(argv)
     cfg = load_config(argv)
+    stop_in(cfg.run.out_dir)
+    state, cur = train.main(argv)
     rank = int(os.environ.get("RANK", 0))
     if peaks:
         with open(os.path.join(cfg.run.out_dir, f"update_memory_rank{rank}.json"), "w") as f:

@@ -93,17 +93,18 @@ def test_zero_subsets_fail_before_the_model_loads(tiny_model_dir, tmp_path, monk
 
 
 def test_every_config_key_has_one_resume_class():
-    """Each Config field is refused, applied or free on resume (infra/config.py), exactly once: a field added
-    without a class fails here, so nobody can add a method key that a resume silently changes."""
-    from infra.config import RESUME_APPLIED, RESUME_FREE, RESUME_REFUSED, config_keys
+    """Each Config field is refused, applied, numerics or free on resume (infra/config.py), exactly once: a field
+    added without a class fails here, so nobody can add a method key that a resume silently changes."""
+    from infra.config import RESUME_APPLIED, RESUME_FREE, RESUME_NUMERICS, RESUME_REFUSED, config_keys
 
-    classes = RESUME_REFUSED + RESUME_APPLIED + RESUME_FREE
+    classes = RESUME_REFUSED + RESUME_APPLIED + RESUME_NUMERICS + RESUME_FREE
     assert sorted(classes) == sorted(set(classes)), "a key in two classes"
     assert sorted(config_keys()) == sorted(classes), (set(config_keys()) ^ set(classes))
     for key in ("train.advantage", "train.loss_agg", "train.kl_coef", "train.kl_kind", "train.epochs",
                 "train.mini_batch_prompts", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
                 "rollout.stop_at_im_end", "rollout.dynamic_sampling", "rollout.max_rounds", "cures.prior_alpha",
-                "cures.prior_beta", "cures.grad_param", "model.path", "model.tokenizer"):  # issue 27's list
+                "cures.prior_beta", "cures.grad_param", "model.path", "model.tokenizer",  # issue 27's list
+                "run.reward_timeout"):  # which slow answers score 0 (issue 36)
         assert key in RESUME_REFUSED, key
     assert set(RESUME_APPLIED) == {"train.lr", "train.warmup_steps", "train.weight_decay", "train.betas",
                                    "train.adam_eps", "train.grad_clip"}

@@ -119,7 +119,7 @@ def test_eval_uses_the_prompt_the_model_was_trained_with(tmp_path):
     assert json.load(open(tmp_path / "ev" / "summary.json"))[model]["test"]["pass@1"] > 0.2
 
 
-def test_one_stopping_rule_for_training_and_evaluation(tmp_path):
+def test_one_stopping_rule_for_training_and_evaluation(tmp_path, monkeypatch):
     """eval.py stops where the model's training rollouts stopped (its prompt.json, from rollout.stop_at_im_end;
     EOS only without one, as released), a flag overrides it, and the setting is part of the result cache's
     key: a finished benchmark is evaluated again when it changes."""
@@ -133,11 +133,10 @@ def test_one_stopping_rule_for_training_and_evaluation(tmp_path):
     data = os.path.join(ROOT, "data", "tiny", "test.jsonl")
     out = tmp_path / "ev"
 
-    def run(*flags):
-        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny, "--benchmarks", data, "--max-problems",
-               "3", "--max-new-tokens", "4", "--out", str(out), *flags]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert res.returncode == 0, res.stderr[-3000:]
+    def run(*flags):  # eval.py's command line, in this process
+        monkeypatch.setattr(sys, "argv", ["eval.py", "--model", tiny, "--benchmarks", data, "--max-problems", "3",
+                                          "--max-new-tokens", "4", "--out", str(out), *flags])
+        evaluation.main()
         return os.stat(out / "test.jsonl").st_mtime_ns, json.load(open(out / "summary.json"))[tiny]["test"]
 
     first, stats = run()

@@ -244,6 +244,26 @@ def test_stop_request_acted_on_within_one_batch(tiny_model_dir, cache, monkeypat
     assert len(calls) == 1  # one batch (paged: one chunk), then the stop; not the whole phase
 
 
+def test_dynamic_stop_request_acted_on_inside_a_call(tiny_model_dir, monkeypatch):
+    """The dynamic path asks should_stop after every token of a generate call (a stopping criterion), not only
+    between calls: one batch of 200 tokens with no reachable EOS, a stop requested at the 5th ask ends it after
+    5 tokens with Interrupted; with should_stop never True the tokens equal a call without it."""
+    model, tok = _model_and_tok(tiny_model_dir)
+    prompts = [tok(f"What is {k}+{k}?").input_ids for k in range(4)]
+    kw = dict(max_new_tokens=200, eos_ids=[len(tok) + 5], pad_id=tok.pad_token_id, seed=0, cache="dynamic")
+    forwards, real = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    asked = []
+    with pytest.raises(rollout.Interrupted, match="inside a generate call, 5 tokens in"):
+        rollout.generate(model, prompts, 2, should_stop=lambda: asked.append(1) or len(asked) >= 6, **kw)
+    assert len(forwards) == 6 and len(asked) == 7  # forwards: the shared prefill, then one a token (not 200);
+    # asks: before the batch, after each of the 5 tokens, after the call
+    kw["max_new_tokens"] = 12
+    plain, asked_never = rollout.generate(model, prompts, 2, **kw), rollout.generate(model, prompts, 2,
+                                                                                    should_stop=lambda: False, **kw)
+    assert torch.equal(plain.response_ids, asked_never.response_ids)
+
+
 def test_paged_stop_request_acted_on_inside_a_call(tiny_model_dir, monkeypatch):
     """The paged path asks should_stop while continuous batching generates, not only between calls: a stop
     requested inside a call (one call: 64 requests of 192 tokens, seconds of work) ends it within about
