@@ -104,11 +104,12 @@ def prompt_settings(model_path: str, system_prompt: str | None = None, user_temp
             saved.get("user_template", USER_TEMPLATE) if user_template is None else user_template)
 
 
-def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "answer"):
-    """(problems, no_gold): problems is a list of {"id", "problem", "answer"}, one per row. A row with an
-    empty gold answer (two in Gaokao-EN 2023) is kept with answer "" and scores 0, so the denominator is
-    the benchmark's size, as in the paper's Table 1 (Gaokao: 51.43 = 198/385); `no_gold` counts them.
-    `name` is a key of BENCHMARKS or a path to a jsonl/json/parquet file with `problem_key`/`answer_key`."""
+def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "answer", keep=()):
+    """(problems, no_gold): problems is a list of {"id", "problem", "answer"}, one per row, plus the fields named
+    in `keep` that the row has (e.g. "level"). A row with an empty gold answer (two in Gaokao-EN 2023) is kept
+    with answer "" and scores 0, so the denominator is the benchmark's size, as in the paper's Table 1 (Gaokao:
+    51.43 = 198/385); `no_gold` counts them. `name` is a key of BENCHMARKS or a path to a jsonl/json/parquet
+    file with `problem_key`/`answer_key`."""
     if name in BENCHMARKS:
         folder, problem_key, gold, _ = BENCHMARKS[name]
         path = os.path.join(BENCH_DIR, folder, "test.jsonl")
@@ -126,7 +127,8 @@ def load_benchmark(name: str, problem_key: str = "problem", answer_key: str = "a
         except (KeyError, IndexError, TypeError, ValueError):
             raise ValueError(f"{path}: row {i + 1} has no usable gold answer") from None
         no_gold += not answer  # scored 0 by reward.score, kept in the denominator
-        problems.append({"id": i, "problem": str(row[problem_key]), "answer": answer})
+        problems.append({"id": i, "problem": str(row[problem_key]), "answer": answer,
+                         **{k: row[k] for k in keep if k in row and row[k] is not None}})
     if not problems:
         raise ValueError(f"{path}: no problems in it")
     return problems, no_gold

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -47,7 +48,7 @@ from infra.data import load_subsets
 from infra.distributed import (StopAbandoned, StopRequested, all_gather_list, all_reduce, check_stop,
                                interruptible, leave, print0, setup_distributed)
 from infra.metrics import (Logger, difficulty_shares, generated_sums, group_kinds, level_shares, log_step,
-                           reduce_sums, rollout_sums, step_metrics, timed)
+                           reduce_sums, rollout_sums, step_metrics, timed, write_eval_scores)
 from infra.models import Policy, build_models, sync_generation_weights, train_mode
 
 # ----------------------------------------------------------------------------------------------
@@ -361,9 +362,11 @@ class UpdateStop:
     - Before the update's first optimiser step nothing of the step has reached the weights: StopRequested
       drops the step as a stop in generation does, and the resumed run redoes it (exact).
     - After it the weights are part-way: the update goes on if what is left of it (timed from the
-      micro-batches done) and a save (as long as the last one took; 0 before the first) fit in what is left
-      of run.stop_grace_s since the signal, else StopAbandoned: nothing is saved and a resume starts from
-      the last checkpoint (a save still running when the launcher's SIGKILL comes would be lost anyway)."""
+      micro-batches done) and a save (as long as the last one took, or the resume's load; 0 before either)
+      fit in what is left of run.stop_grace_s since the signal, else StopAbandoned: nothing is saved and a
+      resume starts from the last checkpoint (a save still running when the launcher's SIGKILL comes would be
+      lost anyway). The signal's time is when Python ran its handler, which a long kernel call delays: the
+      default grace leaves 5 s of torchrun's 30 for that and for the exit."""
 
     def __init__(self, stop: dict | None, grace_s: float, total: int):
         self.stop, self.grace_s, self.total = stop, grace_s, total  # total: micro-batches of the whole update
@@ -374,11 +377,12 @@ class UpdateStop:
             now = time.monotonic()
             since = now - self.stop["at"] if self.stop["requested"] else -1.0
             left = (now - self.t0) / max(self.done, 1) * (self.total - self.done)
-            since, left = all_reduce(torch.tensor([since, left], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
-            if since >= 0:  # some rank was asked to stop, `since` seconds ago
+            since, left, save_s = all_reduce(torch.tensor([since, left, self.stop.get("save_s", 0.0)],
+                                                          dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+            if since >= 0:  # some rank was asked to stop, `since` seconds ago (the same numbers on every rank)
                 if not self.stepped:
                     raise StopRequested()
-                need = since + left + self.stop.get("save_s", 0.0)
+                need = since + left + save_s
                 if need > self.grace_s:
                     raise StopAbandoned(f"the update was {self.done}/{self.total} micro-batches in; finishing and "
                                         f"saving would end {need:.0f} s after the signal, past run.stop_grace_s="
@@ -548,8 +552,10 @@ def train_step(subset: list[dict], subset_id: int, cur: cures.Curriculum, policy
 
 
 def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed: int, stop: dict | None = None):
-    """Held-out accuracy (mean score over every sample of every problem, all ranks) and the number of samples
-    the checker could not score (left out of the mean); generated with the rollouts' cache (rollout.cache)."""
+    """Held-out accuracy (mean score over every sample of every problem, all ranks), the same per value of the
+    problems' eval.group_key field (eval/acc/level_2 ...), and the number of samples the checker could not score
+    (left out of the means); generated with the rollouts' cache (rollout.cache). Returns (metrics, per-problem
+    rows {"id", group key, "scores", "unscored"} of every rank, sorted by id: the problem's row in its file)."""
     with interruptible(stop) as should_stop:
         records = evaluation.evaluate_problems(
             gen, tokenizer, problems, n_samples=cfg.eval.samples,
@@ -559,9 +565,23 @@ def run_eval(gen, tokenizer, problems, cfg: Config, rank: int, world: int, seed:
             system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
             stop_at_im_end=cfg.rollout.stop_at_im_end, should_stop=should_stop,
             progress="eval" if rank == 0 else "", cache=cfg.rollout.cache)
-    samples = all_gather_list([(s, b in r["unscored"]) for r in records for b, s in enumerate(r["scores"])])
-    scores = [s for s, unscored in samples if not unscored]
-    return {"eval/acc": float(np.mean(scores)) if scores else 0.0, "eval/unscored": len(samples) - len(scores)}
+    key = cfg.eval.group_key
+    group = {p["id"]: p.get(key) for p in problems}
+    rows = sorted(all_gather_list([{"id": r["id"], **({key: group[r["id"]]} if group[r["id"]] is not None else {}),
+                                    "scores": r["scores"], "unscored": r["unscored"]} for r in records]),
+                  key=lambda r: r["id"])
+    metrics = {"eval/acc": scored_mean(rows),
+               "eval/unscored": sum(len(r["unscored"]) for r in rows)}
+    for value in sorted({r[key] for r in rows if key in r}, key=str):
+        name = re.sub(r"\W+", "_", f"{key}_{value}")  # "Level 5" -> level_Level_5
+        metrics[f"eval/acc/{name}"] = scored_mean([r for r in rows if r.get(key) == value])
+    return metrics, rows
+
+
+def scored_mean(rows: list[dict]) -> float:
+    """The mean score over the scored samples of per-problem rows (0 when none)."""
+    scores = [s for r in rows for b, s in enumerate(r["scores"]) if b not in r["unscored"]]
+    return float(np.mean(scores)) if scores else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,7 +623,8 @@ def run_training(argv=None):
            f"longer than data.max_prompt_len, {skipped['no_answer']} solutions without a \\boxed{{}} answer")
     eval_problems = []
     if cfg.eval.data:
-        eval_problems = evaluation.load_benchmark(cfg.eval.data)[0][:cfg.eval.max_problems or None]
+        eval_problems = evaluation.load_benchmark(cfg.eval.data, keep=[cfg.eval.group_key] if cfg.eval.group_key
+                                                  else [])[0][:cfg.eval.max_problems or None]
     policy, ref, gen = build_models(cfg, device, world)
     optimizer, scheduler = make_optimizer(policy, cfg)
     saved_ref = ref if cfg.train.restart_each_subset else None  # the reference moves: checkpoint it
@@ -611,12 +632,16 @@ def run_training(argv=None):
                            cfg.cures.allocation, cfg.cures.sigma, cfg.cures.n_min, cfg.cures.n_max or None)
     M, T = cfg.train.steps_per_subset, len(subsets)
     total_steps = min(T * M, cfg.run.max_steps or T * M)
+    t_load = time.monotonic()
     state = resume_state(cfg, policy, optimizer, scheduler, cur, saved_ref)
+    t_load = time.monotonic() - t_load if state["step"] > 0 or state["subset"] >= 0 else None
     if 0 <= state["subset"] < T and len(cur.alpha) != len(subsets[state["subset"]]):
         raise ValueError(f"cannot resume: the checkpoint's curriculum covers {len(cur.alpha)} prompts, subset "
                          f"{state['subset']} now has {len(subsets[state['subset']])}: the data or its filtering changed")
     logger = Logger(cfg, rank, state["step"])
     stop = {"requested": False}  # and once asked: "at", when (monotonic); "save_s": how long the last save took
+    if t_load is not None:  # resumed: until this process saves, a save is taken to cost what the load did
+        stop["save_s"] = t_load
 
     def request_stop(*_):  # save a checkpoint at the next safe point, then exit
         stop.update(requested=True, at=stop.get("at", time.monotonic()))
@@ -624,10 +649,14 @@ def run_training(argv=None):
         signal.signal(sig, request_stop)
 
     def evaluate(metrics: dict, step: int, stop=None):  # held-out accuracy of the policy after `step` steps
+        check_stop(stop)  # a stop already asked for: no weight sync first (the resumed run evaluates)
         with timed(metrics, "time/eval"):
             sync_generation_weights(policy, gen)
-            metrics.update(run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
-                                    stream_seed(cfg.run.seed, "eval", 0, step), stop))
+            got, rows = run_eval(gen, tokenizer, eval_problems, cfg, rank, world,
+                                 stream_seed(cfg.run.seed, "eval", 0, step), stop)
+            metrics.update(got)
+            if rank == 0:  # every problem's scores: eval/step_<step>.jsonl
+                write_eval_scores(cfg.run.out_dir, step, rows)
 
     if state["step"] == 0:
         first = {"data/prompts": sum(map(len, subsets)), "data/skipped_too_long": skipped["too_long"],

@@ -42,7 +42,8 @@ VARIANTS = {
 }
 
 
-MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total", "dynamic/rounds")
+MECHANISM = ("train/reward", "mech/mixed_rollouts", "mech/zero_adv_token_share", "rollouts/total", "rollouts/cold_start",
+             "dynamic/rounds")
 
 
 def run(name, seed, extra, out, config, threads: int = 0):
@@ -69,11 +70,14 @@ def run(name, seed, extra, out, config, threads: int = 0):
         with open(wall, "w") as f:
             f.write(f"{time.time() - t0:.1f}\n")
     rows = [json.loads(line) for line in open(metrics)]
-    curve, rollouts = [], 0
+    curve, by_group, rollouts = [], {}, 0
     for r in rows:
         rollouts = r.get("rollouts/total", rollouts)
         if "eval/acc" in r:
             curve.append((r["step"], rollouts, r["eval/acc"]))
+            for k, v in r.items():  # eval/acc/level_2 ...: the same curve per level (train.run_eval)
+                if k.startswith("eval/acc/"):
+                    by_group.setdefault(k[len("eval/acc/"):], []).append((r["step"], rollouts, v))
     per_step = [{"step": r["step"], **{k: v for k, v in r.items() if k in MECHANISM or k.startswith("draws/")}}
                 for r in rows if "time/step" in r]
     wall_s = float(open(wall).read()) if os.path.exists(wall) else None
@@ -81,7 +85,7 @@ def run(name, seed, extra, out, config, threads: int = 0):
     with open(summary, "w") as f:
         # a run's trajectory (not its statistics) depends on its intra-op threads: float reduction order
         json.dump({"variant": name, "seed": seed, "extra": extra, "threads": threads or "default", "wall_s": wall_s,
-                   "curve": curve, "steps": per_step}, f)
+                   "curve": curve, "curve_by_group": by_group, "steps": per_step}, f)
     return curve
 
 
@@ -105,12 +109,39 @@ def collapsed(curve) -> bool:
     return False
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (numpy only): the CDF by Simpson's rule on the density, inverted by bisection."""
+    import math
+
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x):  # x >= 0
+        grid = np.linspace(0.0, x, 2001)
+        f = c * (1 + grid ** 2 / df) ** (-(df + 1) / 2)
+        return 0.5 + (grid[1] - grid[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, 1e3
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def intervals(d, draws: int = 10_000, seed: int = 0) -> dict:
+    """Paired differences over seeds -> {"mean", "t": 95 % t-interval (the verdict's), "boot": 95 % percentile
+    bootstrap interval (beside it: over few seeds it runs narrower than the t-interval), "sd"}."""
+    d = np.asarray(d, dtype=float)
+    half = t_quantile(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (draws, len(d)))].mean(1)
+    return {"mean": float(d.mean()), "t": (float(d.mean() - half), float(d.mean() + half)),
+            "boot": tuple(np.percentile(boot, [2.5, 97.5]).tolist()), "sd": float(d.std(ddof=1))}
+
+
 def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, seed: int = 0) -> list[dict]:
     """Each variant against `base`, paired by seed: the difference in the primary metric, at equal steps (the
     last evaluation) and at equal rollouts (both curves interpolated at the smaller of the two runs' final rollout
-    counts: the base's, when the variant generated more), each with a 95 % bootstrap interval over seeds, and a
-    verdict from the primary metric's interval."""
-    rng, out = np.random.default_rng(seed), []
+    counts: the base's, when the variant generated more), each as (mean, t-interval low, high, sd) with the 95 %
+    bootstrap interval beside ("<key> boot"), and a verdict from the primary metric's t-interval."""
+    out = []
     for name, runs in curves.items():
         if name == base:
             continue
@@ -123,12 +154,11 @@ def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, se
             diffs["equal rollouts"].append(float(np.interp(at, roll, acc) - np.interp(at, b_roll, b_acc)))
         row = {"variant": name, "seeds": len(diffs["primary"])}
         for k, d in diffs.items():
-            d = np.array(d)
             if len(d) < 2:
-                row[k] = None
+                row[k] = row[f"{k} boot"] = None
                 continue
-            boot = d[rng.integers(0, len(d), (draws, len(d)))].mean(1)
-            row[k] = (float(d.mean()), *np.percentile(boot, [2.5, 97.5]).tolist(), float(d.std(ddof=1)))
+            iv = intervals(d, draws, seed)
+            row[k], row[f"{k} boot"] = (iv["mean"], *iv["t"], iv["sd"]), (iv["mean"], *iv["boot"])
         p = row["primary"]
         row["verdict"] = verdict(p)
         row["verdict at equal rollouts"] = verdict(row["equal rollouts"])
@@ -136,16 +166,19 @@ def paired_differences(curves: dict, base: str = "grpo", draws: int = 10_000, se
     return out
 
 
-def paired_table(curves: dict, base: str) -> list[str]:
+def paired_table(curves: dict, base: str, what: str = "held-out accuracy") -> list[str]:
     """The markdown lines of paired_differences against `base`, with the seeds a +-2.5-point interval needs."""
-    lines = ["", f"Against {base}, paired by seed (difference in points, mean [95 % bootstrap interval]; the primary "
-             "metric is the held-out accuracy averaged over the second half of training):", "",
+    lines = ["", f"{what[0].upper() + what[1:]}, against {base}, paired by seed (difference in points, mean [95 % "
+             "t-interval] (95 % bootstrap interval); verdicts from the t-interval; the primary metric is the accuracy "
+             "averaged over the second half of training):", "",
              "| variant | seeds | primary metric | at equal steps (last) | at equal rollouts | verdict (primary) | "
              "verdict at equal rollouts |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda d: "n/a" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"  # noqa: E731
+    fmt = lambda d, b: "n/a" if d is None else (f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] "  # noqa: E731
+                                                f"({100 * b[1]:+.1f}, {100 * b[2]:+.1f})")
     for r in paired_differences(curves, base):
-        lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['primary'])} | {fmt(r['equal steps'])} | "
-                     f"{fmt(r['equal rollouts'])} | {r['verdict']} | {r['verdict at equal rollouts']} |")
+        cells = [fmt(r[k], r[f"{k} boot"]) for k in ("primary", "equal steps", "equal rollouts")]
+        lines.append(f"| {r['variant']} | {r['seeds']} | {' | '.join(cells)} | {r['verdict']} | "
+                     f"{r['verdict at equal rollouts']} |")
         if r["primary"] is not None:  # seeds for a +-2.5-point interval at this spread (normal approximation)
             need = int(np.ceil((1.96 * r["primary"][3] / 0.025) ** 2))
             lines.append(f"| | | seed-to-seed sd of the difference {100 * r['primary'][3]:.1f} points: "
@@ -153,20 +186,47 @@ def paired_table(curves: dict, base: str) -> list[str]:
     return lines
 
 
-def rollout_points(seed_file: dict) -> np.ndarray:
-    """(rollouts, accuracy) points of one run's evaluations, cold starts charged and held flat: the policy does
-    not change while a cold start generates, so after an evaluation at step s the curve stays at its accuracy
-    until the rollouts of step s + 1 begin. A step's own rollouts: the median step-to-step increase (a cold start
-    adds to it at a subset boundary). (k, 2), rollouts increasing."""
-    totals = {r["step"]: r["rollouts/total"] for r in seed_file["steps"] if "rollouts/total" in r}
-    steps = sorted(totals)
-    per_step = float(np.median(np.diff([0] + [totals[s] for s in steps])))
-    points = []
-    for step, rollouts, acc in seed_file["curve"]:
-        points.append((rollouts, acc))
-        nxt = totals.get(step + 1)
-        if nxt is not None and nxt - per_step > rollouts:  # a cold start before step + 1's own rollouts
-            points.append((nxt - per_step, acc))
+def per_group_tables(files: dict, base: str = "grpo") -> list[str]:
+    """The paired table of each evaluation group (eval/acc/level_k: train.run_eval) that every run logged, so that
+    a verdict can be read per level as well as overall. files: {variant: [per-seed file dict, in seed order]}."""
+    groups = set.intersection(*[set(f.get("curve_by_group", {})) for runs in files.values() for f in runs])
+    lines = ["", "Per level (one verdict a level, no correction for multiple comparisons: descriptive, read beside the "
+             "overall verdict):"] if groups else []
+    for g in sorted(groups):
+        curves = {name: [[tuple(p) for p in f["curve_by_group"][g]] for f in runs] for name, runs in files.items()}
+        lines += paired_table(curves, base, what=f"held-out accuracy on {g}")
+    return lines
+
+
+def rollout_points(seed_file: dict, curve=None) -> np.ndarray:
+    """(rollouts, accuracy) points of one run's evaluations, cold starts charged and held flat wherever the
+    evaluations fall: the policy changes only with a step's own rollouts, so accuracy is interpolated along the
+    training rollouts (a step's own) and stays constant across each cold start (logged with the step it precedes,
+    rollouts/cold_start; in older files, the excess of a step's increase over the smallest one). `curve`:
+    [(step, _, accuracy)] to put on this run's rollout clock instead of its own (the null model of
+    rollout_comparison). (k, 2), rollouts increasing."""
+    rows = {r["step"]: r for r in seed_file["steps"] if "rollouts/total" in r}
+    steps = sorted(rows)
+    increase = np.diff([0] + [rows[s]["rollouts/total"] for s in steps])
+    if all("rollouts/cold_start" in rows[s] for s in steps):
+        cold_steps = np.diff([0] + [rows[s]["rollouts/cold_start"] for s in steps])
+        per_step = float(np.median(increase - cold_steps))
+    else:  # the smallest step-to-step increase: a step with no cold start (a subset holds more than one step)
+        per_step = float(increase.min())
+        cold_steps = increase - per_step
+    cold = {s: float(c) for s, c in zip(steps, cold_steps) if c > 0}  # before step s's own rollouts
+    curve = seed_file["curve"] if curve is None else curve
+    evals_t = np.array([step * per_step for step, _, _ in curve])  # the training-rollout clock
+    evals_acc = np.array([acc for _, _, acc in curve])
+    t_points = sorted(set(evals_t.tolist()) | {(s - 1) * per_step for s in cold})
+    points, spent = [], 0.0  # spent: cold-start rollouts before the current point
+    for t in t_points:
+        acc = float(np.interp(t, evals_t, evals_acc))
+        points.append((t + spent, acc))
+        c = cold.get(int(round(t / per_step)) + 1, 0.0)
+        if c:  # the cold start before the next step: flat
+            spent += c
+            points.append((t + spent, acc))
     return np.array(points, dtype=float)
 
 
@@ -179,55 +239,37 @@ def rollout_mean(points: np.ndarray, budget: float) -> float:
     return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(grid)) / budget)
 
 
-def rollouts_to_reach(points: np.ndarray, target: float) -> float:
-    """Rollouts at which the curve first reaches `target`, linearly interpolated between evaluations; inf if it
-    never does."""
-    x, y = points[:, 0], points[:, 1]
-    hit = np.flatnonzero(y >= target - 1e-12)
-    if not hit.size:
-        return float("inf")
-    k = hit[0]
-    if k == 0 or y[k] == y[k - 1]:
-        return float(x[k])
-    return float(x[k - 1] + (target - y[k - 1]) / (y[k] - y[k - 1]) * (x[k] - x[k - 1]))
-
-
-def rollout_comparison(files: dict, base: str, budget: float, target: float, draws: int = 10_000,
-                       seed: int = 0) -> list[str]:
-    """The declared per-rollout comparison (bench/results/convergence_power/README.md), markdown lines: each
-    variant against `base`, paired by seed, in the rollout-axis mean accuracy up to `budget` (95 % bootstrap
-    interval, verdict, half-width) and the speed-up in rollouts to reach `target` (median ratio, bootstrap
-    interval; runs that never reach it count as never). files: {variant: [per-seed file dict, in seed order]}."""
-    rng = np.random.default_rng(seed)
-    lines = ["", f"Per rollout (declared in README.md): mean held-out accuracy over the rollout axis up to {budget:,.0f} "
-             f"rollouts (cold starts charged, held flat), and the rollouts to first reach {100 * target:.1f} %:", "",
-             "| variant | seeds | rollout-axis mean: difference, 95 % interval | half-width | verdict | "
-             f"rollouts to {100 * target:.1f} % (median) | never reached | speed-up in rollouts, 95 % interval |",
-             "|---|---|---|---|---|---|---|---|"]
-    base_pts = [rollout_points(f) for f in files[base]]
-    base_reach = np.array([rollouts_to_reach(p, target) for p in base_pts])
-    lines.append(f"| {base} | {len(base_pts)} | | | | {np.median(base_reach):,.0f} | {int(np.isinf(base_reach).sum())} | |")
+def rollout_comparison(files: dict, base: str, budget: float, draws: int = 10_000, seed: int = 0) -> list[str]:
+    """The declared per-rollout comparison, markdown lines: each variant against `base`, paired by seed, in the
+    rollout-axis mean accuracy up to `budget` (95 % t-interval, the verdict's; the bootstrap beside it), split as
+    total = cold start + rest. "cold start": the null model, the base's own per-step curve put on the variant's
+    rollout clock (what the variant's cold starts cost by themselves, had it learned per step exactly as the base);
+    "rest": total minus that, what the variant's curriculum did per rollout beyond its cold start's price.
+    files: {variant: [per-seed file dict, in seed order]}."""
+    lines = ["", f"Per rollout: mean held-out accuracy over the rollout axis up to {budget:,.0f} rollouts (cold starts "
+             "charged, held flat), paired by seed, in points: mean [95 % t-interval] (95 % bootstrap interval); "
+             "total = cold start (the base's per-step curve on the variant's rollout clock) + rest:", "",
+             "| variant | seeds | total | verdict | cold start | rest | verdict on the rest |", "|---|---|---|---|---|---|---|"]
+    cell = lambda iv: (f"{100 * iv['mean']:+.2f} [{100 * iv['t'][0]:+.2f}, {100 * iv['t'][1]:+.2f}] "  # noqa: E731
+                       f"({100 * iv['boot'][0]:+.2f}, {100 * iv['boot'][1]:+.2f})")
+    base_means = [rollout_mean(rollout_points(f), budget) for f in files[base]]
     for name, runs in files.items():
         if name == base:
             continue
-        pts = [rollout_points(f) for f in runs]
-        d = np.array([rollout_mean(p, budget) - rollout_mean(b, budget) for p, b in zip(pts, base_pts)])
-        idx = rng.integers(0, len(d), (draws, len(d)))
-        lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
-        reach = np.array([rollouts_to_reach(p, target) for p in pts])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratios = np.median(base_reach[idx], 1) / np.median(reach[idx], 1)
-            ratio = np.median(base_reach) / np.median(reach)
-        r_lo, r_hi = np.percentile(ratios, [2.5, 97.5])
-        lines.append(f"| {name} | {len(d)} | {100 * d.mean():+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
-                     f"{100 * (hi - lo) / 2:.2f} | {verdict((d.mean(), lo, hi))} | {np.median(reach):,.0f} | "
-                     f"{int(np.isinf(reach).sum())} | {ratio:.2f}x [{r_lo:.2f}, {r_hi:.2f}] |")
-        lines.append(f"| | | seed-to-seed sd of the difference {100 * d.std(ddof=1):.2f} points | | | | | |")
+        total = [rollout_mean(rollout_points(f), budget) - b for f, b in zip(runs, base_means)]
+        null = [rollout_mean(rollout_points(f, curve=g["curve"]), budget) - b
+                for f, g, b in zip(runs, files[base], base_means)]
+        parts = [intervals(x, draws, seed) for x in (total, null, np.subtract(total, null))]
+        lines.append(f"| {name} | {len(total)} | {cell(parts[0])} | {verdict(parts[0])} | {cell(parts[1])} | "
+                     f"{cell(parts[2])} | {verdict(parts[2])} |")
     return lines
 
 
 def verdict(d) -> str:
-    """better / worse when the 95 % interval of the paired difference excludes 0."""
+    """better / worse when the 95 % t-interval of the paired difference excludes 0. d: (mean, low, high, ...) or
+    an intervals() dict."""
+    if isinstance(d, dict):
+        d = (d["mean"], *d["t"])
     return ("not enough seeds" if d is None else "better" if d[1] > 0 else "worse" if d[2] < 0
             else "no difference detected")
 
@@ -295,8 +337,6 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads (a run's "
                     "figures then differ from a one-job run's by float summation order only)")
-    ap.add_argument("--target", type=float, default=0.43, help="accuracy for the rollouts-to-reach speed-up "
-                    "(declared in bench/results/convergence_power/README.md: every committed GRPO run reaches 0.43)")
     ap.add_argument("extra", nargs="*", help="train.py overrides, after --")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -346,16 +386,16 @@ def main():
             else:
                 lines.append(f"| {name} | {c_step} | {int(c_roll)} | {g_step / max(c_step, 1):.2f}x | "
                              f"{g_roll / max(c_roll, 1):.2f}x |")
+    files = {n: [json.load(open(os.path.join(args.out, "seeds", f"{n}_seed{s}.json"))) for s in args.seeds]
+             for n in curves}
     if "grpo" in curves and len(curves) > 1:
-        lines += paired_table(curves, "grpo")
+        lines += paired_table(curves, "grpo") + per_group_tables(files, "grpo")
     on_cures = {k: v for k, v in curves.items() if k != "grpo"}
     if "cures" in on_cures and len(on_cures) > 1:  # ablations and additions against the whole of CurES
         lines += paired_table(on_cures, "cures")
     plain = [n for n, extra in jobs if "--rollout.dynamic_sampling=true" not in extra]  # one round a step
-    if "grpo" in plain and len(plain) > 1:  # the per-rollout comparison, GRPO's budget and a target it reaches
-        files = {n: [json.load(open(os.path.join(args.out, "seeds", f"{n}_seed{s}.json"))) for s in args.seeds]
-                 for n in plain}
-        lines += rollout_comparison(files, "grpo", budget=table["grpo"]["rollouts"][-1], target=args.target)
+    if "grpo" in plain and len(plain) > 1:  # the per-rollout comparison, to GRPO's budget
+        lines += rollout_comparison({n: files[n] for n in plain}, "grpo", budget=table["grpo"]["rollouts"][-1])
     mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
     bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]
     levels = sorted({k for m in mech.values() for k in m if k.startswith("draws/level_")})
@@ -398,8 +438,9 @@ def main():
         # the curriculum over time: where each variant spends its draws (stacked shares by difficulty), and the
         # share of its rollouts that carry a gradient
         by = [("posterior p at draw time", bins)] + ([("data level", levels)] if levels else [])
-        fig, axes = plt.subplots(len(by), len(mech), figsize=(3.6 * len(mech), 3.4 * len(by)), sharey=True,
-                                 squeeze=False)
+        groups = sorted(set.intersection(*[set(f.get("curve_by_group", {})) for r in files.values() for f in r]))
+        n_rows = len(by) + bool(groups)
+        fig, axes = plt.subplots(n_rows, len(mech), figsize=(3.6 * len(mech), 3.4 * n_rows), sharey=True, squeeze=False)
         for row, (what, keys) in zip(axes, by):
             for ax, (name, m) in zip(row, mech.items()):
                 ax.stackplot(m["step"], *[100 * np.nan_to_num(m.get(k, np.zeros_like(m["step"]))) for k in keys],
@@ -409,6 +450,15 @@ def main():
                 ax.set_xlabel("training step")
             row[0].set_ylabel(f"draws by {what} (%)")
             row[-1].legend(fontsize=7, loc="lower right")
+        for ax, name in zip(axes[-1] if groups else [], mech):  # beside the draws: held-out accuracy per level
+            for g in groups:
+                acc = np.array([[p[2] for p in f["curve_by_group"][g]] for f in files[name]])
+                ax.plot([p[0] for p in files[name][0]["curve_by_group"][g]], 100 * acc.mean(0), marker="o", label=g)
+            ax.set_title(name)
+            ax.set_xlabel("training step")
+        if groups:
+            axes[-1][0].set_ylabel("held-out accuracy by level (%)")
+            axes[-1][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "curriculum.png"), dpi=120)
     except ImportError:

@@ -29,11 +29,11 @@ def check_out_dir(cfg: Config):
     """A fresh run (no run.resume) into a directory that holds another run's checkpoints or metrics would mix
     the two: refuse, unless run.overwrite, which removes them first."""
     out = cfg.run.out_dir
-    found = [p for p in ("checkpoints", "metrics.jsonl", "final") if os.path.lexists(os.path.join(out, p))]
+    found = [p for p in ("checkpoints", "metrics.jsonl", "final", "eval") if os.path.lexists(os.path.join(out, p))]
     found += ["config.yaml"] if found and os.path.islink(os.path.join(out, "config.yaml")) else []
     if not (found and cfg.run.overwrite and not cfg.run.resume):
         for name in set(found + ["config.yaml"]):  # never followed out of the run directory: refused
-            refuse_links(os.path.join(out, name), depth=3 if name == "checkpoints" else 1)
+            refuse_links(os.path.join(out, name), depth=3 if name == "checkpoints" else 1)  # eval/: its files too
     if cfg.run.resume == "auto" and not checkpoint_dirs(out):  # (every rank checks this before the process
         refuse_fresh_start_over_a_run(out)                     # group forms, so before any rank writes)
     if cfg.run.resume or not found:
@@ -194,7 +194,7 @@ def checkpoint_step(path: str) -> int:
 def refuse_fresh_start_over_a_run(out_dir: str):
     """--run.resume=auto found no complete checkpoint: start fresh only where no run has left anything (a fresh
     start would empty metrics.jsonl and overwrite final/); otherwise refuse, saying what is there."""
-    found = [p for p in ("metrics.jsonl", "final") if os.path.lexists(os.path.join(out_dir, p))]
+    found = [p for p in ("metrics.jsonl", "final", "eval") if os.path.lexists(os.path.join(out_dir, p))]
     root = os.path.join(out_dir, "checkpoints")
     found += [f"checkpoints/{d}" for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
     if found:

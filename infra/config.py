@@ -118,6 +118,7 @@ class EvalConfig:
     samples: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    group_key: str = "level"  # a field of the evaluation rows: accuracy also per value (eval/acc/level_2); "": off
 
 
 @dataclass
@@ -182,7 +183,7 @@ RESUME_NUMERICS = (
     "train.micro_batch_tokens train.pack train.share_prompt train.cpu_offload train.logprob_chunk").split()
 RESUME_FREE = (
     "train.max_bad_steps "
-    "eval.data eval.every eval.max_problems eval.samples eval.temperature eval.max_new_tokens "
+    "eval.data eval.every eval.max_problems eval.samples eval.temperature eval.max_new_tokens eval.group_key "
     "run.out_dir run.save_every run.save_every_minutes run.keep_checkpoints run.resume run.overwrite run.max_steps "
     "run.reward_workers run.wandb_project run.tensorboard run.dist_timeout_minutes run.stop_grace_s").split()
 

@@ -36,6 +36,28 @@ def metrics_rows(path: str) -> list[tuple[str, dict]]:
     return rows
 
 
+def write_eval_scores(out_dir: str, step: int, rows: list[dict]):
+    """One evaluation's per-problem scores, <out_dir>/eval/step_<step>.jsonl (a line a problem: its id, its group
+    field, its samples' scores and which were unscored), written whole then renamed: a redone evaluation (a stop
+    inside one) replaces it."""
+    os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    path = os.path.join(out_dir, "eval", f"step_{step:06d}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def set_aside_eval_scores(out_dir: str, step: int):
+    """A resumed run at `step`: the per-problem files of evaluations after it (which it makes again, as it logs
+    their rows again) move to eval/dropped/<time>/, kept, as its dropped metrics rows are."""
+    evals, aside = os.path.join(out_dir, "eval"), None
+    for name in sorted(os.listdir(evals)) if os.path.isdir(evals) else []:
+        if name.startswith("step_") and name.endswith(".jsonl") and name[5:-6].isdigit() and int(name[5:-6]) > step:
+            aside = aside or os.path.join(evals, "dropped", time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(aside, exist_ok=True)
+            os.replace(os.path.join(evals, name), os.path.join(aside, name))
+
+
 class Logger:
     """metrics.jsonl on rank 0, plus wandb / tensorboard when asked for and installed."""
 
@@ -54,6 +76,7 @@ class Logger:
                     f.writelines(dropped)
             with open(path, "w") as f:
                 f.writelines(keep)
+        set_aside_eval_scores(cfg.run.out_dir, step)
         self.file = open(path, "a")
         if cfg.run.wandb_project:
             try:

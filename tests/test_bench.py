@@ -90,8 +90,9 @@ def test_memory_model_matches_the_real_update():
 
 
 def test_rollout_axis_statistics_on_constructed_curves():
-    """The declared per-rollout metrics (bench/results/convergence_power/README.md) against hand values: a cold
-    start holds the curve flat, the rollout-axis mean is the area per rollout, the crossing is interpolated."""
+    """The per-rollout metrics against hand values: a cold start holds the curve flat wherever the evaluations
+    fall, the rollout-axis mean is the area per rollout, and the comparison splits the total into the cold start's
+    cost (the base's per-step curve on the variant's rollout clock) and the rest."""
     steps = [{"step": s, "rollouts/total": 4000 + 100 * s} for s in range(1, 5)]  # cold start 4000, then 100 a step
     f = {"curve": [(0, 0, 0.2), (2, 4200, 0.4), (4, 4400, 0.6)], "steps": steps}
     pts = convergence.rollout_points(f)
@@ -99,14 +100,46 @@ def test_rollout_axis_statistics_on_constructed_curves():
     # area: 4000 x 0.2 + 200 x 0.3 + 200 x 0.5, then held at 0.6 to 5000: 600 x 0.6
     assert convergence.rollout_mean(pts, 5000) == pytest.approx((800 + 60 + 100 + 360) / 5000)
     assert convergence.rollout_mean(pts, 2000) == pytest.approx(0.2)
-    assert convergence.rollouts_to_reach(pts, 0.5) == pytest.approx(4300)
-    assert convergence.rollouts_to_reach(pts, 0.2) == 0 and convergence.rollouts_to_reach(pts, 0.7) == float("inf")
+    # a cold start of 1000 before step 3, between evaluations at steps 0 and 4: flat there too, at the accuracy
+    # interpolated along the training rollouts (step 2 of 4: 0.4), not interpolated across it
+    mid = {"curve": [(0, 0, 0.2), (4, 1400, 0.6)],
+           "steps": [{"step": s, "rollouts/total": t} for s, t in zip(range(1, 5), (100, 200, 1300, 1400))]}
+    np.testing.assert_allclose(convergence.rollout_points(mid), [[0, 0.2], [200, 0.4], [1200, 0.4], [1400, 0.6]])
     grpo = {"curve": [(0, 0, 0.2), (2, 200, 0.3), (4, 400, 0.4)],
             "steps": [{"step": s, "rollouts/total": 100 * s} for s in range(1, 5)]}
     np.testing.assert_allclose(convergence.rollout_points(grpo), [[0, 0.2], [200, 0.3], [400, 0.4]])  # no cold start
-    lines = convergence.rollout_comparison({"grpo": [grpo] * 3, "cures": [f] * 3}, "grpo", budget=400, target=0.3)
-    row = next(line for line in lines if line.startswith("| cures"))
-    assert "-10.00 [-10.00, -10.00]" in row and "worse" in row and "| 3 |" in row  # 0.2 flat vs 0.2 -> 0.4: -0.1
+    lines = convergence.rollout_comparison({"grpo": [grpo] * 3, "cures": [f] * 3}, "grpo", budget=400)
+    row = next(line for line in lines if line.startswith("| cures")).split(" | ")
+    # total: 0.2 flat against 0.2 -> 0.4 (mean 0.3): -0.1; GRPO's own curve on CurES's clock is 0.2 flat to 400
+    # rollouts as well, so the cold start is all of it and the rest 0
+    assert row[1] == "3" and row[2].startswith("-10.00 [-10.00, -10.00]") and row[3] == "worse"
+    assert row[4].startswith("-10.00 [-10.00, -10.00]") and row[5].startswith("+0.00 [+0.00, +0.00]")
+    assert row[6].startswith("no difference detected")
+    # a cold start (200) shorter than the budget (600), the variant learning faster per step than GRPO, which
+    # holds 0.4 from 400: GRPO 0.333 (200 x 0.25 + 200 x 0.35 + 200 x 0.4); the variant 0.367 (200 x 0.2 flat +
+    # 200 x 0.35 + 200 x 0.55); GRPO's curve on its clock 0.267 (200 x 0.2 + 200 x 0.25 + 200 x 0.35). Total +3.33
+    # = cold start -6.67 + rest +10.00, and the logged rollouts/cold_start places the cold start
+    fast = {"curve": [(0, 0, 0.2), (2, 400, 0.5), (4, 600, 0.6)],
+            "steps": [{"step": s, "rollouts/total": 200 + 100 * s, "rollouts/cold_start": 200} for s in range(1, 5)]}
+    np.testing.assert_allclose(convergence.rollout_points(fast), [[0, 0.2], [200, 0.2], [400, 0.5], [600, 0.6]])
+    lines = convergence.rollout_comparison({"grpo": [grpo] * 3, "cures": [fast] * 3}, "grpo", budget=600)
+    row = next(line for line in lines if line.startswith("| cures")).split(" | ")
+    assert row[2].startswith("+3.33 [") and row[3] == "better"
+    assert row[4].startswith("-6.67 [") and row[5].startswith("+10.00 [") and row[6].startswith("better")
+
+
+def test_the_t_interval_is_the_verdicts_and_wider_than_the_bootstrap_on_few_seeds():
+    """convergence.t_quantile against Student's table; intervals() puts the t-interval beside the percentile
+    bootstrap, which over 5 seeds runs narrower (the reason the verdict takes the t-interval)."""
+    for df, q in ((1, 12.706), (4, 2.776), (9, 2.262), (15, 2.131), (30, 2.042)):
+        assert convergence.t_quantile(0.975, df) == pytest.approx(q, abs=1e-3)
+    d = [0.01, 0.03, -0.005, 0.02, 0.04]
+    iv = convergence.intervals(d)
+    half = 2.776 * np.std(d, ddof=1) / np.sqrt(5)
+    assert iv["t"] == pytest.approx((np.mean(d) - half, np.mean(d) + half), abs=1e-5)
+    assert iv["boot"][1] - iv["boot"][0] < iv["t"][1] - iv["t"][0]
+    assert iv["t"][0] < 0 < iv["boot"][0]  # the bootstrap would call it better; the t-interval does not
+    assert convergence.verdict(iv) == "no difference detected"
 
 
 @pytest.mark.parametrize("preallocated", [True, False])
@@ -403,3 +436,22 @@ def test_phase_check_ends_every_rollout_at_its_drawn_length(tmp_path):
     assert resp.max() > 3 * np.median(resp)  # a long tail to idle the dynamic cache's batches
     ids = phase_check.prompts_for(prompt, resp, 40, 0)
     assert [len(p) for p in ids] == prompt.tolist() and [p[-1] - phase_check.BASE for p in ids] == resp.tolist()
+
+
+def test_verdicts_are_read_per_level_where_every_run_logged_levels():
+    """bench/convergence.py reads the per-level curves (eval/acc/level_k, stored per seed as curve_by_group) into a
+    paired table per level: here CurES gains on level 2 and loses on level 3 by constructed amounts, seed by seed;
+    a level some run lacks (an older seed file) gets no table."""
+    rng = np.random.default_rng(1)
+    files = {"grpo": [], "cures": []}
+    for seed in range(6):
+        base2, base3 = 0.4 + 0.05 * rng.standard_normal(9), 0.2 + 0.05 * rng.standard_normal(9)
+        gain = 0.05 + 0.01 * rng.standard_normal()
+        for name, d in (("grpo", 0.0), ("cures", gain)):
+            files[name].append({"curve": curve(base2), "curve_by_group": {
+                "level_2": curve(base2 + d), "level_3": curve(base3 - d), **({"level_4": curve(base3)} if seed else {})}})
+    lines = convergence.per_group_tables(files, "grpo")
+    tables = [line for line in lines if line.startswith("Held-out accuracy on")]
+    assert [t.split(",")[0] for t in tables] == ["Held-out accuracy on level_2", "Held-out accuracy on level_3"]
+    rows = [line for line in lines if line.startswith("| cures")]
+    assert "| better |" in rows[0] and "| worse |" in rows[1]

@@ -213,11 +213,11 @@ def test_restart_each_subset(tiny_model_dir, tmp_path, monkeypatch, restart):
     log-probs). Without the switch, the optimizer state carries over and the reference stays the base model."""
     seen, real = [], train.update_policy
 
-    def spy(policy, optimizer, seqs, device, cfg, world, scheduler=None, batches=None):
+    def spy(policy, optimizer, seqs, device, cfg, world, scheduler=None, batches=None, before_micro_batch=None):
         got = train.score_logprobs(policy, batches, device, cfg)
         gap = max(float((got[i] - seqs[i]["ref_logp"]).abs().max()) for i in got)
         seen.append((len(optimizer.state), gap, scheduler.get_last_lr()[0]))
-        return real(policy, optimizer, seqs, device, cfg, world, scheduler, batches)
+        return real(policy, optimizer, seqs, device, cfg, world, scheduler, batches, before_micro_batch)
 
     monkeypatch.setattr(train, "update_policy", spy)
     train.main(tiny_default_run(tmp_path / "r", "--run.max_steps=4", "--train.mini_batch_prompts=6",
@@ -506,3 +506,28 @@ def test_a_run_samples_the_same_rollouts_whatever_the_cache_and_its_batching(tmp
     for name in runs:
         assert rows[name] == ref, name
         assert all(torch.equal(weights[name][k], weights["dynamic"][k]) for k in weights["dynamic"]), name
+
+
+def test_each_evaluation_logs_accuracy_per_level_and_every_problems_scores(tmp_path):
+    """eval.group_key (level, the default): each evaluation logs eval/acc/level_<k> beside eval/acc and writes
+    eval/step_<step>.jsonl, a line a problem (its id, its level from the data, its samples' scores); each level's
+    accuracy is the mean of its problems' scores there, and eval/acc the mean of all (real tiny-model samples)."""
+    out = tmp_path / "r"
+    train.main(tiny_default_run(out, "--run.max_steps=1", f"--eval.data={TRAIN_DATA}", "--eval.max_problems=12",
+                                "--eval.samples=3", "--eval.temperature=1.0", "--eval.every=1"))
+    data = [json.loads(line) for line in open(TRAIN_DATA)][:12]
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/acc" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    for r in evals:
+        problems = [json.loads(line) for line in open(out / "eval" / f"step_{r['step']:06d}.jsonl")]
+        assert [p["id"] for p in problems] == list(range(12))
+        assert [p["level"] for p in problems] == [d["level"] for d in data]
+        assert all(len(p["scores"]) == 3 and p["unscored"] == [] for p in problems)
+        levels = sorted({d["level"] for d in data})
+        assert len(levels) == 4 and sorted(k for k in r if k.startswith("eval/acc/")) == \
+            [f"eval/acc/level_{k}" for k in levels]
+        for k in levels:
+            assert r[f"eval/acc/level_{k}"] == pytest.approx(np.mean([s for p in problems if p["level"] == k
+                                                                      for s in p["scores"]]))
+        assert r["eval/acc"] == pytest.approx(np.mean([s for p in problems for s in p["scores"]]))
+    assert any(p["scores"] != [0.0] * 3 for p in problems)  # the tiny model answers some: not vacuous
