@@ -213,6 +213,8 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     """Generate n_samples per problem for this rank's shard (problems rank, rank + W, ...) and score
     them. Returns a list of per-problem records {"id", "answer", "responses", "scores", "unscored"} for the shard;
     "unscored": the samples the checker never scored (reward.Scores.unscored; their score is a placeholder 0).
+    A problem's samples are keyed by (seed, its id, the sample's index) (rollout.sample_tokens), so they do not
+    depend on the number of ranks nor on which rank evaluates it.
     cache: rollout.generate's KV cache (paged: continuous batching, the fastest on a GPU for long samples of mixed
     lengths, seeded but not bitwise reproducible)."""
     import rollout
@@ -224,8 +226,8 @@ def evaluate_problems(model, tokenizer, problems, *, n_samples: int, max_new_tok
     eos = rollout.stop_token_ids(tokenizer, model, stop_at_im_end)
     out = rollout.generate(model, prompts, n_samples, max_new_tokens=max_new_tokens, eos_ids=eos,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                           seed=seed * 7919 + rank, max_batch_tokens=max_batch_tokens, should_stop=should_stop,
-                           progress=progress, cache=cache)
+                           seed=seed, prompt_keys=[p["id"] for p in shard], max_batch_tokens=max_batch_tokens,
+                           should_stop=should_stop, progress=progress, cache=cache)
     texts = out.texts(tokenizer)
     golds = [shard[i]["answer"] for i in out.prompt_index.tolist()]
     scores = reward.score_batch(texts, golds, workers=workers, timeout=timeout)
@@ -301,7 +303,8 @@ def main():
         temperature = 0.0 if (n == 1 and args.greedy_single) else args.temperature
         settings = {"model": args.model, "max_problems": args.max_problems, "samples": n, "temperature": temperature,
                     "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                    "system_prompt": system_prompt, "user_template": user_template, "stop_at_im_end": stop_at_im_end}
+                    "system_prompt": system_prompt, "user_template": user_template, "stop_at_im_end": stop_at_im_end,
+                    "sampling": "keyed by problem"}  # results sampled per rank before 2026-12-06 are redone
         if results.get(key, {}).get("settings") == settings:
             bar.update(len(problems))
             continue  # finished earlier with exactly these settings: resume

@@ -167,3 +167,25 @@ def test_paged_evaluation_scores_what_the_dynamic_cache_scores(monkeypatch):
     assert [r["responses"] for r in paged] == [r["responses"] for r in dynamic]
     assert [r["scores"] for r in paged] == [r["scores"] for r in dynamic]
     assert 0 < sum(r["scores"][0] for r in dynamic) < len(problems)  # some right, some wrong: the answers matter
+
+
+def test_sampled_evaluation_does_not_depend_on_the_rank_split():
+    """A problem's samples are keyed by (seed, its id, the sample's index): evaluate_problems on two ranks (rank 0
+    takes problems 0, 2, ..., rank 1 the others) returns, problem for problem, the samples of one rank, at
+    temperature 1 with 4 samples each on the pretrained models/arith; another seed samples differently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(ROOT, "models", "arith")
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "arith", "test.jsonl"))][:10]
+    problems = [{"id": i, "problem": r["problem"], "answer": r["answer"]} for i, r in enumerate(rows)]
+    kw = dict(n_samples=4, max_new_tokens=16, temperature=1.0, top_p=1.0, system_prompt="", user_template="{problem}",
+              seed=3)
+    one = evaluation.evaluate_problems(model, tok, problems, **kw)
+    two = sorted(evaluation.evaluate_problems(model, tok, problems, rank=0, world_size=2, **kw)
+                 + evaluation.evaluate_problems(model, tok, problems, rank=1, world_size=2, **kw), key=lambda r: r["id"])
+    assert [r["responses"] for r in two] == [r["responses"] for r in one]
+    assert [r["scores"] for r in two] == [r["scores"] for r in one]
+    other = evaluation.evaluate_problems(model, tok, problems, **{**kw, "seed": 4})
+    assert [r["responses"] for r in other] != [r["responses"] for r in one]
+    assert len({t for r in one for t in r["responses"]}) > len(problems)  # sampled: the 4 samples differ
