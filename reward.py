@@ -45,7 +45,7 @@ START_TIMEOUT_S = 120.0  # a worker not ready this long after its start (a hung 
 
 
 class Interrupted(Exception):
-    """score_batch's `should_stop` said stop: the items in flight are dropped (the workers are kept)."""
+    """score_batch's `should_stop` said stop: the items are dropped; idle workers are kept, busy ones replaced."""
 
 
 class _TimeoutLog(logging.Filter):
