@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from tiny.make_data import arith_problem, problem, splits  # noqa: E402
+from tiny.make_data import arith_problem, problem  # noqa: E402
 from tiny.pretrain import corrupt  # noqa: E402
 
 
@@ -38,8 +38,6 @@ def seen_problems(name: str) -> set:
     args = json.load(open(os.path.join(ROOT, "models", name, "pretrain_report.json")))["args"]
     test = [json.loads(line) for line in open(os.path.join(ROOT, "data", name, "test.jsonl"))]
     held_out = {r["problem"] for r in test}
-    if task == "add":  # as tiny/pretrain.py: the level-3 problems of an earlier held-out split too
-        held_out |= {r["problem"] for r in splits(test_levels=(2, 3))[1]}
     draw = problem if task == "add" else (lambda rng, level: arith_problem(rng))
     weights = torch.tensor([float(w) for w in args["level_weights"].split(",")])
     noise = [float(x) for x in args["noise"].split(",")]

@@ -23,7 +23,9 @@ def _rows(name, data=DATA):
 def test_committed_splits_are_the_generator_output():
     train, test = splits()
     assert _rows("train") == train and _rows("test") == test
-    assert {r["level"] for r in train} == {1, 2, 3, 4} and {r["level"] for r in test} == {2}
+    assert {r["level"] for r in train} == {1, 2, 3, 4}
+    assert [sum(r["level"] == lv for r in test) for lv in (1, 2, 3, 4)] == [0, 160, 160, 160]  # as the train mix
+    assert len({r["problem"] for r in test}) == 480  # distinct
     assert not {r["problem"] for r in test} & {r["problem"] for r in train}  # held out
     for r in test[:10] + train[:10]:
         a, b = r["problem"].removeprefix("What is ").removesuffix("?").split("+")
@@ -63,7 +65,7 @@ def test_committed_model_matches_its_report(name):
     report = json.load(open(os.path.join(model_dir, "pretrain_report.json")))
     rows = _rows("test", data)
     acc = accuracy_by_level(model, tok, rows)
-    for level, value in acc.items():  # the report also has levels the held-out split lacks (tiny: 1, 3, 4)
+    for level, value in acc.items():  # the report also has levels the held-out split lacks (tiny: 1)
         assert abs(value - report["greedy_accuracy_by_level"][str(level)]) < 1e-9
     if name == "tiny":
         assert 0.2 < acc[2] < 0.8  # half-way: what RL can finish within the tiny config's budget
@@ -89,14 +91,16 @@ def test_pretrain_script_runs(tmp_path, task, levels):
 @pytest.mark.parametrize("name", ["tiny", "arith"])
 def test_no_held_out_problem_was_seen_in_pretraining(name):
     """bench/pretrain_coverage.py replays tiny/pretrain.py's problem stream for the committed model: no held-out
-    problem is in it, and the replay is the stream (the tiny task: of the 8,100 two-digit sums, the unseen ones
-    include all 46 held-out ones and only one more)."""
+    problem is in it, and the replay is the stream (the tiny task: its ~30,000 draws of two-digit sums leave
+    unseen, beyond the 160 held out, only the few of the 8,100 that chance skips: 8,100 e^(-30,000 / 8,100) ~ 200
+    expected, so fewer than 400)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import pretrain_coverage
 
     seen_with_level = pretrain_coverage.seen_problems(name)
     seen = {p for p, _ in seen_with_level}
     test = {r["problem"] for r in _rows("test", os.path.join(ROOT, "data", name))}
-    assert not seen & test and len(seen) > 80_000  # tens of thousands of distinct problems: the stream ran
+    assert not seen & test and len(seen) > 30_000  # tens of thousands of distinct problems: the stream ran
     if name == "tiny":
-        assert sum(1 for _, level in seen_with_level if level == 2) == 8100 - 47
+        unseen = 8100 - sum(1 for _, level in seen_with_level if level == 2)
+        assert 160 <= unseen < 160 + 400, unseen

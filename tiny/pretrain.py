@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from eval import PROMPT_FILE, build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
-from tiny.make_data import arith_problem, problem, splits  # noqa: E402
+from tiny.make_data import arith_problem, problem  # noqa: E402
 
 
 SYSTEM_PROMPT, USER_TEMPLATE = "", "{problem}"  # as in configs/tiny.yaml
@@ -122,12 +122,9 @@ def main():
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     weights = [float(w) for w in args.level_weights.split(",")]
     noise = [float(x) for x in args.noise.split(",")]
-    # Fresh problems every batch, never one of the held-out test set (RL's training prompts may appear), nor
-    # one of the level-3 problems the held-out split once had (the stream that made the committed model).
+    # Fresh problems every batch, never one of the held-out test set (RL's training prompts may appear).
     test = [json.loads(line) for line in open(args.test)]
     held_out = {r["problem"] for r in test}
-    if args.task == "add":
-        held_out |= {r["problem"] for r in splits(test_levels=(2, 3))[1]}
     rng = random.Random(100)
     if args.stop_when:
         stop_level, stop_acc = int(args.stop_when.split(":")[0]), float(args.stop_when.split(":")[1])
