@@ -280,7 +280,8 @@ def mechanism(out: str, name: str, seeds) -> dict:
     rows = [json.load(open(os.path.join(out, "seeds", f"{name}_seed{s}.json")))["steps"] for s in seeds]
     keys = sorted({k for r in rows for step in r for k in step if k != "step"})
     steps = [step["step"] for step in rows[0]]
-    return {"step": np.array(steps), **{k: np.array([[step.get(k, np.nan) for step in r] for r in rows]).mean(0)
+    missing = lambda k: 0.0 if k.startswith("draws/") else np.nan  # noqa: E731  a level never drawn: 0 %
+    return {"step": np.array(steps), **{k: np.array([[step.get(k, missing(k)) for step in r] for r in rows]).mean(0)
                                          for k in keys}}
 
 
