@@ -296,13 +296,13 @@ PHASES = {  # phase: (extra arguments, function to stop in, on which call)
     "evaluation after step 2": ([f"--eval.data={TRAIN_DATA}", "--eval.max_problems=3", "--eval.every=1"],
                                 "run_eval", lambda k, a, kw: a[6] == train.stream_seed(0, "eval", 0, 2)),
     "log-probabilities of step 3": ([], "add_logprobs", lambda k, a, kw: k == 3),
-    # mini-batches of steps 1-3 (6 draws, 3 a mini-batch, grouped by prompt): 2, 1, 2: update_policy's calls 4
-    # and 5 are step 3's (the test asserts the step each way ends at)
-    "update of step 3, before its first optimiser step (dropped)": ([], "update_policy", lambda k, a, kw: k == 4),
+    # the update of step 3 (update_epochs' third call): its first mini-batch (update_policy's first call in it) or
+    # its second (the test asserts there are at least two, and the step each way ends at)
+    "update of step 3, before its first optimiser step (dropped)": ([], "update_policy", ("step 3 update", 1)),
     "update of step 3, after one optimiser step, the rest fits run.stop_grace_s (finished and saved)":
-        ([], "update_policy", lambda k, a, kw: k == 5),
+        ([], "update_policy", ("step 3 update", 2)),
     "update of step 3, after one optimiser step, the rest does not fit (abandoned, resumed from step 2)":
-        (["--run.save_every=1", "--run.stop_grace_s=0"], "update_policy", lambda k, a, kw: k == 5),
+        (["--run.save_every=1", "--run.stop_grace_s=0"], "update_policy", ("step 3 update", 2)),
 }
 
 
@@ -323,6 +323,21 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
     try:
         full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", *args))
         with monkeypatch.context() as patch:
+            if isinstance(when, tuple):  # the n-th mini-batch of step 3's update: counted inside that update
+                epochs, n = [0], when[1]
+                seen = {"mini-batches": 0}
+                real_epochs, real_policy = train.update_epochs, train.update_policy
+
+                def counting_epochs(*a, **kw):
+                    epochs[0] += 1
+                    return real_epochs(*a, **kw)
+
+                def counting_policy(*a, **kw):
+                    seen["mini-batches"] += epochs[0] == 3
+                    return real_policy(*a, **kw)
+                patch.setattr(train, "update_epochs", counting_epochs)
+                patch.setattr(train, "update_policy", counting_policy)
+                when = lambda k, a, kw: epochs[0] == 3 and seen["mini-batches"] == n - 1  # noqa: E731
             wrapped, fired = sigterm_at(getattr(train, name), when)
             patch.setattr(train, name, wrapped)
             capsys.readouterr()
@@ -594,7 +609,14 @@ def test_a_stop_inside_the_decode_loop_resumes_to_the_uninterrupted_run(tmp_path
     import rollout
 
     train.main(tiny_default_run(tmp_path / "a", "--run.max_steps=3"))
-    wrapped, fired = sigterm_at(rollout._decode_step, lambda k, a, kw: k == 300)
+    at = []  # the decode call count when step 3 (state["step"] 2) starts generating: the stop comes 5 loop steps in
+    real_draw = train.draw_and_generate
+    monkeypatch.setattr(train, "draw_and_generate",
+                        lambda *a, **kw: (a[2] == 2 and not at and at.append(calls[0]), real_draw(*a, **kw))[1])
+    calls, real_decode = [0], rollout._decode_step
+    monkeypatch.setattr(rollout, "_decode_step",
+                        lambda *a, **kw: (calls.__setitem__(0, calls[0] + 1), real_decode(*a, **kw))[1])
+    wrapped, fired = sigterm_at(rollout._decode_step, lambda k, a, kw: at and k == at[0] + 5)
     monkeypatch.setattr(rollout, "_decode_step", wrapped)
     state, _ = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=3", "--rollout.cache=slots",
                                            "--rollout.max_batch_size=7"))

@@ -111,12 +111,19 @@ def test_eval_uses_the_prompt_the_model_was_trained_with(tmp_path):
     assert evaluation.prompt_settings(model) == ("", "{problem}")
     assert evaluation.prompt_settings(model, "sys", "Q: {problem}") == ("sys", "Q: {problem}")
     assert evaluation.prompt_settings(str(tmp_path)) == (evaluation.SYSTEM_PROMPT, evaluation.USER_TEMPLATE)
-    data = os.path.join(ROOT, "data", "tiny", "test.jsonl")
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--benchmarks", data, "--max-problems",
-           "20", "--max-new-tokens", "16", "--out", str(tmp_path / "ev")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.load(open(tmp_path / "ev" / "summary.json"))[model]["test"]["pass@1"] > 0.2
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data", "tiny", "test.jsonl"))]
+    data = tmp_path / "level2.jsonl"  # the level the model half-learned in pretraining (greedy 0.64, its report)
+    data.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["level"] == 2][:20]))
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--benchmarks", str(data),
+           "--max-problems", "20", "--max-new-tokens", "16"]
+    scores = {}
+    for name, flags in {"own": [], "paper": ["--system-prompt", evaluation.SYSTEM_PROMPT,
+                                             "--user-template", evaluation.USER_TEMPLATE]}.items():
+        res = subprocess.run(cmd + flags + ["--out", str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        scores[name] = json.load(open(tmp_path / name / "summary.json"))[model]["level2"]["pass@1"]
+    assert scores["own"] > 0.3 and scores["paper"] < 0.1, scores
 
 
 def test_one_stopping_rule_for_training_and_evaluation(tmp_path, monkeypatch):
