@@ -17,7 +17,7 @@ the rollouts, it needs to reach the best mean accuracy GRPO reaches.
 
     python bench/convergence.py --seeds 0 1 2 --out bench/results/convergence
     python bench/convergence.py --seeds 0 1 2 3 --jobs 2 ...      # two runs at once, one thread each
-    python bench/convergence.py --variants cures --taus 0.05 0.1 0.2 0.5 --out bench/results/tau   # tau sweep
+    python bench/convergence.py --variants grpo cures --taus 0.03 0.1 0.3 1 --out bench/results/tau_v2   # tau sweep
 """
 
 import argparse
@@ -342,8 +342,9 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     jobs = [(v, VARIANTS[v] + args.extra) for v in args.variants]
-    if args.taus:
-        jobs = [(f"{v}_tau{t}", VARIANTS[v] + [f"--cures.tau={t}"] + args.extra) for v in args.variants for t in args.taus]
+    if args.taus:  # GRPO never reads tau (uniform sampling): it runs once, as the baseline of every tau
+        jobs = [j for j in jobs if j[0] == "grpo"] + [(f"{v}_tau{t}", VARIANTS[v] + [f"--cures.tau={t}"] + args.extra)
+                                                      for v in args.variants if v != "grpo" for t in args.taus]
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
 

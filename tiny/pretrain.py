@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from eval import PROMPT_FILE, build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
-from tiny.make_data import arith_problem, problem  # noqa: E402
+from tiny.make_data import arith_problem, arith_splits, arith_validation, problem  # noqa: E402
 
 
 SYSTEM_PROMPT, USER_TEMPLATE = "", "{problem}"  # as in configs/tiny.yaml
@@ -108,6 +108,9 @@ def main():
     ap.add_argument("--stop-when", default=None, help="LEVEL:ACC, stop once greedy accuracy at LEVEL (0: the whole "
                     "task) on 100 fresh validation problems (not the test set) reaches ACC; checked every 100 steps; "
                     "'' never (default 2:0.5 for add, 0:0.3 for arith)")
+    ap.add_argument("--also-save", action="append", default=[], metavar="ACC:DIR",
+                    help="also save the model to DIR when the stopping rule's validation accuracy first reaches ACC "
+                         "(the model a run stopping there would have written; repeatable)")
     args = ap.parse_args()
     name = "tiny" if args.task == "add" else "arith"
     if args.stop_when is None:
@@ -129,7 +132,12 @@ def main():
     if args.stop_when:
         stop_level, stop_acc = int(args.stop_when.split(":")[0]), float(args.stop_when.split(":")[1])
         val_rng = random.Random(7)
-        val = [r for r in (draw(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
+        if args.task == "arith":  # distinct, in the training split's level mix (issue 37)
+            val = arith_validation(held_out, arith_splits()[0])
+        else:
+            val = [r for r in (draw(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
+    also = sorted((float(a.split(":", 1)[0]), a.split(":", 1)[1]) for a in args.also_save)
+    saved = []  # (dir, steps done) of the --also-save copies, reported at the end (a report draws random numbers)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
                                                 pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
@@ -167,15 +175,23 @@ def main():
             scores = [s for r, s in zip(val, greedy_accuracy(model, tok, val)) if stop_level in (0, r["level"])]
             acc = sum(scores) / len(scores)
             print(f"validation level {stop_level}: {acc:.2f}", flush=True)
+            while also and acc >= also[0][0]:  # the model this run would have stopped at, with that threshold
+                save(model, tok, also[0][1])
+                saved.append((also.pop(0)[1], step + 1, round(time.time() - t0)))
             if acc >= stop_acc:
                 break
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    with open(os.path.join(args.out, PROMPT_FILE), "w") as f:  # eval.py prompts the model as it was trained
-        json.dump({"system_prompt": SYSTEM_PROMPT, "user_template": USER_TEMPLATE}, f, indent=1)
+    save(model, tok, args.out)
     root = os.path.dirname(HERE)
-    report(args.out, test, {**vars(args), "out": os.path.relpath(args.out, root), "test": os.path.relpath(args.test, root),
-                            "steps_done": step + 1, "seconds": round(time.time() - t0)})
+    for out, steps_done, seconds in saved + [(args.out, step + 1, round(time.time() - t0))]:
+        report(out, test, {**vars(args), "out": os.path.relpath(out, root), "test": os.path.relpath(args.test, root),
+                           "steps_done": steps_done, "seconds": seconds})
+
+
+def save(model, tok, out: str):
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    with open(os.path.join(out, PROMPT_FILE), "w") as f:  # eval.py prompts the model as it was trained
+        json.dump({"system_prompt": SYSTEM_PROMPT, "user_template": USER_TEMPLATE}, f, indent=1)
 
 
 def report_rows(test: list[dict], task: str = "add") -> list[dict]:
