@@ -25,13 +25,20 @@ from convergence import collapsed, primary_metric  # noqa: E402
 
 GAIN = 0.045
 PILOT_SEEDS = (100, 101, 102, 103)
+GRID = [f"pilot_stop{stop}_lr{lr}_{steps}" for steps in (64, 128) for stop in ("0.2", "0.3")
+        for lr in ("1e-4", "3e-4", "1e-3")]  # the declared settings
 
 
 def setting_row(d: str) -> dict:
-    runs = [json.load(open(os.path.join(d, "seeds", f"grpo_seed{s}.json"))) for s in PILOT_SEEDS
-            if os.path.exists(os.path.join(d, "seeds", f"grpo_seed{s}.json"))]
+    """One setting's pilots (its directory d holds seeds/grpo_seed<s>.json)."""
+    files = [os.path.join(d, "seeds", f"grpo_seed{s}.json") for s in PILOT_SEEDS]
+    runs = [json.load(open(f)) for f in files if os.path.exists(f)]
     gains = np.array([primary_metric(r["curve"]) - r["curve"][0][2] for r in runs])
+    levels = sorted(runs[0]["curve_by_group"]) if runs else []
+    by_level = {g: np.mean([primary_metric(r["curve_by_group"][g]) - r["curve_by_group"][g][0][2] for r in runs])
+                for g in levels}
     return {"name": os.path.basename(d), "seeds": len(runs), "steps": runs[0]["curve"][-1][0] if runs else 0,
+            "by_level": by_level,
             "start": np.mean([r["curve"][0][2] for r in runs]) if runs else np.nan,
             "gains": gains, "collapses": sum(collapsed(r["curve"]) for r in runs),
             "extra": " ".join(runs[0]["extra"]) if runs else ""}
@@ -43,17 +50,23 @@ def choose(rows: list[dict]) -> dict | None:
 
 
 def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
-    rows = [setting_row(d) for d in sorted(glob.glob(os.path.join(root, "pilot_*"))) if os.path.isdir(d)]
-    lines = ["| setting (GRPO) | seeds | steps | step-0 accuracy | gain, mean ± sd (points) | per seed | late collapses |"
-             " overrides |", "|---|---|---|---|---|---|---|---|"]
+    rows = [setting_row(os.path.dirname(d)) for d in sorted(glob.glob(os.path.join(root, "pilot_*", "seeds")))]
+    rows = [r for r in rows if r["seeds"]]
+    lines = ["| setting (GRPO) | seeds | steps | step-0 accuracy | gain, mean ± sd (points) | per seed | gain by level "
+             "(mean) | late collapses | overrides |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = 100 * r["gains"]
         lines.append(f"| {r['name']} | {r['seeds']} | {r['steps']} | {100 * r['start']:.1f} | "
                      f"{g.mean():+.1f} ± {g.std(ddof=1) if len(g) > 1 else float('nan'):.1f} | "
-                     f"{', '.join(f'{x:+.1f}' for x in g)} | {r['collapses']} | `{r['extra']}` |")
+                     f"{', '.join(f'{x:+.1f}' for x in g)} | "
+                     f"{', '.join(f'{k}: {100 * v:+.1f}' for k, v in r['by_level'].items())} | {r['collapses']} | "
+                     f"`{r['extra']}` |")
     pick = choose(rows)
+    done = {r["name"] for r in rows if r["seeds"] == len(PILOT_SEEDS)}
+    missing = [g for g in GRID if g not in done]
     lines += ["", f"Rule: mean gain >= {100 * GAIN:.1f} points, no late collapse, then fewest steps, then highest "
-              f"gain. Decision: **{pick['name'] if pick else 'none passes: the testbed gives no verdicts'}**."]
+              f"gain. Decision: **{pick['name'] if pick else 'none of these passes'}**"
+              + (f" (of the declared grid, not run: {', '.join(missing)})." if missing else ".")]
     report = "\n".join(lines) + "\n"
     print(report)
     with open(os.path.join(root, "pilots.md"), "w") as f:
