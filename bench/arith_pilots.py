@@ -62,8 +62,12 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
                      f"{', '.join(f'{k}: {100 * v:+.1f}' for k, v in r['by_level'].items())} | {r['collapses']} | "
                      f"`{r['extra']}` |")
     pick = choose(rows)
-    done = {r["name"] for r in rows if r["seeds"] == len(PILOT_SEEDS)}
-    missing = [g for g in GRID if g not in done]
+    done = {r["name"]: r for r in rows if r["seeds"] == len(PILOT_SEEDS)}
+    pruned = [g for g in GRID if g.endswith("_128") and g not in done and g[:-3] + "64" in done
+              and (done[g[:-3] + "64"]["gains"] <= 0).any()]  # lost in some seed at 64 steps: not run at 128
+    missing = [g for g in GRID if g not in done and g not in pruned]
+    if pruned:
+        lines += ["", f"Not run at 128 steps, since some pilot seed lost accuracy at 64 steps: {', '.join(pruned)}."]
     lines += ["", f"Rule: mean gain >= {100 * GAIN:.1f} points, no late collapse, then fewest steps, then highest "
               f"gain. Decision: **{pick['name'] if pick else 'none of these passes'}**"
               + (f" (of the declared grid, not run: {', '.join(missing)})." if missing else ".")]
