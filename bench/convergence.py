@@ -412,7 +412,7 @@ def main():
         per_step = np.diff(np.concatenate([[0], m["rollouts/total"]])).mean()
         lines.append(f"| {name} | {100 * np.nanmean(m['mech/mixed_rollouts']):.1f} % | "
                      f"{100 * np.nanmean(m['mech/zero_adv_token_share']):.1f} % | {per_step:.0f} | "
-                     + " | ".join(f"{100 * np.nanmean(m.get(k, np.nan)):.1f} %" for k in bins + levels) + " |")
+                     + " | ".join(f"{100 * np.nanmean(m.get(k, 0.0)):.1f} %" for k in bins + levels) + " |")  # never drawn: 0
     lines += run_times(args.out, list(curves), args.seeds)
     report = "\n".join(lines) + "\n"
     print(report)
