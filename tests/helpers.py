@@ -59,6 +59,17 @@ def sigterm_at(real, when, pid=None):
     return wrapped, fired
 
 
+def nth_call_after(started, n):
+    """A `when` for sigterm_at: true on the n-th call (counted from 1) made once started() holds."""
+    first = []
+
+    def when(k, args, kwargs):
+        if not first and started():
+            first.append(k)
+        return bool(first) and k == first[0] + n - 1
+    return when
+
+
 def torchrun(args, nproc=2, script=os.path.join("tests", "dist_worker.py"), env=None, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29561",
            os.path.join(ROOT, script), *args]

@@ -12,7 +12,8 @@ import torch
 
 import cures
 import train
-from helpers import ROOT, TRAIN_DATA, final_weights, sigterm_at, small_run, tiny_default_run, varlen_calls
+from helpers import (ROOT, TRAIN_DATA, final_weights, nth_call_after, sigterm_at, small_run, tiny_default_run,
+                     varlen_calls)
 from infra.checkpoint import checkpoint_dirs, save_checkpoint
 from infra.config import load_config
 from infra.data import load_subsets
@@ -323,21 +324,11 @@ def test_a_stop_in_any_phase_resumes_to_the_uninterrupted_run(tmp_path, monkeypa
     try:
         full_state, full_cur = train.main(tiny_default_run(tmp_path / "a", *args))
         with monkeypatch.context() as patch:
-            if isinstance(when, tuple):  # the n-th mini-batch of step 3's update: counted inside that update
-                epochs, n = [0], when[1]
-                seen = {"mini-batches": 0}
-                real_epochs, real_policy = train.update_epochs, train.update_policy
-
-                def counting_epochs(*a, **kw):
-                    epochs[0] += 1
-                    return real_epochs(*a, **kw)
-
-                def counting_policy(*a, **kw):
-                    seen["mini-batches"] += epochs[0] == 3
-                    return real_policy(*a, **kw)
-                patch.setattr(train, "update_epochs", counting_epochs)
-                patch.setattr(train, "update_policy", counting_policy)
-                when = lambda k, a, kw: epochs[0] == 3 and seen["mini-batches"] == n - 1  # noqa: E731
+            if isinstance(when, tuple):  # the n-th mini-batch of step 3's update (update_epochs' third call)
+                epochs, real_epochs = [0], train.update_epochs
+                patch.setattr(train, "update_epochs",
+                              lambda *a, **kw: (epochs.__setitem__(0, epochs[0] + 1), real_epochs(*a, **kw))[1])
+                when = nth_call_after(lambda: epochs[0] == 3, when[1])
             wrapped, fired = sigterm_at(getattr(train, name), when)
             patch.setattr(train, name, wrapped)
             capsys.readouterr()
@@ -609,14 +600,10 @@ def test_a_stop_inside_the_decode_loop_resumes_to_the_uninterrupted_run(tmp_path
     import rollout
 
     train.main(tiny_default_run(tmp_path / "a", "--run.max_steps=3"))
-    at = []  # the decode call count when step 3 (state["step"] 2) starts generating: the stop comes 5 loop steps in
-    real_draw = train.draw_and_generate
+    started, real_draw = [], train.draw_and_generate  # step 3 (state["step"] 2) generating: stop 5 loop steps in
     monkeypatch.setattr(train, "draw_and_generate",
-                        lambda *a, **kw: (a[2] == 2 and not at and at.append(calls[0]), real_draw(*a, **kw))[1])
-    calls, real_decode = [0], rollout._decode_step
-    monkeypatch.setattr(rollout, "_decode_step",
-                        lambda *a, **kw: (calls.__setitem__(0, calls[0] + 1), real_decode(*a, **kw))[1])
-    wrapped, fired = sigterm_at(rollout._decode_step, lambda k, a, kw: at and k == at[0] + 5)
+                        lambda *a, **kw: (a[2] == 2 and started.append(True), real_draw(*a, **kw))[1])
+    wrapped, fired = sigterm_at(rollout._decode_step, nth_call_after(lambda: bool(started), 5))
     monkeypatch.setattr(rollout, "_decode_step", wrapped)
     state, _ = train.main(tiny_default_run(tmp_path / "b", "--run.max_steps=3", "--rollout.cache=slots",
                                            "--rollout.max_batch_size=7"))

@@ -60,16 +60,23 @@ def arith_splits(train_size: int = 4000, test_size: int = 480, seed: int = 0):
             if r["problem"] not in in_train]
     counts = {lv: sum(r["level"] == lv for r in train) for lv in (2, 3)}
     n2 = round((test_size - len(test)) * counts[2] / (counts[2] + counts[3]))
-    want = {2: n2, 3: test_size - len(test) - n2}
-    rng, taken = random.Random(1), {r["problem"] for r in test}
-    while any(want.values()):
-        r = arith_problem(rng)
-        if want.get(r["level"]) and r["problem"] not in in_train and r["problem"] not in taken:
-            taken.add(r["problem"])
-            test.append(r)
-            want[r["level"]] -= 1
+    rng = random.Random(1)
+    test += arith_quota(rng, {2: n2, 3: test_size - len(test) - n2}, in_train | {r["problem"] for r in test})
     rng.shuffle(test)
     return train, test
+
+
+def arith_quota(rng: random.Random, want: dict, exclude: set) -> list[dict]:
+    """Distinct arith problems, none in `exclude`, want[level] of each level, drawn from the task's distribution
+    (a draw of a level whose quota is full, or not in `want`, is skipped), in draw order."""
+    want, seen, rows = dict(want), set(exclude), []
+    while any(want.values()):
+        r = arith_problem(rng)
+        if want.get(r["level"]) and r["problem"] not in seen:
+            seen.add(r["problem"])
+            rows.append(r)
+            want[r["level"]] -= 1
+    return rows
 
 
 def arith_row(a: int, op: str, b: int) -> dict:
@@ -81,17 +88,10 @@ def arith_validation(held_out: set, train: list[dict], n: int = 100, seed: int =
     """`n` distinct problems of the arith task, none held out, in train's level proportions (the stopping rule's
     validation set for tiny/pretrain.py; an undeduplicated draw has about twice train's share of one-digit
     problems, of which there are only 200)."""
-    rng, rows, seen = random.Random(seed), [], set()
     share = {lv: sum(r["level"] == lv for r in train) / len(train) for lv in (1, 2, 3)}
     want = {lv: round(n * share[lv]) for lv in (1, 2)}
     want[3] = n - want[1] - want[2]
-    while any(want.values()):
-        r = arith_problem(rng)
-        if want[r["level"]] and r["problem"] not in held_out and r["problem"] not in seen:
-            seen.add(r["problem"])
-            rows.append(r)
-            want[r["level"]] -= 1
-    return rows
+    return arith_quota(random.Random(seed), want, held_out)
 
 
 def make(n_per_level: int, levels, seed: int):
