@@ -1,6 +1,7 @@
 """The continuum testbed's setting chosen on GRPO alone (issue 37; the rule declared in
 bench/results/instrument_plan.md, section 2), from per-seed files of bench/convergence.py runs on pilot seeds
-100-103, one directory per setting, bench/results/arith_v2/pilot_<stop>_lr<lr>_<steps>:
+100-103, one directory per setting, bench/results/arith_v2/pilot_<stop>_lr<lr>_<steps> (the sums variant's
+pilot_sums_<stop>_lr<lr>_<steps>, with --data.train, --eval.data and --model.path on data/sums and its models):
 
     python bench/convergence.py --config configs/arith.yaml --variants grpo --seeds 100 101 102 103 --jobs 2 \\
         --out bench/results/arith_v2/pilot_stop0.3_lr1e-4_64 -- --eval.every=8 --model.path=<model> --train.lr=1e-4
@@ -25,8 +26,12 @@ from convergence import collapsed, primary_metric  # noqa: E402
 
 GAIN = 0.045
 PILOT_SEEDS = (100, 101, 102, 103)
-GRID = [f"pilot_stop{stop}_lr{lr}_{steps}" for steps in (64, 128) for stop in ("0.2", "0.3")
-        for lr in ("1e-4", "3e-4", "1e-3")]  # the declared settings
+# The declared settings, stage by stage (instrument_plan.md section 2): a stage runs only if the ones before it pass
+# nothing. Third stage: (a) the arith model stopped at validation 0.1; (b) the sums variant (data/sums).
+STAGES = [[f"pilot_stop{stop}_lr{lr}_{steps}" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4", "1e-3")]
+          for steps in (64, 128)]
+STAGES += [[f"pilot_stop0.1_lr{lr}_64" for lr in ("1e-4", "3e-4")],
+           [f"pilot_sums_stop{stop}_lr{lr}_64" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4")]]
 
 
 def setting_row(d: str) -> dict:
@@ -44,9 +49,15 @@ def setting_row(d: str) -> dict:
             "extra": " ".join(runs[0]["extra"]) if runs else ""}
 
 
-def choose(rows: list[dict]) -> dict | None:
-    ok = [r for r in rows if r["seeds"] == len(PILOT_SEEDS) and r["gains"].mean() >= GAIN and not r["collapses"]]
-    return min(ok, key=lambda r: (r["steps"], -r["gains"].mean())) if ok else None
+def choose(rows: list[dict]) -> tuple[dict | None, int]:
+    """(the chosen setting or None, the number of stages that ran to decide it): the first stage with a passing
+    setting decides; within it, the cheapest (fewest steps), then the highest mean gain."""
+    for k, stage in enumerate(STAGES):
+        ok = [r for r in rows if r["name"] in stage and r["seeds"] == len(PILOT_SEEDS) and r["gains"].mean() >= GAIN
+              and not r["collapses"]]
+        if ok:
+            return min(ok, key=lambda r: (r["steps"], -r["gains"].mean())), k + 1
+    return None, len(STAGES)
 
 
 def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
@@ -61,11 +72,12 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
                      f"{', '.join(f'{x:+.1f}' for x in g)} | "
                      f"{', '.join(f'{k}: {100 * v:+.1f}' for k, v in r['by_level'].items())} | {r['collapses']} | "
                      f"`{r['extra']}` |")
-    pick = choose(rows)
+    pick, stages = choose(rows)
+    grid = [g for stage in STAGES[:stages] for g in stage]
     done = {r["name"]: r for r in rows if r["seeds"] == len(PILOT_SEEDS)}
-    pruned = [g for g in GRID if g.endswith("_128") and g not in done and g[:-3] + "64" in done
+    pruned = [g for g in grid if g.endswith("_128") and g not in done and g[:-3] + "64" in done
               and (done[g[:-3] + "64"]["gains"] <= 0).any()]  # lost in some seed at 64 steps: not run at 128
-    missing = [g for g in GRID if g not in done and g not in pruned]
+    missing = [g for g in grid if g not in done and g not in pruned]
     if pruned:
         lines += ["", f"Not run at 128 steps, since some pilot seed lost accuracy at 64 steps: {', '.join(pruned)}."]
     lines += ["", f"Rule: mean gain >= {100 * GAIN:.1f} points, no late collapse, then fewest steps, then highest "

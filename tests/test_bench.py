@@ -54,6 +54,25 @@ def test_late_collapse():
     assert not convergence.collapsed(curve([0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.43, 0.45, 0.45]))  # 7 points
 
 
+def test_pilot_rule_takes_the_first_stage_with_a_passing_setting():
+    """bench/arith_pilots.choose, the declared rule: a later stage decides only if every earlier one passes nothing;
+    within a stage the fewest steps, then the highest mean gain; a late collapse or a missing seed disqualifies."""
+    import arith_pilots
+
+    def row(name, gains, steps=64, collapses=0, seeds=4):
+        return {"name": name, "gains": np.array(gains), "steps": steps, "collapses": collapses, "seeds": seeds}
+
+    fail = [row("pilot_stop0.2_lr1e-4_64", [0.02] * 4), row("pilot_stop0.2_lr1e-4_128", [0.03] * 4, 128)]
+    assert arith_pilots.choose(fail) == (None, len(arith_pilots.STAGES))
+    late = [row("pilot_stop0.1_lr1e-4_64", [0.05] * 4), row("pilot_stop0.1_lr3e-4_64", [0.08] * 4, collapses=1),
+            row("pilot_sums_stop0.2_lr1e-4_64", [0.20] * 4)]
+    pick, stages = arith_pilots.choose(fail + late)
+    assert (pick["name"], stages) == ("pilot_stop0.1_lr1e-4_64", 3)  # not the collapsing one, not stage 4's larger gain
+    first = [row("pilot_stop0.3_lr1e-4_128", [0.09] * 4, 128), row("pilot_stop0.2_lr3e-4_128", [0.05] * 4, 128)]
+    assert arith_pilots.choose(first + late)[0]["name"] == "pilot_stop0.3_lr1e-4_128"  # stage 2 decides, top gain
+    assert arith_pilots.choose([row("pilot_stop0.1_lr1e-4_64", [0.09] * 3, seeds=3)])[0] is None
+
+
 def test_schedule_starts_the_longest_runs_first_and_keeps_each_variants_seeds():
     jobs = [(name, convergence.VARIANTS[name]) for name in ("grpo", "cures", "dapo", "cures_dapo")]
     order = convergence.schedule(jobs, [0, 1, 2])

@@ -60,6 +60,28 @@ def test_committed_arith_splits_are_the_generator_output():
         assert reward.score(f"\\boxed{{{-int(r['answer']) or 1}}}", r["answer"]) == 0.0  # the sign counts
 
 
+def test_sums_splits_are_the_arith_construction_on_sums_only():
+    """The sums variant (instrument_plan.md section 2, third stage): arith's draw with the operator fixed to +, its
+    splits built as arith's: distinct, held out, every one-digit sum train lacks, levels 2 and 3 in train's
+    proportions; the stopping rule's validation in train's level mix."""
+    train, test = arith_splits(ops="+")
+    assert len(train) == 4000 and len(test) == 480 and len({r["problem"] for r in train + test}) == 4480
+    assert all("+" in r["problem"] and "-" not in r["problem"] for r in train + test)
+    one_digit = {f"What is {a}+{b}?" for a in range(10) for b in range(10)}
+    assert {r["problem"] for r in test if r["level"] == 1} == one_digit - {r["problem"] for r in train}
+    n = {split: [sum(r["level"] == lv for r in rows) for lv in (1, 2, 3)] for split, rows in (("train", train),
+                                                                                            ("test", test))}
+    assert n["test"][1] == round((480 - n["test"][0]) * n["train"][1] / (n["train"][1] + n["train"][2]))
+    val = arith_validation({r["problem"] for r in test}, train, ops="+")
+    assert [sum(r["level"] == lv for r in val) for lv in (1, 2, 3)] == [round(100 * k / 4000) for k in n["train"]]
+    for r in test + train[:50]:
+        a, b = r["problem"].removeprefix("What is ").removesuffix("?").split("+")
+        assert int(r["answer"]) == int(a) + int(b) and r["level"] == max(len(a), len(b))
+    if os.path.exists(os.path.join(ROOT, "data", "sums")):  # committed only if its pilots choose it
+        assert _rows("train", os.path.join(ROOT, "data", "sums")) == train
+        assert _rows("test", os.path.join(ROOT, "data", "sums")) == test
+
+
 @pytest.mark.parametrize("name", ["tiny", "arith"])
 def test_committed_model_matches_its_report(name):
     """Greedy decoding is deterministic: each committed model's held-out accuracy by level is its report's."""

@@ -8,9 +8,12 @@
   with the operands' lengths, the carries and borrows, and the sign, so that a partly trained model's
   per-prompt accuracy spreads over (0, 1) (bench/results/arith/README.md shows the histogram). Its level is
   the longer operand's number of digits.
+- `sums` (a candidate continuum testbed, data/sums; bench/results/instrument_plan.md section 2's third stage): the
+  arith task with sums only.
 
     python tiny/make_data.py                # writes data/tiny/{train,test}.jsonl (committed)
     python tiny/make_data.py --task arith   # writes data/arith/{train,test}.jsonl (committed)
+    python tiny/make_data.py --task sums    # writes data/sums/{train,test}.jsonl
 """
 
 import argparse
@@ -23,6 +26,8 @@ import random
 # overall accuracy and 0.63 of its level's (issue 37; bench/results/instrument_plan.md). tiny/pretrain.py never
 # draws them.
 TEST_LEVELS = (2, 3, 4)
+DATA_DIR = {"add": "tiny", "arith": "arith", "sums": "sums"}  # each task's folder under data/ (and models/)
+OPS = {"arith": "+-", "sums": "+"}  # the operators of the tasks arith_problem draws
 
 
 def problem(rng: random.Random, level: int) -> dict:
@@ -31,17 +36,17 @@ def problem(rng: random.Random, level: int) -> dict:
     return {"problem": f"What is {a}+{b}?", "answer": str(a + b), "level": level}
 
 
-def arith_problem(rng: random.Random) -> dict:
-    """a+b or a-b with a and b of 1 to 3 digits (lengths drawn independently and uniformly). The level is
-    max(len(a), len(b))."""
+def arith_problem(rng: random.Random, ops: str = "+-") -> dict:
+    """a+b or a-b (the sums task: a+b only, ops "+") with a and b of 1 to 3 digits (lengths drawn independently
+    and uniformly). The level is max(len(a), len(b))."""
     la, lb = rng.randint(1, 3), rng.randint(1, 3)
     a, b = (rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1) for n in (la, lb))
-    op = rng.choice("+-")
+    op = rng.choice(ops)
     return arith_row(a, op, b)
 
 
-def arith_splits(train_size: int = 4000, test_size: int = 480, seed: int = 0):
-    """(train, test) of the arith task. Train: distinct problems, shuffled, the first `train_size` (so that every
+def arith_splits(train_size: int = 4000, test_size: int = 480, seed: int = 0, ops: str = "+-"):
+    """(train, test) of the arith task (the sums task: ops "+"). Train: distinct problems, shuffled, the first `train_size` (so that every
     curriculum subset, cut in file order, follows one distribution; a stream cut in order would not: the 200
     one-digit problems run out as it goes). Test (issue 37; bench/results/instrument_plan.md): `test_size`
     distinct problems none of which is in train: every one-digit problem train lacks (13), the rest levels 2 and 3
@@ -49,29 +54,29 @@ def arith_splits(train_size: int = 4000, test_size: int = 480, seed: int = 0):
     shuffled so that any prefix mixes the levels. One problem is 0.21 points of the overall accuracy."""
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < train_size + 64:  # (the earlier 64-problem split's draw: train is unchanged by the new split)
-        r = arith_problem(rng)
+        r = arith_problem(rng, ops)
         if r["problem"] not in seen:
             seen.add(r["problem"])
             rows.append(r)
     rng.shuffle(rows)
     train = rows[:train_size]
     in_train = {r["problem"] for r in train}
-    test = [r for r in (arith_row(a, op, b) for a in range(10) for b in range(10) for op in "+-")
+    test = [r for r in (arith_row(a, op, b) for a in range(10) for b in range(10) for op in ops)
             if r["problem"] not in in_train]
     counts = {lv: sum(r["level"] == lv for r in train) for lv in (2, 3)}
     n2 = round((test_size - len(test)) * counts[2] / (counts[2] + counts[3]))
     rng = random.Random(1)
-    test += arith_quota(rng, {2: n2, 3: test_size - len(test) - n2}, in_train | {r["problem"] for r in test})
+    test += arith_quota(rng, {2: n2, 3: test_size - len(test) - n2}, in_train | {r["problem"] for r in test}, ops)
     rng.shuffle(test)
     return train, test
 
 
-def arith_quota(rng: random.Random, want: dict, exclude: set) -> list[dict]:
+def arith_quota(rng: random.Random, want: dict, exclude: set, ops: str = "+-") -> list[dict]:
     """Distinct arith problems, none in `exclude`, want[level] of each level, drawn from the task's distribution
     (a draw of a level whose quota is full, or not in `want`, is skipped), in draw order."""
     want, seen, rows = dict(want), set(exclude), []
     while any(want.values()):
-        r = arith_problem(rng)
+        r = arith_problem(rng, ops)
         if want.get(r["level"]) and r["problem"] not in seen:
             seen.add(r["problem"])
             rows.append(r)
@@ -84,14 +89,14 @@ def arith_row(a: int, op: str, b: int) -> dict:
             "level": max(len(str(a)), len(str(b)))}
 
 
-def arith_validation(held_out: set, train: list[dict], n: int = 100, seed: int = 7) -> list[dict]:
+def arith_validation(held_out: set, train: list[dict], n: int = 100, seed: int = 7, ops: str = "+-") -> list[dict]:
     """`n` distinct problems of the arith task, none held out, in train's level proportions (the stopping rule's
     validation set for tiny/pretrain.py; an undeduplicated draw has about twice train's share of one-digit
     problems, of which there are only 200)."""
     share = {lv: sum(r["level"] == lv for r in train) / len(train) for lv in (1, 2, 3)}
     want = {lv: round(n * share[lv]) for lv in (1, 2)}
     want[3] = n - want[1] - want[2]
-    return arith_quota(random.Random(seed), want, held_out)
+    return arith_quota(random.Random(seed), want, held_out, ops)
 
 
 def make(n_per_level: int, levels, seed: int):
@@ -119,14 +124,15 @@ def splits(train_per_level: int = 1000, test_per_level: int = 160, test_levels=T
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", choices=["add", "arith"], default="add")
-    ap.add_argument("--out", default=None, help="default: data/tiny (add) or data/arith (arith)")
+    ap.add_argument("--task", choices=["add", "arith", "sums"], default="add")
+    ap.add_argument("--out", default=None, help="default: data/tiny (add), data/arith (arith) or data/sums (sums)")
     ap.add_argument("--train-per-level", type=int, default=1000, help="add only")
     ap.add_argument("--test-per-level", type=int, default=160, help="add only")
     args = ap.parse_args()
-    args.out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", "tiny" if args.task == "add" else "arith")
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", DATA_DIR[args.task])
     os.makedirs(args.out, exist_ok=True)
-    train, test = splits(args.train_per_level, args.test_per_level) if args.task == "add" else arith_splits()
+    train, test = (splits(args.train_per_level, args.test_per_level) if args.task == "add"
+                   else arith_splits(ops=OPS[args.task]))
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             for r in rows:

@@ -22,6 +22,8 @@ is made by the same recipe, model and schedule, stopped in the middle of its cli
 fresh validation problems of the whole task (`--stop-when 0:0.3`, level 0 meaning all levels) reaches 30 %:
 
     python tiny/pretrain.py --task arith       # writes models/arith (about 8 minutes on 2 CPU cores)
+
+The sums task (`--task sums`, the arith task with sums only) is a candidate continuum testbed, by the same recipe.
 """
 
 import argparse
@@ -37,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from eval import PROMPT_FILE, build_prompt  # noqa: E402
 from tiny.build import build_model, build_tokenizer  # noqa: E402
-from tiny.make_data import arith_problem, arith_splits, arith_validation, problem  # noqa: E402
+from tiny.make_data import DATA_DIR, OPS, arith_problem, arith_splits, arith_validation, problem  # noqa: E402
 
 
 SYSTEM_PROMPT, USER_TEMPLATE = "", "{problem}"  # as in configs/tiny.yaml
@@ -94,30 +96,30 @@ def greedy_accuracy(model, tok, rows) -> list[float]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", choices=["add", "arith"], default="add")
-    ap.add_argument("--out", default=None, help="default: models/tiny (add) or models/arith (arith)")
+    ap.add_argument("--task", choices=["add", "arith", "sums"], default="add")
+    ap.add_argument("--out", default=None, help="default: models/tiny (add), models/arith or models/sums")
     ap.add_argument("--steps", type=int, default=5000, help="length of the one-cycle lr schedule")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--level-weights", default="0.25,0.35,0.3,0.1", help="add: sampling weight of each level "
-                    "(arith draws its problems as tiny/make_data.py does)")
+                    "(arith and sums draw their problems as tiny/make_data.py does)")
     ap.add_argument("--report-every", type=int, default=0, help="steps between held-out reports (0: end only)")
-    ap.add_argument("--test", default=None, help="the held-out split (default: data/<tiny|arith>/test.jsonl)")
+    ap.add_argument("--test", default=None, help="the held-out split (default: data/<tiny|arith|sums>/test.jsonl)")
     ap.add_argument("--noise", default="0,0,0,0", help="per level: fraction of corrupted answers")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--stop-when", default=None, help="LEVEL:ACC, stop once greedy accuracy at LEVEL (0: the whole "
                     "task) on 100 fresh validation problems (not the test set) reaches ACC; checked every 100 steps; "
-                    "'' never (default 2:0.5 for add, 0:0.3 for arith)")
+                    "'' never (default 2:0.5 for add, 0:0.3 for arith and sums)")
     ap.add_argument("--also-save", action="append", default=[], metavar="ACC:DIR",
                     help="also save the model to DIR when the stopping rule's validation accuracy first reaches ACC "
                          "(the model a run stopping there would have written; repeatable)")
     args = ap.parse_args()
-    name = "tiny" if args.task == "add" else "arith"
+    name = DATA_DIR[args.task]
     if args.stop_when is None:
         args.stop_when = "2:0.5" if args.task == "add" else "0:0.3"
     args.out = args.out or os.path.join(HERE, "..", "models", name)
     args.test = args.test or os.path.join(HERE, "..", "data", name, "test.jsonl")
-    draw = problem if args.task == "add" else (lambda rng, level: arith_problem(rng))
+    draw = problem if args.task == "add" else (lambda rng, level: arith_problem(rng, OPS[args.task]))
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     tok = build_tokenizer()
@@ -132,8 +134,8 @@ def main():
     if args.stop_when:
         stop_level, stop_acc = int(args.stop_when.split(":")[0]), float(args.stop_when.split(":")[1])
         val_rng = random.Random(7)
-        if args.task == "arith":  # distinct, in the training split's level mix (issue 37)
-            val = arith_validation(held_out, arith_splits()[0])
+        if args.task != "add":  # distinct, in the training split's level mix (issue 37)
+            val = arith_validation(held_out, arith_splits(ops=OPS[args.task])[0], ops=OPS[args.task])
         else:
             val = [r for r in (draw(val_rng, stop_level) for _ in range(120)) if r["problem"] not in held_out][:100]
     also = sorted((float(a.split(":", 1)[0]), a.split(":", 1)[1]) for a in args.also_save)
@@ -196,8 +198,8 @@ def save(model, tok, out: str):
 
 def report_rows(test: list[dict], task: str = "add") -> list[dict]:
     """The held-out test set plus, for the add task, 100 fresh problems (fixed seed) of each level it lacks (the
-    arith task's held-out split has every level)."""
-    if task == "arith":
+    arith and sums tasks' held-out splits have every level)."""
+    if task != "add":
         return test
     rng = random.Random(8)
     return test + [problem(rng, lv) for lv in (1, 2, 3, 4) if lv not in {r["level"] for r in test} for _ in range(100)]
