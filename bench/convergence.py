@@ -274,15 +274,18 @@ def verdict(d) -> str:
             else "no difference detected")
 
 
-def mechanism(out: str, name: str, seeds) -> dict:
-    """Per step, mean over seeds, from the per-seed files: the share of training rollouts in groups with mixed
-    rewards, of response tokens in groups with none, and of the draws in each posterior-accuracy bin."""
-    rows = [json.load(open(os.path.join(out, "seeds", f"{name}_seed{s}.json")))["steps"] for s in seeds]
-    keys = sorted({k for r in rows for step in r for k in step if k != "step"})
-    steps = [step["step"] for step in rows[0]]
-    missing = lambda k: 0.0 if k.startswith("draws/") else np.nan  # noqa: E731  a level never drawn: 0 %
-    return {"step": np.array(steps), **{k: np.array([[step.get(k, missing(k)) for step in r] for r in rows]).mean(0)
-                                         for k in keys}}
+def mechanism(out: str, names, seeds) -> dict:
+    """Per variant, per step, mean over seeds, from the per-seed files: the share of training rollouts in groups
+    with mixed rewards, of response tokens in groups with none, and of the draws in each posterior-accuracy bin and
+    data level. Every variant gets every key any of them logged; a bin or level a variant never drew (in a step,
+    or at all) counts 0 % of its draws."""
+    rows = {n: [json.load(open(os.path.join(out, "seeds", f"{n}_seed{s}.json")))["steps"] for s in seeds]
+            for n in names}
+    keys = sorted({k for r in rows.values() for run in r for step in run for k in step if k != "step"})
+    missing = lambda k: 0.0 if k.startswith("draws/") else np.nan  # noqa: E731
+    return {n: {"step": np.array([step["step"] for step in r[0]]),
+                **{k: np.array([[step.get(k, missing(k)) for step in run] for run in r]).mean(0) for k in keys}}
+            for n, r in rows.items()}
 
 
 def schedule(jobs, seeds) -> list[tuple]:
@@ -398,9 +401,9 @@ def main():
     plain = [n for n, extra in jobs if "--rollout.dynamic_sampling=true" not in extra]  # one round a step
     if "grpo" in plain and len(plain) > 1:  # the per-rollout comparison, to GRPO's budget
         lines += rollout_comparison({n: files[n] for n in plain}, "grpo", budget=table["grpo"]["rollouts"][-1])
-    mech = {name: mechanism(args.out, name, args.seeds) for name in curves}
+    mech = mechanism(args.out, list(curves), args.seeds)
     bins = [k for k in next(iter(mech.values())) if k.startswith("draws/p_")]
-    levels = sorted({k for m in mech.values() for k in m if k.startswith("draws/level_")})
+    levels = [k for k in next(iter(mech.values())) if k.startswith("draws/level_")]
     lines += ["", "The mechanism, mean over steps and seeds: the share of training rollouts in groups with mixed rewards "
               "(where GRPO's gradient is), of response tokens in groups with none, and of the draws by the drawn "
               "prompt's posterior accuracy p at draw time (rollouts per step: dynamic sampling generates several "
@@ -412,7 +415,7 @@ def main():
         per_step = np.diff(np.concatenate([[0], m["rollouts/total"]])).mean()
         lines.append(f"| {name} | {100 * np.nanmean(m['mech/mixed_rollouts']):.1f} % | "
                      f"{100 * np.nanmean(m['mech/zero_adv_token_share']):.1f} % | {per_step:.0f} | "
-                     + " | ".join(f"{100 * np.nanmean(m.get(k, 0.0)):.1f} %" for k in bins + levels) + " |")  # never drawn: 0
+                     + " | ".join(f"{100 * np.nanmean(m[k]):.1f} %" for k in bins + levels) + " |")
     lines += run_times(args.out, list(curves), args.seeds)
     report = "\n".join(lines) + "\n"
     print(report)
@@ -445,7 +448,7 @@ def main():
         fig, axes = plt.subplots(n_rows, len(mech), figsize=(3.6 * len(mech), 3.4 * n_rows), sharey=True, squeeze=False)
         for row, (what, keys) in zip(axes, by):
             for ax, (name, m) in zip(row, mech.items()):
-                ax.stackplot(m["step"], *[100 * np.nan_to_num(m.get(k, np.zeros_like(m["step"]))) for k in keys],
+                ax.stackplot(m["step"], *[100 * np.nan_to_num(m[k]) for k in keys],
                              labels=[k[len("draws/"):] for k in keys], alpha=0.8)
                 ax.plot(m["step"], 100 * m["mech/mixed_rollouts"], color="black", lw=1.5, label="mixed-reward rollouts")
                 ax.set_title(name)

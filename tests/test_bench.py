@@ -73,6 +73,31 @@ def test_pilot_rule_takes_the_first_stage_with_a_passing_setting():
     assert arith_pilots.choose([row("pilot_stop0.1_lr1e-4_64", [0.09] * 3, seeds=3)])[0] is None
 
 
+def test_mechanism_gives_every_variant_every_draw_key(tmp_path):
+    """bench/convergence.mechanism: per step, mean over seeds; a level a variant never drew, in one step or in the
+    whole run (GRPO-like variants draw every level, a curriculum may skip one), is 0 % of its draws, not missing."""
+    (tmp_path / "seeds").mkdir()
+    steps = {"cures": [[{"step": 1, "draws/level_1": 1.0, "mech/mixed_rollouts": 0.5},
+                        {"step": 2, "draws/level_1": 0.5, "draws/level_2": 0.5, "mech/mixed_rollouts": 0.7}]] * 2,
+             "grpo": [[{"step": 1, "draws/level_1": 0.5, "draws/level_3": 0.5, "mech/mixed_rollouts": 0.2},
+                       {"step": 2, "draws/level_1": 0.2, "draws/level_3": 0.8}],
+                      [{"step": 1, "draws/level_1": 0.7, "draws/level_3": 0.3, "mech/mixed_rollouts": 0.4},
+                       {"step": 2, "draws/level_1": 0.4, "draws/level_3": 0.6}]]}
+    for name, runs in steps.items():
+        for seed, run in enumerate(runs):
+            (tmp_path / "seeds" / f"{name}_seed{seed}.json").write_text(json.dumps({"steps": run}))
+    m = convergence.mechanism(str(tmp_path), ["cures", "grpo"], [0, 1])
+    for name in m:
+        assert sorted(k for k in m[name] if k != "step") == ["draws/level_1", "draws/level_2", "draws/level_3",
+                                                              "mech/mixed_rollouts"]
+    np.testing.assert_allclose(m["cures"]["draws/level_2"], [0.0, 0.5])
+    np.testing.assert_allclose(m["cures"]["draws/level_3"], [0.0, 0.0])
+    np.testing.assert_allclose(m["grpo"]["draws/level_1"], [0.6, 0.3])
+    np.testing.assert_allclose(m["grpo"]["draws/level_2"], [0.0, 0.0])
+    assert m["grpo"]["mech/mixed_rollouts"][0] == pytest.approx(0.3) and np.isnan(m["grpo"]["mech/mixed_rollouts"][1])
+    np.testing.assert_array_equal(m["grpo"]["step"], [1, 2])
+
+
 def test_schedule_starts_the_longest_runs_first_and_keeps_each_variants_seeds():
     jobs = [(name, convergence.VARIANTS[name]) for name in ("grpo", "cures", "dapo", "cures_dapo")]
     order = convergence.schedule(jobs, [0, 1, 2])
