@@ -34,6 +34,13 @@ STAGES += [[f"pilot_stop0.1_lr{lr}_64" for lr in ("1e-4", "3e-4")],
            [f"pilot_sums_stop{stop}_lr{lr}_64" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4")]]
 
 
+def reward_rise(run: dict, k: int = 8) -> float:
+    """A run's training reward (train/reward, the mean over its rollouts) over its last k steps minus its first k:
+    whether RL learns even the prompts it trains on."""
+    r = [step["train/reward"] for step in run["steps"]]
+    return float(np.mean(r[-k:]) - np.mean(r[:k]))
+
+
 def setting_row(d: str) -> dict:
     """One setting's pilots (its directory d holds seeds/grpo_seed<s>.json)."""
     files = [os.path.join(d, "seeds", f"grpo_seed{s}.json") for s in PILOT_SEEDS]
@@ -46,6 +53,7 @@ def setting_row(d: str) -> dict:
             "by_level": by_level,
             "start": np.mean([r["curve"][0][2] for r in runs]) if runs else np.nan,
             "gains": gains, "collapses": sum(collapsed(r["curve"]) for r in runs),
+            "reward_rise": np.array([reward_rise(r) for r in runs]),
             "extra": " ".join(runs[0]["extra"]) if runs else ""}
 
 
@@ -64,13 +72,15 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
     rows = [setting_row(os.path.dirname(d)) for d in sorted(glob.glob(os.path.join(root, "pilot_*", "seeds")))]
     rows = [r for r in rows if r["seeds"]]
     lines = ["| setting (GRPO) | seeds | steps | step-0 accuracy | gain, mean ± sd (points) | per seed | gain by level "
-             "(mean) | late collapses | overrides |", "|---|---|---|---|---|---|---|---|---|"]
+             "(mean) | late collapses | training reward, last 8 steps - first 8 | overrides |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = 100 * r["gains"]
         lines.append(f"| {r['name']} | {r['seeds']} | {r['steps']} | {100 * r['start']:.1f} | "
                      f"{g.mean():+.1f} ± {g.std(ddof=1) if len(g) > 1 else float('nan'):.1f} | "
                      f"{', '.join(f'{x:+.1f}' for x in g)} | "
                      f"{', '.join(f'{k}: {100 * v:+.1f}' for k, v in r['by_level'].items())} | {r['collapses']} | "
+                     f"{100 * r['reward_rise'].mean():+.1f} ± {100 * r['reward_rise'].std(ddof=1):.1f} | "
                      f"`{r['extra']}` |")
     pick, stages = choose(rows)
     grid = [g for stage in STAGES[:stages] for g in stage]
@@ -78,6 +88,11 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
     pruned = [g for g in grid if g.endswith("_128") and g not in done and g[:-3] + "64" in done
               and (done[g[:-3] + "64"]["gains"] <= 0).any()]  # lost in some seed at 64 steps: not run at 128
     missing = [g for g in grid if g not in done and g not in pruned]
+    tiny = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "tiny_v2", "seeds", "grpo_seed*.json")))
+    if tiny:  # the reference: the tiny default, where RL learns (its declared comparison's GRPO seeds)
+        rise = 100 * np.array([reward_rise(json.load(open(f))) for f in tiny])
+        lines += ["", f"The tiny default's GRPO (bench/results/tiny_v2, {len(tiny)} seeds, 64 steps): training reward, "
+                      f"last 8 steps - first 8: {rise.mean():+.1f} ± {rise.std(ddof=1):.1f}."]
     if pruned:
         lines += ["", f"Not run at 128 steps, since some pilot seed lost accuracy at 64 steps: {', '.join(pruned)}."]
     lines += ["", f"Rule: mean gain >= {100 * GAIN:.1f} points, no late collapse, then fewest steps, then highest "

@@ -71,6 +71,8 @@ def test_pilot_rule_takes_the_first_stage_with_a_passing_setting():
     first = [row("pilot_stop0.3_lr1e-4_128", [0.09] * 4, 128), row("pilot_stop0.2_lr3e-4_128", [0.05] * 4, 128)]
     assert arith_pilots.choose(first + late)[0]["name"] == "pilot_stop0.3_lr1e-4_128"  # stage 2 decides, top gain
     assert arith_pilots.choose([row("pilot_stop0.1_lr1e-4_64", [0.09] * 3, seeds=3)])[0] is None
+    run = {"steps": [{"train/reward": r} for r in [0.1] * 8 + [0.9] * 4 + [0.3] * 8]}
+    assert arith_pilots.reward_rise(run) == pytest.approx(0.2)  # the last 8 steps against the first 8
 
 
 def test_mechanism_gives_every_variant_every_draw_key(tmp_path):

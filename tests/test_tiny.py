@@ -77,9 +77,8 @@ def test_sums_splits_are_the_arith_construction_on_sums_only():
     for r in test + train[:50]:
         a, b = r["problem"].removeprefix("What is ").removesuffix("?").split("+")
         assert int(r["answer"]) == int(a) + int(b) and r["level"] == max(len(a), len(b))
-    if os.path.exists(os.path.join(ROOT, "data", "sums")):  # committed only if its pilots choose it
-        assert _rows("train", os.path.join(ROOT, "data", "sums")) == train
-        assert _rows("test", os.path.join(ROOT, "data", "sums")) == test
+    assert _rows("train", os.path.join(ROOT, "data", "sums")) == train  # the committed files (its pilots read them)
+    assert _rows("test", os.path.join(ROOT, "data", "sums")) == test
 
 
 @pytest.mark.parametrize("name", ["tiny", "arith"])

@@ -8,8 +8,8 @@
   with the operands' lengths, the carries and borrows, and the sign, so that a partly trained model's
   per-prompt accuracy spreads over (0, 1) (bench/results/arith/README.md shows the histogram). Its level is
   the longer operand's number of digits.
-- `sums` (a candidate continuum testbed, data/sums; bench/results/instrument_plan.md section 2's third stage): the
-  arith task with sums only.
+- `sums` (data/sums): the arith task with sums only, a candidate continuum testbed (the third stage of
+  bench/results/instrument_plan.md section 2); its pilots did not pass (bench/results/arith_v2).
 
     python tiny/make_data.py                # writes data/tiny/{train,test}.jsonl (committed)
     python tiny/make_data.py --task arith   # writes data/arith/{train,test}.jsonl (committed)

@@ -23,7 +23,8 @@ fresh validation problems of the whole task (`--stop-when 0:0.3`, level 0 meanin
 
     python tiny/pretrain.py --task arith       # writes models/arith (about 8 minutes on 2 CPU cores)
 
-The sums task (`--task sums`, the arith task with sums only) is a candidate continuum testbed, by the same recipe.
+The sums task (`--task sums`, the arith task with sums only; a candidate continuum testbed whose pilots did not pass,
+bench/results/arith_v2) is pretrained by the same recipe.
 """
 
 import argparse
