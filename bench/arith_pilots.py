@@ -27,11 +27,16 @@ from convergence import collapsed, primary_metric  # noqa: E402
 GAIN = 0.045
 PILOT_SEEDS = (100, 101, 102, 103)
 # The declared settings, stage by stage (instrument_plan.md section 2): a stage runs only if the ones before it pass
-# nothing. Third stage: (a) the arith model stopped at validation 0.1; (b) the sums variant (data/sums).
+# nothing. The plan's "third stage" is two entries here: (a) the arith model stopped at validation 0.1, then (b) the
+# sums variant (data/sums).
 STAGES = [[f"pilot_stop{stop}_lr{lr}_{steps}" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4", "1e-3")]
           for steps in (64, 128)]
 STAGES += [[f"pilot_stop0.1_lr{lr}_64" for lr in ("1e-4", "3e-4")],
            [f"pilot_sums_stop{stop}_lr{lr}_64" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4")]]
+
+
+def sd(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
 
 def reward_rise(run: dict, k: int = 8) -> float:
@@ -77,10 +82,10 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
     for r in rows:
         g = 100 * r["gains"]
         lines.append(f"| {r['name']} | {r['seeds']} | {r['steps']} | {100 * r['start']:.1f} | "
-                     f"{g.mean():+.1f} ± {g.std(ddof=1) if len(g) > 1 else float('nan'):.1f} | "
+                     f"{g.mean():+.1f} ± {sd(g):.1f} | "
                      f"{', '.join(f'{x:+.1f}' for x in g)} | "
                      f"{', '.join(f'{k}: {100 * v:+.1f}' for k, v in r['by_level'].items())} | {r['collapses']} | "
-                     f"{100 * r['reward_rise'].mean():+.1f} ± {100 * r['reward_rise'].std(ddof=1):.1f} | "
+                     f"{100 * r['reward_rise'].mean():+.1f} ± {sd(100 * r['reward_rise']):.1f} | "
                      f"`{r['extra']}` |")
     pick, stages = choose(rows)
     grid = [g for stage in STAGES[:stages] for g in stage]
@@ -91,8 +96,9 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
     tiny = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "tiny_v2", "seeds", "grpo_seed*.json")))
     if tiny:  # the reference: the tiny default, where RL learns (its declared comparison's GRPO seeds)
         rise = 100 * np.array([reward_rise(json.load(open(f))) for f in tiny])
-        lines += ["", f"The tiny default's GRPO (bench/results/tiny_v2, {len(tiny)} seeds, 64 steps): training reward, "
-                      f"last 8 steps - first 8: {rise.mean():+.1f} ± {rise.std(ddof=1):.1f}."]
+        steps = json.load(open(tiny[0]))["curve"][-1][0]
+        lines += ["", f"The tiny default's GRPO (bench/results/tiny_v2, {len(tiny)} seeds, {steps} steps): training "
+                      f"reward, last 8 steps - first 8: {rise.mean():+.1f} ± {sd(rise):.1f}."]
     if pruned:
         lines += ["", f"Not run at 128 steps, since some pilot seed lost accuracy at 64 steps: {', '.join(pruned)}."]
     lines += ["", f"Rule: mean gain >= {100 * GAIN:.1f} points, no late collapse, then fewest steps, then highest "

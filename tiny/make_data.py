@@ -46,12 +46,13 @@ def arith_problem(rng: random.Random, ops: str = "+-") -> dict:
 
 
 def arith_splits(train_size: int = 4000, test_size: int = 480, seed: int = 0, ops: str = "+-"):
-    """(train, test) of the arith task (the sums task: ops "+"). Train: distinct problems, shuffled, the first `train_size` (so that every
-    curriculum subset, cut in file order, follows one distribution; a stream cut in order would not: the 200
-    one-digit problems run out as it goes). Test (issue 37; bench/results/instrument_plan.md): `test_size`
-    distinct problems none of which is in train: every one-digit problem train lacks (13), the rest levels 2 and 3
-    in train's proportions (1,347 : 2,466), each drawn from the task's own distribution given its level (seed 1),
-    shuffled so that any prefix mixes the levels. One problem is 0.21 points of the overall accuracy."""
+    """(train, test) of the arith task (the sums task: ops "+"). Train: distinct problems, shuffled, the first
+    `train_size` (so that every curriculum subset, cut in file order, follows one distribution; a stream cut in
+    order would not: the one-digit problems run out as it goes). Test (issue 37; bench/results/instrument_plan.md):
+    `test_size` distinct problems none of which is in train: every one-digit problem train lacks (arith: 13 of 200;
+    sums: none, train holds all 100), the rest levels 2 and 3 in train's proportions (arith: 1,347 : 2,466), each
+    drawn from the task's own distribution given its level (seed 1), shuffled so that any prefix mixes the levels.
+    One problem is 0.21 points of the overall accuracy."""
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < train_size + 64:  # (the earlier 64-problem split's draw: train is unchanged by the new split)
         r = arith_problem(rng, ops)

@@ -199,7 +199,8 @@ def save(model, tok, out: str):
 
 def report_rows(test: list[dict], task: str = "add") -> list[dict]:
     """The held-out test set plus, for the add task, 100 fresh problems (fixed seed) of each level it lacks (the
-    arith and sums tasks' held-out splits have every level)."""
+    arith task's held-out split has every level; the sums task's lacks level 1, all 100 of whose sums are in
+    train, and its reports go without it)."""
     if task != "add":
         return test
     rng = random.Random(8)
