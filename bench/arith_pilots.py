@@ -96,8 +96,8 @@ def main(root=os.path.join(ROOT, "bench", "results", "arith_v2")):
     missing = [g for g in grid if g not in done and g not in pruned]
     tiny = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "tiny_v2", "seeds", "grpo_seed*.json")))
     if tiny:  # the reference: the tiny default, where RL learns (its declared comparison's GRPO seeds)
-        rise = 100 * np.array([reward_rise(json.load(open(f))) for f in tiny])
-        steps = json.load(open(tiny[0]))["curve"][-1][0]
+        runs = [json.load(open(f)) for f in tiny]
+        rise, steps = 100 * np.array([reward_rise(r) for r in runs]), runs[0]["curve"][-1][0]
         lines += ["", f"The tiny default's GRPO (bench/results/tiny_v2, {len(tiny)} seeds, {steps} steps): training "
                       f"reward, last 8 steps - first 8: {rise.mean():+.1f} ± {sd(rise):.1f}."]
     if pruned:

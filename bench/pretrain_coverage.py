@@ -19,8 +19,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from tiny.make_data import arith_problem, problem  # noqa: E402
-from tiny.pretrain import corrupt  # noqa: E402
+from tiny.pretrain import corrupt, stream_draw  # noqa: E402
 
 
 def level_space(task: str) -> dict:
@@ -38,7 +37,7 @@ def seen_problems(name: str) -> set:
     args = json.load(open(os.path.join(ROOT, "models", name, "pretrain_report.json")))["args"]
     test = [json.loads(line) for line in open(os.path.join(ROOT, "data", name, "test.jsonl"))]
     held_out = {r["problem"] for r in test}
-    draw = problem if task == "add" else (lambda rng, level: arith_problem(rng))
+    draw = stream_draw(task)
     weights = torch.tensor([float(w) for w in args["level_weights"].split(",")])
     noise = [float(x) for x in args["noise"].split(",")]
     rng, gen, seen = random.Random(100), torch.Generator().manual_seed(0), set()

@@ -120,7 +120,7 @@ def main():
         args.stop_when = "2:0.5" if args.task == "add" else "0:0.3"
     args.out = args.out or os.path.join(HERE, "..", "models", name)
     args.test = args.test or os.path.join(HERE, "..", "data", name, "test.jsonl")
-    draw = problem if args.task == "add" else (lambda rng, level: arith_problem(rng, OPS[args.task]))
+    draw = stream_draw(args.task)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     tok = build_tokenizer()
@@ -195,6 +195,12 @@ def save(model, tok, out: str):
     tok.save_pretrained(out)
     with open(os.path.join(out, PROMPT_FILE), "w") as f:  # eval.py prompts the model as it was trained
         json.dump({"system_prompt": SYSTEM_PROMPT, "user_template": USER_TEMPLATE}, f, indent=1)
+
+
+def stream_draw(task: str):
+    """draw(rng, level) -> a problem of the pretraining stream: the add task's of that level; arith and sums draw
+    from the whole task (the level is ignored). bench/pretrain_coverage.py replays the stream with it."""
+    return problem if task == "add" else (lambda rng, level: arith_problem(rng, OPS[task]))
 
 
 def report_rows(test: list[dict], task: str = "add") -> list[dict]:
