@@ -28,12 +28,14 @@ GAIN = 0.045
 PILOT_SEEDS = (100, 101, 102, 103)
 # The declared settings, stage by stage (instrument_plan.md section 2): a stage runs only if the ones before it pass
 # nothing. The plan's "third stage" is two entries here: (a) the arith model stopped at validation 0.1, then (b) the
-# sums variant (data/sums); the fourth, the sums model pretrained further.
+# sums variant (data/sums); the fourth, the sums model pretrained further; the fifth, the tiny model on its levels 1
+# and 2 (configs/tiny12.yaml).
 STAGES = [[f"pilot_stop{stop}_lr{lr}_{steps}" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4", "1e-3")]
           for steps in (64, 128)]
 STAGES += [[f"pilot_stop0.1_lr{lr}_64" for lr in ("1e-4", "3e-4")],
            [f"pilot_sums_stop{stop}_lr{lr}_64" for stop in ("0.2", "0.3") for lr in ("1e-4", "3e-4")],
-           [f"pilot_sums_stop{stop}_lr1e-4_64" for stop in ("0.4", "0.5")]]  # the fourth stage
+           [f"pilot_sums_stop{stop}_lr1e-4_64" for stop in ("0.4", "0.5")],  # the fourth stage
+           [f"pilot_tiny12_lr{lr}_64" for lr in ("3e-4", "1e-4")]]  # the fifth: the tiny model on levels 1-2
 
 
 def sd(x: np.ndarray) -> float:

@@ -14,6 +14,11 @@
     python tiny/make_data.py                # writes data/tiny/{train,test}.jsonl (committed)
     python tiny/make_data.py --task arith   # writes data/arith/{train,test}.jsonl (committed)
     python tiny/make_data.py --task sums    # writes data/sums/{train,test}.jsonl
+    python tiny/make_data.py --levels 1 2 --out data/tiny12   # the tiny default's rows of levels 1 and 2 only
+
+`--levels` keeps the add task's rows of those levels, in file order, from both splits (the same problems as
+data/tiny's): data/tiny12 is the continuum candidate of bench/results/instrument_plan.md's fifth stage, the tiny
+model's learnable range without its out-of-reach levels 3 and 4.
 """
 
 import argparse
@@ -129,11 +134,16 @@ def main():
     ap.add_argument("--out", default=None, help="default: data/tiny (add), data/arith (arith) or data/sums (sums)")
     ap.add_argument("--train-per-level", type=int, default=1000, help="add only")
     ap.add_argument("--test-per-level", type=int, default=160, help="add only")
+    ap.add_argument("--levels", type=int, nargs="+", default=None, help="add only: keep these levels' rows")
     args = ap.parse_args()
     args.out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", DATA_DIR[args.task])
     os.makedirs(args.out, exist_ok=True)
     train, test = (splits(args.train_per_level, args.test_per_level) if args.task == "add"
                    else arith_splits(ops=OPS[args.task]))
+    if args.levels:
+        if args.task != "add":
+            ap.error("--levels is for the add task")
+        train, test = ([r for r in rows if r["level"] in args.levels] for rows in (train, test))
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             for r in rows:
