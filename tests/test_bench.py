@@ -188,6 +188,24 @@ def test_the_t_interval_is_the_verdicts_and_wider_than_the_bootstrap_on_few_seed
     assert convergence.verdict(iv) == "no difference detected"
 
 
+def test_across_testbeds_welch_interval_and_group_metric(tmp_path):
+    """bench/across_testbeds.py: the Welch interval by hand (equal sizes and spreads: the pooled t-interval, df 2n - 2;
+    unequal spreads: the Welch-Satterthwaite df, rounded down), and the primary metric read from a group's curve."""
+    import across_testbeds
+
+    a, b = [0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.5, 0.6]  # equal spreads: df 6
+    half = convergence.t_quantile(0.975, 6) * np.sqrt(2 * np.var(a, ddof=1) / 4)
+    assert across_testbeds.welch(a, b) == pytest.approx((-0.2, -0.2 - half, -0.2 + half))
+    a, b = [1, 2, 3, 4], [2, 4, 6, 8]  # va = 5/12, vb = 5/3: df = (25/12)^2 / ((5/12)^2 / 3 + (5/3)^2 / 3) = 4.41
+    half = convergence.t_quantile(0.975, 4) * np.sqrt(5 / 12 + 5 / 3)
+    assert across_testbeds.welch(a, b) == pytest.approx((-2.5, -2.5 - half, -2.5 + half))
+    (tmp_path / "seeds").mkdir()
+    for s, accs in enumerate(([0.1, 0.2, 0.5, 0.7], [0.2, 0.2, 0.3, 0.5])):
+        by_group = {"level_2": [[8 * i, 0, x] for i, x in enumerate(accs)]}
+        (tmp_path / "seeds" / f"grpo_seed{s}.json").write_text(json.dumps({"curve_by_group": by_group}))
+    np.testing.assert_allclose(across_testbeds.group_metric(str(tmp_path), "grpo", [0, 1], "level_2"), [0.6, 0.4])
+
+
 @pytest.mark.parametrize("preallocated", [True, False])
 @pytest.mark.parametrize("gqa", [True, False])
 def test_decode_cost_byte_model_matches_counted_bytes(gqa, preallocated, monkeypatch):

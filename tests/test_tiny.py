@@ -34,6 +34,24 @@ def test_committed_splits_are_the_generator_output():
         assert reward.score(f"\\boxed{{{int(r['answer']) + 1}}}", r["answer"]) == 0.0
 
 
+def test_tiny12_is_the_tiny_splits_on_levels_1_and_2(tmp_path, monkeypatch, capsys):
+    """data/tiny12 (configs/tiny12.yaml, instrument_plan.md's fifth stage) is what `tiny/make_data.py --levels 1 2`
+    writes: data/tiny's rows of those levels, in file order, from both splits; --levels is refused off the add task."""
+    from tiny import make_data
+
+    monkeypatch.setattr(sys, "argv", ["make_data.py", "--levels", "1", "2", "--out", str(tmp_path)])
+    make_data.main()
+    committed = os.path.join(ROOT, "data", "tiny12")
+    for split in ("train", "test"):
+        rows = _rows(split, str(tmp_path))
+        assert rows == _rows(split, committed) == [r for r in _rows(split) if r["level"] in (1, 2)]
+    assert len(_rows("train", committed)) == 2000 and {r["level"] for r in _rows("test", committed)} == {2}
+    monkeypatch.setattr(sys, "argv", ["make_data.py", "--task", "sums", "--levels", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        make_data.main()
+    assert "--levels is for the add task" in capsys.readouterr().err
+
+
 def test_committed_arith_splits_are_the_generator_output():
     train, test = arith_splits()
     data = os.path.join(ROOT, "data", "arith")

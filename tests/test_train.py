@@ -154,6 +154,24 @@ def test_continuum_testbed_runs_as_shipped(tmp_path):
     assert all(sum(r.get(f"draws/level_{k}", 0) for r in steps) > 0 for k in (1, 2, 3))
 
 
+@pytest.mark.slow
+def test_tiny12_testbed_runs_as_shipped(tmp_path):
+    """configs/tiny12.yaml as shipped (the tiny model on levels 1-2, bench/results/tiny12), its first 4 steps: the
+    pre-RL held-out accuracy is models/tiny's on its 160 two-digit sums (about 44 % at temperature 1), rewards are
+    neither all 0 nor all 1, and only levels 1 and 2 are drawn, CurES favouring level 2."""
+    out = tmp_path / "tiny12"
+    train.main(["--config", os.path.join(ROOT, "configs", "tiny12.yaml"), f"--run.out_dir={out}", "--run.save_every=0",
+                "--run.max_steps=4", "--eval.every=4"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
+    assert sorted(evals) == [0, 4] and 0.35 < evals[0] < 0.55, evals
+    assert all(set(r) & {"eval/acc/level_2"} for r in rows if "eval/acc" in r)
+    steps = [r for r in rows if "train/reward" in r]
+    assert len(steps) == 4 and all(0 < r["train/reward"] < 1 for r in steps)
+    assert not any(k.startswith("draws/level_") and k not in ("draws/level_1", "draws/level_2") for r in steps for k in r)
+    assert sum(r.get("draws/level_2", 0) for r in steps) > sum(r.get("draws/level_1", 0) for r in steps)
+
+
 def test_training_groups_by_prompt_or_draw():
     """A prompt drawn k times is one GRPO group (as released: grouped by dataset index) holding all its
     rollouts, in the mini-batch of its first draw; mini-batches stay numbered without gaps."""
