@@ -188,9 +188,9 @@ def test_the_t_interval_is_the_verdicts_and_wider_than_the_bootstrap_on_few_seed
     assert convergence.verdict(iv) == "no difference detected"
 
 
-def test_across_testbeds_welch_interval_and_group_metric(tmp_path):
-    """bench/across_testbeds.py: the Welch interval by hand (equal sizes and spreads: the pooled t-interval, df 2n - 2;
-    unequal spreads: the Welch-Satterthwaite df, rounded down), and the primary metric read from a group's curve."""
+def test_across_testbeds_welch_interval_by_hand():
+    """bench/across_testbeds.welch: equal sizes and spreads give the pooled t-interval (df 2n - 2); unequal ones the
+    Welch-Satterthwaite df, rounded down (4.41 -> 4, 1.94 -> 1)."""
     import across_testbeds
 
     a, b = [0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.5, 0.6]  # equal spreads: df 6
@@ -199,11 +199,31 @@ def test_across_testbeds_welch_interval_and_group_metric(tmp_path):
     a, b = [1, 2, 3, 4], [2, 4, 6, 8]  # va = 5/12, vb = 5/3: df = (25/12)^2 / ((5/12)^2 / 3 + (5/3)^2 / 3) = 4.41
     half = convergence.t_quantile(0.975, 4) * np.sqrt(5 / 12 + 5 / 3)
     assert across_testbeds.welch(a, b) == pytest.approx((-2.5, -2.5 - half, -2.5 + half))
-    (tmp_path / "seeds").mkdir()
-    for s, accs in enumerate(([0.1, 0.2, 0.5, 0.7], [0.2, 0.2, 0.3, 0.5])):
-        by_group = {"level_2": [[8 * i, 0, x] for i, x in enumerate(accs)]}
-        (tmp_path / "seeds" / f"grpo_seed{s}.json").write_text(json.dumps({"curve_by_group": by_group}))
-    np.testing.assert_allclose(across_testbeds.group_metric(str(tmp_path), "grpo", [0, 1], "level_2"), [0.6, 0.4])
+    a, b = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 3]  # va = 11/12, vb = 9/4: df = 1.94 -> 1 (rounded down, not to 2)
+    half = convergence.t_quantile(0.975, 1) * np.sqrt(11 / 12 + 9 / 4)
+    assert across_testbeds.welch(a, b) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+
+
+def test_across_testbeds_reads_each_testbeds_group_and_draws(tmp_path, monkeypatch, capsys):
+    """bench/across_testbeds.py end to end on constructed per-seed files: the group's primary metric (second-half
+    mean) of each testbed, their difference a - b, and each testbed's share of draws on the group's level."""
+    import across_testbeds
+
+    for name, level2, share in (("a", [[0.1, 0.2, 0.5, 0.7], [0.2, 0.2, 0.3, 0.5]], 0.8),
+                                ("b", [[0.1, 0.2, 0.2, 0.4], [0.1, 0.1, 0.2, 0.2]], 0.25)):
+        (tmp_path / name / "seeds").mkdir(parents=True)
+        for s, accs in enumerate(level2):
+            f = {"curve_by_group": {"level_2": [[8 * i, 0, x] for i, x in enumerate(accs)],
+                                    "level_3": [[8 * i, 0, 0.0] for i in range(4)]},
+                 "steps": [{"step": 1, "draws/level_2": share, "draws/level_1": 1 - share}]}
+            (tmp_path / name / "seeds" / f"grpo_seed{s}.json").write_text(json.dumps(f))
+    np.testing.assert_allclose(across_testbeds.group_metric(str(tmp_path / "a"), "grpo", [0, 1], "level_2"), [0.6, 0.4])
+    monkeypatch.setattr(sys, "argv", ["across_testbeds.py", str(tmp_path / "a"), str(tmp_path / "b"), "--variants",
+                                      "grpo", "--seeds", "0", "1"])
+    across_testbeds.main()
+    row = capsys.readouterr().out.splitlines()[-1]
+    d, lo, hi = across_testbeds.welch([0.6, 0.4], [0.3, 0.2])
+    assert row == f"| grpo | 50.0 % | 25.0 % | {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | 80.0 % / 25.0 % |"
 
 
 @pytest.mark.parametrize("preallocated", [True, False])

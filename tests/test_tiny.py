@@ -1,4 +1,4 @@
-"""The bundled tiny testbeds (the tiny default `add` and the continuum testbed `arith`): their data are what
+"""The bundled tiny testbeds (the tiny default `add`, its levels 1-2 `tiny12`, the arith continuum testbed): their data are what
 tiny/make_data.py writes, the committed models are what their reports say, and tiny/pretrain.py runs end to end."""
 
 import json
@@ -36,7 +36,8 @@ def test_committed_splits_are_the_generator_output():
 
 def test_tiny12_is_the_tiny_splits_on_levels_1_and_2(tmp_path, monkeypatch, capsys):
     """data/tiny12 (configs/tiny12.yaml, instrument_plan.md's fifth stage) is what `tiny/make_data.py --levels 1 2`
-    writes: data/tiny's rows of those levels, in file order, from both splits; --levels is refused off the add task."""
+    writes: data/tiny's rows of those levels, in file order, from both splits; --levels off the add task or outside
+    its levels is refused before any file is written."""
     from tiny import make_data
 
     monkeypatch.setattr(sys, "argv", ["make_data.py", "--levels", "1", "2", "--out", str(tmp_path)])
@@ -46,10 +47,12 @@ def test_tiny12_is_the_tiny_splits_on_levels_1_and_2(tmp_path, monkeypatch, caps
         rows = _rows(split, str(tmp_path))
         assert rows == _rows(split, committed) == [r for r in _rows(split) if r["level"] in (1, 2)]
     assert len(_rows("train", committed)) == 2000 and {r["level"] for r in _rows("test", committed)} == {2}
-    monkeypatch.setattr(sys, "argv", ["make_data.py", "--task", "sums", "--levels", "2", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        make_data.main()
-    assert "--levels is for the add task" in capsys.readouterr().err
+    for bad in (["--task", "sums", "--levels", "2"], ["--levels", "2", "5"]):  # refused before anything is written
+        out = tmp_path / "refused"
+        monkeypatch.setattr(sys, "argv", ["make_data.py", *bad, "--out", str(out)])
+        with pytest.raises(SystemExit):
+            make_data.main()
+        assert "--levels is for the add task, levels 1 to 4" in capsys.readouterr().err and not out.exists()
 
 
 def test_committed_arith_splits_are_the_generator_output():
@@ -152,7 +155,7 @@ def test_pretrain_script_runs(tmp_path, monkeypatch, task, levels, stop):
 
 @pytest.mark.slow
 def test_also_save_writes_the_model_a_run_stopping_there_writes(tmp_path):
-    """tiny/pretrain.py --also-save ACC:DIR (both candidate models of the continuum testbed from one run): the copy
+    """tiny/pretrain.py --also-save ACC:DIR (both candidate models of the arith continuum testbed from one run): the copy
     saved when validation first reaches ACC is, weight for weight and in its report, the model of a run whose
     stopping rule is ACC; the run itself goes on to its own stop."""
     from safetensors.torch import load_file

@@ -3,7 +3,7 @@
 
 - `add` (the tiny default, data/tiny): level k (1..4) adds two k-digit numbers, "What is 12+345?". Its prompts
   fall into clusters of difficulty (solved, half-learned, out of reach).
-- `arith` (the continuum testbed, data/arith): sums and differences of operands of 1 to 3 digits drawn
+- `arith` (the arith continuum testbed, data/arith): sums and differences of operands of 1 to 3 digits drawn
   independently, "What is 407-58?", answers negative where the second operand is larger. Difficulty varies
   with the operands' lengths, the carries and borrows, and the sign, so that a partly trained model's
   per-prompt accuracy spreads over (0, 1) (bench/results/arith/README.md shows the histogram). Its level is
@@ -136,13 +136,13 @@ def main():
     ap.add_argument("--test-per-level", type=int, default=160, help="add only")
     ap.add_argument("--levels", type=int, nargs="+", default=None, help="add only: keep these levels' rows")
     args = ap.parse_args()
+    if args.levels and (args.task != "add" or not set(args.levels) <= {1, 2, 3, 4}):
+        ap.error("--levels is for the add task, levels 1 to 4")
     args.out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", DATA_DIR[args.task])
     os.makedirs(args.out, exist_ok=True)
     train, test = (splits(args.train_per_level, args.test_per_level) if args.task == "add"
                    else arith_splits(ops=OPS[args.task]))
     if args.levels:
-        if args.task != "add":
-            ap.error("--levels is for the add task")
         train, test = ([r for r in rows if r["level"] in args.levels] for rows in (train, test))
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:

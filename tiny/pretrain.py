@@ -17,7 +17,7 @@ of supervised answers with one digit changed).
 
     python tiny/pretrain.py            # writes models/tiny (about 7 minutes on 2 CPU cores)
 
-The continuum testbed's model (`--task arith`: sums and differences of 1- to 3-digit operands, tiny/make_data.py)
+The arith continuum testbed's model (`--task arith`: sums and differences of 1- to 3-digit operands, tiny/make_data.py)
 is made by the same recipe, model and schedule, stopped in the middle of its climb, when greedy accuracy on 100
 fresh validation problems of the whole task (`--stop-when 0:0.3`, level 0 meaning all levels) reaches 30 %:
 

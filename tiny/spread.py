@@ -2,7 +2,7 @@
 
 For each prompt, `--samples` responses at temperature 1 (the training temperature) and the share that is correct;
 printed as a histogram (exactly 0, ten bins over (0, 1), exactly 1) for the training prompts (a fixed random
-subset) and the held-out split, and drawn as a PNG when matplotlib is installed. The continuum testbed was
+subset) and the held-out split, and drawn as a PNG when matplotlib is installed. The arith continuum testbed was
 declared on this figure (bench/results/arith/README.md): its prompts should spread over (0, 1) where the
 tiny default's cluster at 0, ~0.4 and 1.
 
