@@ -138,36 +138,34 @@ def test_tiny_default_learns(tmp_path):
     assert (evals[32] + evals[48] + evals[64]) / 3 > evals[0] + 0.02, evals
 
 
-@pytest.mark.slow
-def test_continuum_testbed_runs_as_shipped(tmp_path):
-    """configs/arith.yaml as shipped, its first 4 steps (the cold start of subset 0 and an evaluation at steps 0
-    and 4): the pre-RL held-out accuracy is the committed model's (models/arith's report: about 20 % at temperature
-    1), rewards are neither all 0 nor all 1, and CurES draws from every level."""
-    out = tmp_path / "arith"
-    train.main(["--config", os.path.join(ROOT, "configs", "arith.yaml"), f"--run.out_dir={out}", "--run.save_every=0",
+def _first_steps_as_shipped(config: str, out) -> tuple[dict, list[dict]]:
+    """A testbed's config as shipped, its first 4 steps (the cold start of subset 0 and evaluations at steps 0 and 4):
+    ({step: held-out accuracy}, the 4 steps' metric rows), the steps' rewards checked neither all 0 nor all 1."""
+    train.main(["--config", os.path.join(ROOT, "configs", config), f"--run.out_dir={out}", "--run.save_every=0",
                 "--run.max_steps=4", "--eval.every=4"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
-    assert sorted(evals) == [0, 4] and 0.08 < evals[0] < 0.25, evals
     steps = [r for r in rows if "train/reward" in r]
-    assert len(steps) == 4 and all(0 < r["train/reward"] < 1 for r in steps)
+    assert sorted(evals) == [0, 4] and len(steps) == 4 and all(0 < r["train/reward"] < 1 for r in steps)
+    return evals, steps
+
+
+@pytest.mark.slow
+def test_continuum_testbed_runs_as_shipped(tmp_path):
+    """configs/arith.yaml as shipped: the pre-RL held-out accuracy is the committed model's (models/arith's report:
+    about 20 % at temperature 1), and CurES draws from every level."""
+    evals, steps = _first_steps_as_shipped("arith.yaml", tmp_path / "arith")
+    assert 0.08 < evals[0] < 0.25, evals
     assert all(sum(r.get(f"draws/level_{k}", 0) for r in steps) > 0 for k in (1, 2, 3))
 
 
 @pytest.mark.slow
 def test_tiny12_testbed_runs_as_shipped(tmp_path):
-    """configs/tiny12.yaml as shipped (the tiny model on levels 1-2, bench/results/tiny12), its first 4 steps: the
-    pre-RL held-out accuracy is models/tiny's on its 160 two-digit sums (about 44 % at temperature 1), rewards are
-    neither all 0 nor all 1, and only levels 1 and 2 are drawn, CurES favouring level 2."""
-    out = tmp_path / "tiny12"
-    train.main(["--config", os.path.join(ROOT, "configs", "tiny12.yaml"), f"--run.out_dir={out}", "--run.save_every=0",
-                "--run.max_steps=4", "--eval.every=4"])
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    evals = {r["step"]: r["eval/acc"] for r in rows if "eval/acc" in r}
-    assert sorted(evals) == [0, 4] and 0.35 < evals[0] < 0.55, evals
-    assert all(set(r) & {"eval/acc/level_2"} for r in rows if "eval/acc" in r)
-    steps = [r for r in rows if "train/reward" in r]
-    assert len(steps) == 4 and all(0 < r["train/reward"] < 1 for r in steps)
+    """configs/tiny12.yaml as shipped (the tiny model on levels 1-2, bench/results/tiny12): the pre-RL held-out
+    accuracy is models/tiny's on its 160 two-digit sums (about 44 % at temperature 1), and only levels 1 and 2 are
+    drawn, CurES favouring level 2."""
+    evals, steps = _first_steps_as_shipped("tiny12.yaml", tmp_path / "tiny12")
+    assert 0.35 < evals[0] < 0.55, evals
     assert not any(k.startswith("draws/level_") and k not in ("draws/level_1", "draws/level_2") for r in steps for k in r)
     assert sum(r.get("draws/level_2", 0) for r in steps) > sum(r.get("draws/level_1", 0) for r in steps)
 
